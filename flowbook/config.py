@@ -1,0 +1,94 @@
+"""One switch for the whole collection: quick mode (CPU, minutes) or full mode (GPU, the real models).
+
+    FLOWBOOK_MODE=quick|full   default: full where CUDA is available, quick elsewhere
+    PATH_DATASETS              folder holding MNIST/raw (default: <project>/data)
+    PATH_CHECKPOINT            folder holding trained checkpoints (default: <project>/checkpoints)
+
+A chapter reads its settings from `settings()` and never decides on its own whether it runs on a laptop.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MODES = ("quick", "full")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a chapter does in the current mode.
+
+    train_images: training images used (None: all 50,000)
+    train_steps: optimisation steps per model in a chapter (None: train for `epochs`)
+    epochs: epochs of the full training run
+    batch_size: training batch size
+    eval_images: validation/test images evaluated (None: all 10,000)
+    importance_samples: samples for the importance-weighted bpd bound
+    """
+
+    mode: str
+    train_images: int | None
+    train_steps: int | None
+    epochs: int
+    batch_size: int
+    eval_images: int | None
+    importance_samples: int
+
+    @property
+    def quick(self) -> bool:
+        return self.mode == "quick"
+
+
+QUICK = Settings("quick", train_images=2048, train_steps=40, epochs=1, batch_size=64,
+                 eval_images=256, importance_samples=4)
+FULL = Settings("full", train_images=None, train_steps=None, epochs=200, batch_size=128,
+                eval_images=None, importance_samples=8)
+
+
+def mode() -> str:
+    """'quick' or 'full', from FLOWBOOK_MODE, else full where CUDA is available."""
+    value = os.environ.get("FLOWBOOK_MODE", "").strip().lower()
+    if not value:
+        return "full" if torch.cuda.is_available() else "quick"
+    if value not in MODES:
+        raise ValueError(f"FLOWBOOK_MODE must be one of {MODES}, got {value!r}")
+    return value
+
+
+def settings() -> Settings:
+    """The settings of the current mode (see `Settings`)."""
+    return QUICK if mode() == "quick" else FULL
+
+
+def get_device() -> torch.device:
+    """The device chapters put their models on: CUDA when present, else the CPU.
+
+    Modules never read this themselves; they follow the device of their inputs.
+    """
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve(env: str, default: str) -> Path:
+    raw = os.environ.get(env)
+    if not raw:
+        return PROJECT_ROOT / default
+    path = Path(raw).expanduser()
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    # A relative path that does not exist from here (a notebook runs in notebooks/) is read
+    # from the project root, where the README's commands set it.
+    return (PROJECT_ROOT / path).resolve()
+
+
+def data_path() -> Path:
+    """Folder that holds (or will hold) MNIST/raw."""
+    return _resolve("PATH_DATASETS", "data")
+
+
+def checkpoint_path() -> Path:
+    """Folder of the trained checkpoints (`<name>.pt` and `<name>.json`)."""
+    return _resolve("PATH_CHECKPOINT", "checkpoints")

@@ -1,0 +1,36 @@
+"""Input validation shared by the flow layers and models: clear errors instead of silent wrong numbers."""
+from __future__ import annotations
+
+import torch
+
+
+def _describe(x: torch.Tensor) -> str:
+    return f"{str(x.dtype).replace('torch.', '')} {list(x.shape)}"
+
+
+def check_images(imgs: torch.Tensor, quants: int = 256, img_shape: tuple | None = None) -> None:
+    """Raise a ValueError unless `imgs` is a batch of integer images in 0..quants-1.
+
+    imgs: [B, C, H, W], an integer dtype; `img_shape` (C, H, W), where given, must match.
+    """
+    shape = "[B, C, H, W]" if img_shape is None else "[B, " + ", ".join(map(str, img_shape)) + "]"
+    expected = f"expected integer images in 0..{quants - 1} of shape {shape}"
+    hint = "; pass the images as returned by flowbook.data (int32, 0..255)"
+    if not isinstance(imgs, torch.Tensor):
+        raise TypeError(f"{expected}, got {type(imgs).__name__}{hint}")
+    bad_shape = imgs.dim() != 4 or (img_shape is not None and tuple(imgs.shape[1:]) != tuple(img_shape))
+    if imgs.is_floating_point() or imgs.is_complex() or imgs.dtype == torch.bool or bad_shape:
+        raise ValueError(f"{expected}, got {_describe(imgs)}{hint}")
+    if imgs.numel() == 0:
+        raise ValueError(f"{expected}, got an empty batch {list(imgs.shape)}")
+    low, high = torch.aminmax(imgs)
+    low, high = int(low), int(high)
+    if low < 0 or high > quants - 1:
+        raise ValueError(f"{expected}, got values in {low}..{high}{hint}")
+
+
+def check_latent(z: torch.Tensor, name: str = "z") -> None:
+    """Raise a ValueError unless `z` is a floating tensor of shape [B, C, H, W]."""
+    if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.dim() != 4:
+        got = _describe(z) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"expected {name} as a float tensor of shape [B, C, H, W], got {got}")

@@ -1,0 +1,142 @@
+"""Dequantization: from integer pixels to a continuous density, as flow layers.
+
+Both layers map integer images x in 0..quants-1 to continuous y in R, through
+    x  --(add noise u in [0, 1))-->  x + u  --(/quants, squeeze by alpha)-->  p in (0, 1)  --(logit)-->  y
+and back by the sigmoid and a floor. Every term they add to `ldj` is listed in the docstrings; chapter 2
+derives them one by one.
+
+Exactness. Quantizing the dequantized image returns the original pixels for every noise value in [0, 1),
+in float32. Two details make it so (the reference implementation misses one pixel of MNIST):
+  * the noise is squeezed into [margin, 1 - margin] (a uniform density of height 1 / (1 - 2 margin), which
+    `ldj` accounts for), so that no value sits on the border between two integers, and
+  * the pixel-level arithmetic (logit, sigmoid, floor) is done in float64 and only y is stored in the
+    working dtype. The rounding of y then moves x + u by less than 1e-5, far inside the margin.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flowbook.layers.checks import check_images
+
+
+def logit_transform(u: torch.Tensor, alpha: float):
+    """y = logit((1 - alpha) u + alpha / 2) for u in [0, 1], elementwise.
+
+    u: [B, ...] -> y: [B, ...] and log_det: [B], the log-determinant of du -> dy:
+        sum over elements of  log(1 - alpha) - log p - log(1 - p),  p = (1 - alpha) u + alpha / 2.
+    """
+    p = u * (1 - alpha) + 0.5 * alpha
+    y = torch.log(p) - torch.log1p(-p)
+    per_dim = math.log(1 - alpha) - torch.log(p) - torch.log1p(-p)
+    return y, per_dim.flatten(1).sum(dim=1)
+
+
+def sigmoid_transform(y: torch.Tensor):
+    """u = sigmoid(y), elementwise.
+
+    y: [B, ...] -> u: [B, ...] and log_det: [B], the log-determinant of dy -> du:
+        sum over elements of  log sigmoid(y) + log sigmoid(-y) = -softplus(-y) - softplus(y).
+    """
+    per_dim = -F.softplus(-y) - F.softplus(y)
+    return torch.sigmoid(y), per_dim.flatten(1).sum(dim=1)
+
+
+class Dequantization(nn.Module):
+    """Uniform dequantization and the logit transform.
+
+    Args:
+        alpha: squeeze of [0, 1] to [alpha/2, 1 - alpha/2], so that the logit stays finite.
+        quants: number of integer values (256 for 8-bit images).
+        margin: the noise u is squeezed to [margin, 1 - margin] so that quantizing is exact in float32.
+
+    forward(z, ldj, reverse=False, noise=None):
+        z: int images [B, C, H, W] in 0..quants-1 -> y: [B, C, H, W] in ldj's dtype.
+        noise: optional [B, C, H, W] in [0, 1) (default: torch.rand).
+        ldj [B] gains, summed over the D = C*H*W pixels,
+            D log(1 - 2 margin)        u' = margin + (1 - 2 margin) u
+          - D log(quants)              v = (x + u') / quants, in [0, 1]
+          + D log(1 - alpha) - sum(log p + log(1 - p))   y = logit(p), p = (1 - alpha) v + alpha / 2
+    forward(y, ldj, reverse=True):
+        y: [B, C, H, W] float -> int32 images floor(quants * v), clamped to 0..quants-1.
+        ldj [B] loses the quants, alpha and logit terms (the inverse of y -> x + u').
+    """
+
+    def __init__(self, alpha: float = 1e-5, quants: int = 256, margin: float = 1e-4):
+        super().__init__()
+        if not 0 <= margin < 0.5:
+            raise ValueError(f"margin must be in [0, 0.5), got {margin}")
+        self.alpha = alpha
+        self.quants = quants
+        self.margin = margin
+
+    def forward(self, z, ldj, reverse=False, noise=None):
+        if reverse:
+            return self._to_images(z, ldj)
+        check_images(z, self.quants)
+        u, ldj = self.dequant_noise(z, ldj, noise)
+        return self._to_logits(z, u, ldj)
+
+    def dequant_noise(self, x, ldj, noise=None):
+        """Noise u [B, C, H, W] in [0, 1) (float64) for images x; uniform, so ldj is unchanged."""
+        if noise is None:
+            return torch.rand(x.shape, device=x.device, dtype=torch.float64), ldj
+        return _check_noise(noise, x).to(torch.float64), ldj
+
+    def _to_logits(self, x, u, ldj):
+        num_dims = x[0].numel()
+        u = self.margin + (1 - 2 * self.margin) * u
+        v = (x.to(torch.float64) + u) / self.quants
+        y, log_det = logit_transform(v, self.alpha)
+        log_det = log_det + num_dims * (math.log(1 - 2 * self.margin) - math.log(self.quants))
+        return y.to(ldj.dtype), ldj + log_det.to(ldj.dtype)
+
+    def _to_images(self, y, ldj):
+        p, log_det = sigmoid_transform(y.to(torch.float64))
+        v = (p - 0.5 * self.alpha) / (1 - self.alpha)
+        num_dims = y[0].numel()
+        log_det = log_det + num_dims * (math.log(self.quants) - math.log(1 - self.alpha))
+        x = torch.floor(v * self.quants).clamp(0, self.quants - 1).to(torch.int32)
+        return x, ldj + log_det.to(ldj.dtype)
+
+
+class VariationalDequantization(Dequantization):
+    """Dequantization with a learned noise distribution q(u | x) (Ho et al., 2019, Flow++).
+
+    The noise starts uniform, goes to R by a logit, through `var_flows` (coupling layers conditioned on
+    the image, rescaled to [-1, 1]) and back to (0, 1) by a sigmoid:
+        u0 ~ U[0, 1)  --logit_transform-->  e  --var_flows(orig_img=x)-->  e'  --sigmoid-->  u
+    Then as in `Dequantization`. On top of its terms, ldj [B] gains the log-determinant of u0 -> u:
+        D log(1 - alpha) - sum(log p0 + log(1 - p0))   (logit of the uniform noise)
+      + the var_flows' log-determinants
+      - sum(softplus(e') + softplus(-e'))             (sigmoid)
+    so that ldj - log q(u | x) is what the bound needs: log q(u | x) = -(log-det of u0 -> u).
+    With `noise` given, u0 = noise, which makes the layer a deterministic function of the noise.
+    """
+
+    def __init__(self, var_flows, alpha: float = 1e-5, quants: int = 256, margin: float = 1e-4):
+        super().__init__(alpha=alpha, quants=quants, margin=margin)
+        self.flows = nn.ModuleList(var_flows)
+
+    def dequant_noise(self, x, ldj, noise=None):
+        cond = x.to(ldj.dtype) / (self.quants - 1) * 2 - 1
+        if noise is None:
+            u0 = torch.rand(x.shape, device=x.device, dtype=ldj.dtype)
+        else:
+            u0 = _check_noise(noise, x).to(ldj.dtype)
+        e, log_det = logit_transform(u0, self.alpha)
+        ldj = ldj + log_det
+        for flow in self.flows:
+            e, ldj = flow(e, ldj, reverse=False, orig_img=cond)
+        u, log_det = sigmoid_transform(e.to(torch.float64))
+        return u, ldj + log_det.to(ldj.dtype)
+
+
+def _check_noise(noise, x):
+    if noise.shape != x.shape or not noise.is_floating_point():
+        raise ValueError(f"expected noise as a float tensor of shape {list(x.shape)} in [0, 1), "
+                         f"got {str(noise.dtype).replace('torch.', '')} {list(noise.shape)}")
+    return noise
