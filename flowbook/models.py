@@ -32,7 +32,8 @@ class ImageFlow(nn.Module):
 
     @property
     def _param(self):
-        return next(self.parameters())
+        """A tensor whose device and dtype the model works in (float32 on the CPU for a flow without weights)."""
+        return next(self.parameters(), torch.zeros(()))
 
     def encode(self, imgs):
         """imgs: int [B, C, H, W] in 0..255 -> (z, ldj): latent [B, C', H', W'] and ldj [B] in nats.

@@ -1,0 +1,154 @@
+"""ImageFlow and the three MNIST models: parameters, sampling, bpd and the whole-model log-determinant."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import perturb_
+from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, SqueezeFlow, VariationalDequantization,
+                             create_channel_mask, create_checkerboard_mask)
+from flowbook.models import ImageFlow, create_flow, create_multiscale_flow, create_simple_flow, num_parameters
+from test_layers import autograd_logdet
+
+REFERENCE_PARAMETERS = {"simple": 335_128, "vardeq": 379_556, "multiscale": 1_062_090}
+
+
+@pytest.mark.parametrize("name", REFERENCE_PARAMETERS)
+def test_parameter_counts_equal_the_reference(name):
+    assert num_parameters(create_flow(name)) == REFERENCE_PARAMETERS[name]
+
+
+def test_factories_agree_with_create_flow():
+    assert num_parameters(create_simple_flow()) == REFERENCE_PARAMETERS["simple"]
+    assert num_parameters(create_simple_flow(use_vardeq=True)) == REFERENCE_PARAMETERS["vardeq"]
+    assert num_parameters(create_multiscale_flow()) == REFERENCE_PARAMETERS["multiscale"]
+    with pytest.raises(ValueError, match="unknown model 'glow'"):
+        create_flow("glow")
+
+
+@pytest.mark.parametrize("name, latent", [("simple", (1, 28, 28)), ("multiscale", (8, 7, 7))])
+def test_sample_returns_int32_images_in_range_on_cpu(name, latent):
+    model = perturb_(create_flow(name), scale=0.05)
+    assert model.latent_shape(5) == (5, *latent)
+    imgs = model.sample(model.latent_shape(5))
+    assert imgs.dtype == torch.int32 and imgs.shape == (5, 1, 28, 28) and imgs.device.type == "cpu"
+    assert imgs.min() >= 0 and imgs.max() <= 255
+
+
+def test_sample_with_z_init_is_deterministic_for_single_scale():
+    model = perturb_(create_flow("simple"), scale=0.05)
+    z = torch.randn(2, 1, 28, 28)
+    assert torch.equal(model.sample(z.shape, z_init=z), model.sample(z.shape, z_init=z))
+    with pytest.raises(ValueError, match="z_init"):
+        model.sample(z.shape, z_init=torch.zeros(2, 28, 28))
+
+
+def test_encode_then_sample_reconstructs_the_image():
+    model = perturb_(create_flow("simple"), scale=0.05).double()
+    imgs = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.int32)
+    z, _ = model.encode(imgs)
+    assert torch.equal(model.sample(z.shape, z_init=z), imgs)
+
+
+def test_models_reject_bad_images_with_a_clear_error():
+    model = create_flow("simple")
+    with pytest.raises(ValueError, match=r"shape \[B, 1, 28, 28\], got float32 \[4, 1, 28, 28\]"):
+        model.bits_per_dim(torch.rand(4, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"got int32 \[4, 28, 28\]"):
+        model.bits_per_dim(torch.zeros(4, 28, 28, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"got int32 \[4, 1, 32, 32\]"):
+        model.bits_per_dim(torch.zeros(4, 1, 32, 32, dtype=torch.int32))
+    with pytest.raises(ValueError, match="got values in 256..256"):
+        model.bits_per_dim(torch.full((4, 1, 28, 28), 256, dtype=torch.int32))
+
+
+def test_bpd_with_one_importance_sample_is_the_single_sample_value():
+    model = perturb_(create_flow("vardeq"), scale=0.05)
+    imgs = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.int32)
+    torch.manual_seed(1)
+    bpd = model.bits_per_dim(imgs, importance_samples=1)
+    torch.manual_seed(1)
+    ll = model.log_likelihood(imgs)
+    torch.testing.assert_close(bpd, -ll / (math.log(2) * 784))
+
+
+def test_more_importance_samples_never_give_a_higher_bound_in_expectation():
+    model = perturb_(create_flow("vardeq"), scale=0.05)
+    imgs = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.int32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        lls = torch.stack([model.log_likelihood(imgs) for _ in range(32)])  # [32, B]
+    # The K-sample bound is E[logsumexp of K samples - log K], estimated from disjoint groups of the 32.
+    bound = {k: (torch.logsumexp(lls.view(32 // k, k, -1), dim=1) - math.log(k)).mean().item() for k in (1, 4, 16)}
+    assert bound[1] <= bound[4] + 1e-6 <= bound[16] + 2e-6, bound
+    with torch.no_grad():
+        bpd1 = model.bits_per_dim(imgs, 1).mean()
+        bpd8 = model.bits_per_dim(imgs, 8).mean()
+    assert bpd8 < bpd1 + 0.01, (bpd1, bpd8)
+
+
+class _LogisticToGaussian(nn.Module):
+    """Test-only flow: y -> Phi^-1(sigmoid(y)) maps the logistic density onto N(0, 1)."""
+
+    def forward(self, z, ldj, reverse=False):
+        normal = torch.distributions.Normal(0.0, 1.0)
+        p = torch.sigmoid(z)
+        out = normal.icdf(p)
+        log_det = (torch.log(p) + torch.log1p(-p) - normal.log_prob(out)).sum(dim=[1, 2, 3])
+        return out, ldj + log_det
+
+
+def test_uniform_model_of_8bit_pixels_costs_8_bits_per_dimension():
+    deq = Dequantization()
+    model = ImageFlow([deq, _LogisticToGaussian()])
+    imgs = torch.randint(0, 256, (16, 1, 4, 4), dtype=torch.int32)
+    bpd = model.bits_per_dim(imgs)
+    # Exactly 8 bits, up to the alpha squeeze and the noise margin: -log2(1 - alpha) - log2(1 - 2 margin).
+    expected = 8 - math.log2(1 - deq.alpha) - math.log2(1 - 2 * deq.margin)
+    torch.testing.assert_close(bpd, torch.full_like(bpd, expected), rtol=0, atol=1e-4)
+
+
+def _tiny_multiscale():
+    def coupling(c, mask):
+        return CouplingLayer(GatedConvNet(c, c_hidden=8, num_layers=1), mask, c_in=c)
+    return ImageFlow([coupling(1, create_checkerboard_mask(4, 4)), coupling(1, create_checkerboard_mask(4, 4, True)),
+                      SqueezeFlow(), coupling(4, create_channel_mask(4)), coupling(4, create_channel_mask(4, True))])
+
+
+def test_whole_flow_ldj_matches_autograd_jacobian_on_continuous_input():
+    model = perturb_(_tiny_multiscale()).double()
+    z = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+
+    def run(v):
+        ldj = torch.zeros(v.shape[0], dtype=torch.float64)
+        for flow in model.flows:
+            v, ldj = flow(v, ldj)
+        return v, ldj
+
+    torch.testing.assert_close(run(z)[1], autograd_logdet(lambda v: run(v)[0], z), rtol=1e-9, atol=1e-9)
+
+
+def test_whole_model_ldj_matches_autograd_jacobian_of_noise_to_latent():
+    var_flows = [CouplingLayer(GatedConvNet(2, c_out=2, c_hidden=8, num_layers=1),
+                               create_checkerboard_mask(4, 4, invert=(i % 2 == 1)), c_in=1) for i in range(2)]
+    model = perturb_(ImageFlow([VariationalDequantization(var_flows), *_tiny_multiscale().flows])).double()
+    imgs = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.int32)
+    noise = torch.rand(2, 1, 4, 4, dtype=torch.float64) * 0.9 + 0.05
+
+    def run(x, u):
+        ldj = torch.zeros(x.shape[0], dtype=torch.float64)
+        z, ldj = model.flows[0](x, ldj, noise=u)
+        for flow in model.flows[1:]:
+            z, ldj = flow(z, ldj)
+        return z, ldj
+
+    expected = torch.cat([autograd_logdet(lambda u: run(imgs[b:b + 1], u)[0], noise[b:b + 1]) for b in range(2)])
+    torch.testing.assert_close(run(imgs, noise)[1], expected, rtol=1e-9, atol=1e-8)
+
+
+def test_model_follows_the_device_and_dtype_of_its_parameters():
+    model = create_flow("multiscale").double()
+    imgs = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.int32)
+    assert model.log_likelihood(imgs).dtype == torch.float64
+    assert model.sample(model.latent_shape(2)).dtype == torch.int32
