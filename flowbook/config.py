@@ -43,7 +43,7 @@ class Settings:
         return self.mode == "quick"
 
 
-QUICK = Settings("quick", train_images=2048, train_steps=40, epochs=1, batch_size=64,
+QUICK = Settings("quick", train_images=960, train_steps=30, epochs=1, batch_size=32,
                  eval_images=256, importance_samples=4)
 FULL = Settings("full", train_images=None, train_steps=None, epochs=200, batch_size=128,
                 eval_images=None, importance_samples=8)

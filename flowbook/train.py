@@ -110,6 +110,11 @@ class RunCheckpoints(pl.Callback):
         self.best_epoch = -1
         self.wall_before = 0.0
         self._start = time.time()
+        self.curve = []  # (step, train bpd) of this process, for plots; not saved
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if outputs is not None:
+            self.curve.append((trainer.global_step, float(outputs["loss"])))
 
     def state_dict(self):
         return {"best_val": self.best_val, "best_epoch": self.best_epoch, "wall_s": self.wall_s()}
@@ -193,6 +198,7 @@ def train(arch: str, out_dir: str | Path | None = None, epochs: int = 200, batch
 
     summary = {"arch": arch, **saver.summary(trainer, module, epochs=trainer.current_epoch)}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    summary["train_curve"] = saver.curve
     best = out_dir / f"{arch}.pt"
     model = module.flow
     if best.exists():

@@ -1,0 +1,52 @@
+# flowbook: `make setup && make lab` to teach, `make setup && make test` to check everything.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
+
+.PHONY: setup lab test test-unit test-notebooks test-gpu sync student solutions bench train-all clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet "pip>=23"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+# Unit tests and every chapter under nbval, in quick mode unless FLOWBOOK_MODE says otherwise.
+test: setup
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --durations=15
+
+test-unit: setup
+	$(BIN)/python -m pytest tests
+
+test-notebooks: setup
+	$(BIN)/python -m pytest notebooks --nbval-lax --durations=0
+
+# On a GPU machine: every chapter in full mode (uses the checkpoints in checkpoints/ where present).
+test-gpu: setup
+	FLOWBOOK_MODE=full $(BIN)/python -m pytest notebooks --nbval-lax --durations=0
+
+sync: setup
+	$(BIN)/jupytext --sync $(NOTEBOOKS)
+
+student: setup
+	$(BIN)/python -m flowbook.editions student
+
+solutions: setup
+	$(BIN)/python -m flowbook.editions solutions
+
+bench: setup
+	$(BIN)/python -m flowbook.bench
+
+train-all: setup
+	for m in simple vardeq multiscale; do \
+	  $(BIN)/python -m flowbook.train --model $$m --out runs/$$m --resume && \
+	  $(BIN)/python -m flowbook.evaluate --checkpoint runs/$$m/$$m.pt || exit 1; done
+
+clean:
+	rm -rf student solutions answers runs .pytest_cache

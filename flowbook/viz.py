@@ -1,0 +1,144 @@
+"""Plotting helpers for the chapters. Each returns a matplotlib Figure (shown as PNG in Jupyter);
+end a notebook line with `;` to avoid showing it twice."""
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torchvision
+
+from flowbook.layers import Dequantization
+
+
+def _to_display(imgs) -> torch.Tensor:
+    imgs = torch.stack(list(imgs)) if not isinstance(imgs, torch.Tensor) else imgs
+    imgs = imgs.detach().cpu()
+    if not imgs.is_floating_point():
+        imgs = imgs.float() / 255
+    return imgs
+
+
+def show_imgs(imgs, title: str | None = None, row_size: int = 8, scale: float = 1.2):
+    """A grid of images [N, C, H, W] (int 0..255 or float 0..1), `row_size` per row."""
+    imgs = _to_display(imgs)
+    nrow = min(len(imgs), row_size)
+    ncol = math.ceil(len(imgs) / nrow)
+    grid = torchvision.utils.make_grid(imgs, nrow=nrow, pad_value=0.5, padding=2)
+    fig, ax = plt.subplots(figsize=(scale * nrow, scale * ncol + (0.4 if title else 0)))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest", vmin=0, vmax=1)
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_masks(masks: dict, title: str = "Coupling masks: white is kept (and conditions), black is transformed"):
+    """Side by side masks {name: [C, H, W] tensor}, one panel per channel."""
+    panels = [(f"{name}, channel {c}", m[c]) for name, m in masks.items() for c in range(m.shape[0])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
+    for ax, (label, m) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(m.cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_dequantization(quants: int = 8, prior=None, title: str | None = None, ax=None):
+    """Density over y = logit(...) of `Dequantization(quants)` when value k has probability prior[k]
+    (uniform by default): each value owns the slice of the y axis that quantizes to it."""
+    prior = np.full(quants, 1 / quants) if prior is None else np.asarray(prior, dtype=float) / np.sum(prior)
+    y = torch.linspace(-4, 4, 2001, dtype=torch.float64).view(-1, 1, 1, 1)
+    x, log_det = Dequantization(quants=quants)(y, torch.zeros(len(y), dtype=torch.float64), reverse=True)
+    x, y = x.flatten().numpy(), y.flatten().numpy()
+    density = prior[x] * np.exp(log_det.numpy())  # mass prior[k] spread over a slice of width 1 in x + u
+    fig = ax.figure if ax is not None else plt.subplots(figsize=(7, 3))[0]
+    ax = ax or fig.axes[0]
+    for k in np.unique(x):
+        sel = x == k
+        ax.fill_between(y[sel], density[sel], color=f"C{k % 10}", alpha=0.5, label=str(k))
+    ax.plot(y, density, color="black", linewidth=1)
+    ax.set_xlabel("y (output of the dequantization layer)")
+    ax.set_ylabel("density p(y)")
+    ax.set_title(title or f"Dequantization of {quants} values" + (" (uniform prior)" if prior.std() == 0 else ""))
+    ax.legend(title="value", ncol=2, fontsize=8)
+    ax.set_xlim(y.min(), y.max())
+    fig.tight_layout()
+    return fig
+
+
+def plot_scaling_factors(factors=(0.5, 1.0, 2.0)):
+    """s = tanh(s_raw / exp(f)) * exp(f) for a few bounds exp(f): near the identity, then saturating."""
+    x = torch.linspace(-5, 5, 401)
+    fig, axes = plt.subplots(1, len(factors), figsize=(3.6 * len(factors), 3), sharey=True)
+    for ax, bound in zip(axes, factors):
+        ax.plot(x, torch.tanh(x / bound) * bound, label="bounded s")
+        ax.plot(x, x, "--", color="gray", linewidth=1, label="raw s")
+        ax.set_ylim(-3, 3)
+        ax.set_title(f"exp(scaling_factor) = {bound}")
+        ax.set_xlabel("network output s_raw")
+    axes[0].set_ylabel("log-scale s")
+    axes[0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_histogram(values: dict, bins: int = 128, xlabel: str = "", title: str = ""):
+    """Overlaid density histograms of {label: 1-D array}."""
+    fig, ax = plt.subplots(figsize=(8, 3))
+    for label, v in values.items():
+        v = np.asarray(torch.as_tensor(v).detach().cpu().flatten())
+        ax.hist(v, bins=bins, density=True, alpha=0.5, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(curves: dict, xlabel: str, ylabel: str, title: str = "", logx: bool = False):
+    """Line plot of {label: (xs, ys)}."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_density_2d(log_prob, data=None, samples=None, lim: float = 3.0, title: str = ""):
+    """Learned density exp(log_prob) on a grid, beside the data and the model's samples ([N, 2] each)."""
+    n = 1 + (data is not None) + (samples is not None)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4))
+    axes = np.atleast_1d(axes)
+    g = torch.linspace(-lim, lim, 200)
+    xx, yy = torch.meshgrid(g, g, indexing="xy")
+    with torch.no_grad():
+        dens = log_prob(torch.stack([xx.flatten(), yy.flatten()], dim=1)).exp().view(200, 200)
+    axes[0].imshow(dens.numpy(), origin="lower", extent=[-lim, lim, -lim, lim], cmap="viridis")
+    axes[0].set_title("learned density p(x)")
+    panels = [("data", data), ("samples from the flow", samples)]
+    for ax, (label, pts) in zip(axes[1:], [p for p in panels if p[1] is not None]):
+        pts = pts.detach().cpu()
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4)
+        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_title(label)
+    for ax in axes:
+        ax.set_xlabel("x1")
+    axes[0].set_ylabel("x2")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
