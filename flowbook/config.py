@@ -28,6 +28,8 @@ class Settings:
     batch_size: training batch size
     eval_images: validation/test images evaluated (None: all 10,000)
     importance_samples: samples for the importance-weighted bpd bound
+    toy_steps: optimisation steps of the 2-D toy flow in chapter 1
+    bound_images: test images for the importance-sampling study of chapter 2
     """
 
     mode: str
@@ -37,6 +39,8 @@ class Settings:
     batch_size: int
     eval_images: int | None
     importance_samples: int
+    toy_steps: int
+    bound_images: int
 
     @property
     def quick(self) -> bool:
@@ -44,9 +48,11 @@ class Settings:
 
 
 QUICK = Settings("quick", train_images=960, train_steps=30, epochs=1, batch_size=32,
-                 eval_images=256, importance_samples=4)
+                 eval_images=256, importance_samples=4, toy_steps=400,
+                 bound_images=64)
 FULL = Settings("full", train_images=None, train_steps=None, epochs=200, batch_size=128,
-                eval_images=None, importance_samples=8)
+                eval_images=None, importance_samples=8, toy_steps=3000,
+                bound_images=1024)
 
 
 def mode() -> str:

@@ -12,6 +12,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 from flowbook.layers import SqueezeFlow, create_checkerboard_mask
+from flowbook.models import interpolate_latents
 
 __all__ = ["check_change_of_variables", "check_bits_per_dim", "check_logit_transform",
            "check_importance_weighted_bpd", "check_checkerboard_mask", "check_additive_coupling",
@@ -248,7 +249,11 @@ def check_interpolate(interpolate) -> bool:
         steps = out[1:] - out[:-1]
         _close(steps, (zb - za).expand(4, -1, -1, -1) / 4, "the steps between neighbours must be equal", 1e-5)
 
-    return _run("check_interpolate", [("end points", ends), ("even spacing", evenly_spaced)])
+    def matches_flowbook():
+        _close(interpolate(za, zb, 8), interpolate_latents(za, zb, 8), "8 steps, against flowbook's version", 1e-5)
+
+    return _run("check_interpolate", [("end points", ends), ("even spacing", evenly_spaced),
+                                      ("as flowbook.models.interpolate_latents", matches_flowbook)])
 
 
 def check_temperature_latent(temperature_latent) -> bool:

@@ -153,3 +153,9 @@ def create_flow(name: str) -> ImageFlow:
     if name == "multiscale":
         return create_multiscale_flow()
     raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+
+
+def interpolate_latents(z_a: torch.Tensor, z_b: torch.Tensor, num_steps: int = 8) -> torch.Tensor:
+    """[num_steps, C, H, W]: z_a, evenly spaced points on the line to z_b, and z_b (z_a, z_b: [1, C, H, W])."""
+    alpha = torch.linspace(0, 1, num_steps, device=z_a.device, dtype=z_a.dtype).view(-1, 1, 1, 1)
+    return (1 - alpha) * z_a + alpha * z_b

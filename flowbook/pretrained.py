@@ -1,11 +1,12 @@
 """The trained models a chapter works with: shipped checkpoints where present, else a quick training run.
 
-    model, source = load_or_train("multiscale")
+    model, source, curve = load_or_train("multiscale")
 
 1. `<PATH_CHECKPOINT>/<name>.pt` (the repository's checkpoints/ by default): the real, fully trained model.
 2. Otherwise, in quick mode, a model trained for a few dozen steps on a subset (cached in runs/quick/),
    and in full mode the full training run (`flowbook.train`, resumable in runs/<name>/).
-`source` says which one it is, so that a chapter can say so next to every number it shows.
+`source` says which one it is, so that a chapter can say so next to every number it shows; `curve` is
+the list of (step, training bpd) where the model was trained just now, else None.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _quick_args(s: config.Settings):
 
 
 def load_or_train(name: str, retrain: bool = False, device: torch.device | None = None, progress: bool = False):
-    """(model in eval mode on `device`, a sentence saying where it comes from).
+    """(model in eval mode on `device`, a sentence saying where it comes from, training curve or None).
 
     retrain: in quick mode, train now even if a cached quick model exists (chapters that teach training
     use it); shipped checkpoints are always preferred, since they are what the chapter is about.
@@ -41,7 +42,7 @@ def load_or_train(name: str, retrain: bool = False, device: torch.device | None 
         meta = read_checkpoint(shipped)["meta"]
         source = (f"the trained checkpoint {shipped.name} ({meta.get('epochs', '?')} epochs, "
                   f"{meta.get('device', 'unknown device')})")
-        return load_model(shipped, map_location=device, arch=name), source
+        return load_model(shipped, map_location=device, arch=name), source, None
     s = config.settings()
     if s.quick:
         out = config.PROJECT_ROOT / "runs" / "quick" / name
@@ -49,12 +50,13 @@ def load_or_train(name: str, retrain: bool = False, device: torch.device | None 
         if retrain or not cached.exists() or read_checkpoint(cached)["meta"].get("settings", {}).get(
                 "max_steps") != s.train_steps:
             shutil.rmtree(out, ignore_errors=True)
-            model, _ = train(name, out, device=str(device), progress=progress, **_quick_args(s))
+            model, summary = train(name, out, device=str(device), progress=progress, **_quick_args(s))
+            curve = summary["train_curve"]
         else:
-            model = load_model(cached, map_location=device, arch=name)
+            model, curve = load_model(cached, map_location=device, arch=name), None
         return model, (f"a quick-mode model trained for only {s.train_steps} steps on {s.train_images} images "
-                       "(no trained checkpoint found; full mode or the shipped checkpoints give the real thing)")
+                       "(no trained checkpoint found; full mode or the shipped checkpoints give the real thing)"), curve
     out = config.PROJECT_ROOT / "runs" / name
     model, summary = train(name, out, epochs=s.epochs, batch_size=s.batch_size, resume=True,
                            device=str(device), progress=progress)
-    return model, f"a model trained here for {summary['epochs']} epochs (full mode)"
+    return model, f"a model trained here for {summary['epochs']} epochs (full mode)", summary["train_curve"]

@@ -142,3 +142,22 @@ def plot_density_2d(log_prob, data=None, samples=None, lim: float = 3.0, title: 
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_training_curves(curves: dict, title: str = "Training: bits per dimension of each batch"):
+    """Training bpd against step for {model name: [(step, bpd), ...] or None}; a model without a curve
+    (loaded from a checkpoint) is named in the legend as such."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for name, curve in curves.items():
+        if curve:
+            steps, bpd = zip(*curve)
+            ax.plot(steps, bpd, label=name)
+        else:
+            ax.plot([], [], label=f"{name} (loaded from a checkpoint: no curve)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("bits per dimension")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,64 @@
+"""Every chapter: a .py/.ipynb pair in sync, and the parts a chapter must have.
+
+(nbval executes the notebooks themselves: `pytest notebooks --nbval-lax`, part of `make test`.)
+"""
+import re
+
+import jupytext
+import nbformat
+import pytest
+
+from conftest import ROOT
+
+CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+EXPECTED = ["01_change_of_variables", "02_dequantization", "03_coupling_layers", "04_multiscale", "05_analysis"]
+
+
+def _cells(nb):
+    return [(c.cell_type, c.source.strip(), tuple(c.metadata.get("tags", []))) for c in nb.cells]
+
+
+def test_the_five_chapters_exist_in_order():
+    assert [p.stem for p in CHAPTERS] == EXPECTED
+
+
+@pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
+def test_notebook_pair_is_in_sync(source):
+    ipynb = source.with_suffix(".ipynb")
+    assert ipynb.exists(), f"{ipynb.name} is missing: run `make sync`"
+    from_py = jupytext.read(source)
+    from_ipynb = nbformat.read(ipynb, as_version=4)
+    assert _cells(from_py) == _cells(from_ipynb), f"{ipynb.name} is out of sync with {source.name}: run `make sync`"
+
+
+@pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_has_learning_goals_summary_exercises_and_references(source):
+    nb = jupytext.read(source)
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    for heading in ("**You will learn**", "## Summary", "## Exercises", "## References"):
+        assert heading in markdown, f"{source.name} lacks {heading}"
+    exercises = re.findall(r"^### Exercise (\d+)", markdown, flags=re.M)
+    assert 2 <= len(exercises) <= 4 and exercises == [str(i) for i in range(1, len(exercises) + 1)]
+
+
+@pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_keeps_the_house_rules(source):
+    code = "\n".join(c.source for c in jupytext.read(source).cells if c.cell_type == "code")
+    assert "svg" not in code.lower() and "pdf" not in code.lower(), "figures are PNG"
+    assert not re.search(r"^\s*if .*(CI|QUICK|quick)\b", code, flags=re.M), "quick/full comes from flowbook.config"
+    assert not re.search(r"^class (CouplingLayer|Dequantization|SqueezeFlow|SplitFlow|GatedConvNet)\b", code, re.M), \
+        "a chapter never re-defines what flowbook provides"
+    assert not re.search(r"^\s*device\s*=\s*torch\.device", code, flags=re.M), "the device comes from flowbook.config"
+
+
+@pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
+def test_every_stub_has_a_solution_and_a_checker(source):
+    cells = jupytext.read(source).cells
+    for i, cell in enumerate(cells):
+        tags = cell.metadata.get("tags", [])
+        if "student" in tags:
+            assert "raise NotImplementedError(\"Exercise" in cell.source
+            assert "solution" in cells[i + 1].metadata.get("tags", []), f"stub {i} has no solution after it"
+            assert "exercises.check_" in cells[i + 2].source, f"stub {i} has no checker cell"
+        if "answer" in tags:
+            assert cell.cell_type == "markdown" and cells[i - 1].source.lstrip().startswith("### Exercise")
