@@ -99,3 +99,27 @@ def train_toy_flow(data: torch.Tensor, steps: int = 500, lr: float = 3e-3, batch
         opt.step()
         losses.append(loss.item())
     return flow.eval(), losses
+
+
+def main(argv=None):
+    """python -m flowbook.toy --figure PATH: train the 2-D flow on the moons and save its picture."""
+    import argparse
+
+    import matplotlib
+    matplotlib.use("Agg")
+    from flowbook import viz
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--figure", required=True)
+    parser.add_argument("--steps", type=int, default=3000)
+    args = parser.parse_args(argv)
+    data = sample_toy("moons", 4000, seed=0)
+    flow, _ = train_toy_flow(data, steps=args.steps)
+    torch.manual_seed(0)
+    fig = viz.plot_density_2d(flow.log_prob, data=data[:2000], samples=flow.sample(2000),
+                              title="A normalizing flow learns the two moons: its density and its samples")
+    fig.savefig(args.figure, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
