@@ -64,11 +64,15 @@ def load_state(model: ImageFlow, ckpt: dict, arch: str | None = None) -> ImageFl
     return model
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", arch: str | None = None) -> ImageFlow:
-    """Build the checkpoint's architecture, load its weights, and return it in eval mode on `map_location`.
-    With `arch` given, a checkpoint of another architecture raises CheckpointError."""
-    ckpt = read_checkpoint(path)
+def model_from_checkpoint(ckpt: dict, map_location: str | torch.device = "cpu", arch: str | None = None) -> ImageFlow:
+    """Build the architecture of a checkpoint dict (from `read_checkpoint`), load its weights, and return it
+    in eval mode on `map_location`. With `arch` given, another architecture raises CheckpointError."""
     if ckpt["arch"] not in MODEL_NAMES:
-        raise CheckpointError(f"{path} holds an unknown architecture {ckpt['arch']!r}")
+        raise CheckpointError(f"the checkpoint holds an unknown architecture {ckpt['arch']!r}")
     model = load_state(create_flow(ckpt["arch"]), ckpt, arch)
     return model.to(map_location).eval()
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", arch: str | None = None) -> ImageFlow:
+    """`model_from_checkpoint` of the file at `path`."""
+    return model_from_checkpoint(read_checkpoint(path), map_location, arch)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flowbook import config
-from flowbook.checkpoints import load_model, read_checkpoint
+from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
 from flowbook.data import load_mnist
 from flowbook.models import ImageFlow, num_parameters
 
@@ -106,14 +106,14 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     """Evaluate the checkpoint at `path` and write the results JSON beside it (same name, .json)."""
     path = Path(path)
     device = torch.device(device) if device else config.get_device()
-    meta = read_checkpoint(path)["meta"]
-    model = load_model(path, map_location=device)
+    ckpt = read_checkpoint(path)
+    model = model_from_checkpoint(ckpt, map_location=device)
     _, val, test = load_mnist()
     val_imgs, test_imgs = val.images[:eval_images], test.images[:eval_images]
     torch.manual_seed(0)
     batch = test.images[:64]
     results = {
-        "arch": read_checkpoint(path)["arch"],
+        "arch": ckpt["arch"],
         "val_bpd": mean_bpd(model, val_imgs, importance_samples, progress=progress, desc="validation bpd"),
         "test_bpd": mean_bpd(model, test_imgs, importance_samples, progress=progress, desc="test bpd"),
         "importance_samples": importance_samples,
@@ -123,7 +123,7 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
         "inference_ms": 1000 * inference_time(model, batch),
         "sampling_ms": 1000 * sampling_time(model, 64),
         "parameters": num_parameters(model),
-        "training": meta,
+        "training": ckpt["meta"],
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "git_commit": _git_commit(),
         "versions": _versions(),

@@ -15,7 +15,7 @@ import shutil
 import torch
 
 from flowbook import config
-from flowbook.checkpoints import load_model, read_checkpoint
+from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
 from flowbook.train import train
 
 
@@ -39,21 +39,21 @@ def load_or_train(name: str, retrain: bool = False, device: torch.device | None 
     device = device or config.get_device()
     shipped = checkpoint_file(name)
     if shipped is not None:
-        meta = read_checkpoint(shipped)["meta"]
-        source = (f"the trained checkpoint {shipped.name} ({meta.get('epochs', '?')} epochs, "
-                  f"{meta.get('device', 'unknown device')})")
-        return load_model(shipped, map_location=device, arch=name), source, None
+        ckpt = read_checkpoint(shipped)
+        source = (f"the trained checkpoint {shipped.name} ({ckpt['meta'].get('epochs', '?')} epochs, "
+                  f"{ckpt['meta'].get('device', 'unknown device')})")
+        return model_from_checkpoint(ckpt, map_location=device, arch=name), source, None
     s = config.settings()
     if s.quick:
         out = config.PROJECT_ROOT / "runs" / "quick" / name
         cached = out / f"{name}.pt"
-        if retrain or not cached.exists() or read_checkpoint(cached)["meta"].get("settings", {}).get(
-                "max_steps") != s.train_steps:
+        ckpt = read_checkpoint(cached) if cached.exists() and not retrain else None
+        if ckpt is not None and ckpt["meta"].get("settings", {}).get("max_steps") == s.train_steps:
+            model, curve = model_from_checkpoint(ckpt, map_location=device, arch=name), None
+        else:
             shutil.rmtree(out, ignore_errors=True)
             model, summary = train(name, out, device=str(device), progress=progress, **_quick_args(s))
             curve = summary["train_curve"]
-        else:
-            model, curve = load_model(cached, map_location=device, arch=name), None
         return model, (f"a quick-mode model trained for only {s.train_steps} steps on {s.train_images} images "
                        "(no trained checkpoint found; full mode or the shipped checkpoints give the real thing)"), curve
     out = config.PROJECT_ROOT / "runs" / name

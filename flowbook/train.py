@@ -113,8 +113,9 @@ class RunCheckpoints(pl.Callback):
         self.curve = []  # (step, train bpd) of this process, for plots; not saved
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if outputs is not None:
-            self.curve.append((trainer.global_step, float(outputs["loss"])))
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:  # None: a skipped, non-finite step
+            self.curve.append((trainer.global_step, float(loss)))
 
     def state_dict(self):
         return {"best_val": self.best_val, "best_epoch": self.best_epoch, "wall_s": self.wall_s()}
@@ -166,6 +167,9 @@ def train(arch: str, out_dir: str | Path | None = None, epochs: int = 200, batch
     if last.exists() and not resume:
         raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --out")
     device = torch.device(device) if device else config.get_device()
+    if device.type == "cuda":  # TF32 matmuls and convolutions: float32 range, faster on Ampere and later
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if not progress:
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     pl.seed_everything(seed, verbose=False)

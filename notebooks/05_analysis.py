@@ -50,8 +50,8 @@ for name, model in models.items():
     results[name] = {
         "val": mean_bpd(model, val_images, K),
         "test": mean_bpd(model, test_images, K),
-        "inference_ms": 1000 * inference_time(model, test_images[:64], repeats=5),
-        "sampling_ms": 1000 * sampling_time(model, 64, repeats=5),
+        "inference_ms": 1000 * inference_time(model, test_images[:64], repeats=3),
+        "sampling_ms": 1000 * sampling_time(model, 64, repeats=3),
         "params": num_parameters(model),
     }
 rows = [[name, f"{r['val']:.3f}", f"{r['test']:.3f}", f"{r['inference_ms']:.1f} ms", f"{r['sampling_ms']:.1f} ms",

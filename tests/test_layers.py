@@ -44,8 +44,13 @@ def squeeze():
     return SqueezeFlow(), (2, 4, 2)
 
 
+def toy_coupling():
+    from flowbook.toy import ToyCoupling
+    return ToyCoupling(keep=1, hidden=8), (2,)
+
+
 CONTINUOUS_LAYERS = [coupling_checkerboard, coupling_checkerboard_inverted, coupling_channel,
-                     coupling_channel_inverted, squeeze]
+                     coupling_channel_inverted, squeeze, toy_coupling]
 
 
 @pytest.fixture(params=CONTINUOUS_LAYERS, ids=lambda f: f.__name__)
@@ -209,3 +214,15 @@ def test_variational_dequantization_is_exact_when_its_sigmoid_saturates():
 def test_dequantization_rejects_non_images_with_a_clear_error(bad, message):
     with pytest.raises(ValueError, match=message):
         Dequantization()(bad, torch.zeros(2))
+
+
+@pytest.mark.parametrize("noise", ["random", "zero", "largest below one"])
+def test_dequantization_round_trip_is_exact_on_the_whole_mnist_test_set(mnist, noise):
+    images = mnist[2].images
+    u = {"random": torch.rand(images.shape), "zero": torch.zeros(images.shape),
+         "largest below one": torch.full(images.shape, 1 - 2 ** -24)}[noise]
+    deq = Dequantization()
+    y, ldj = deq(images, torch.zeros(len(images)), noise=u)
+    back, _ = deq(y, ldj, reverse=True)
+    assert y.dtype == torch.float32
+    assert torch.equal(back, images), f"{(back != images).sum()} of {images.numel()} pixels differ"

@@ -1,0 +1,100 @@
+"""Evaluation, benchmark, plots, the toy flow and the chapters' model loader."""
+import json
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from conftest import perturb_  # noqa: E402
+from flowbook import config, viz  # noqa: E402
+from flowbook.bench import bench  # noqa: E402
+from flowbook.checkpoints import save_checkpoint  # noqa: E402
+from flowbook.evaluate import bpd_per_image, evaluate_checkpoint  # noqa: E402
+from flowbook.models import create_flow, interpolate_latents  # noqa: E402
+from flowbook.pretrained import load_or_train  # noqa: E402
+from flowbook.toy import ToyFlow, sample_toy, train_toy_flow  # noqa: E402
+
+
+def test_evaluate_checkpoint_writes_a_complete_results_json(tmp_path, mnist):
+    model = perturb_(create_flow("simple"), scale=0.01)
+    save_checkpoint(model, "simple", tmp_path / "simple.pt", epochs=1, settings={"lr": 1e-3})
+    results = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=2, eval_images=16,
+                                  progress=False)
+    on_disk = json.loads((tmp_path / "simple.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    for key in ("val_bpd", "test_bpd", "slice_bpd", "inference_ms", "sampling_ms", "parameters", "training",
+                "device", "git_commit", "versions"):
+        assert key in results, key
+    assert results["parameters"] == 335_128 and results["training"]["epochs"] == 1
+    assert 0 < results["test_bpd"] < 100 and results["eval_images"] == {"val": 16, "test": 16}
+
+
+def test_bpd_per_image_keeps_non_finite_values():
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def bits_per_dim(self, imgs, k):
+            out = torch.ones(len(imgs))
+            out[0] = float("nan")
+            return out
+
+    bpd = bpd_per_image(Broken(), torch.zeros(5, 1, 2, 2, dtype=torch.int32), 1, batch_size=2)
+    assert len(bpd) == 5 and torch.isnan(bpd).sum() == 3  # one NaN per batch, none dropped
+
+
+def test_bench_reports_every_model():
+    rows = bench(models=("multiscale",), batch_size=4, steps=1)
+    assert rows[0]["model"] == "multiscale" and rows[0]["parameters"] == 1_062_090
+    assert rows[0]["train_img_per_s"] > 0 and rows[0]["likelihood_ms"] > 0 and rows[0]["sampling_ms"] > 0
+
+
+def test_plots_return_figures():
+    figs = [viz.show_imgs(torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.int32), "t"),
+            viz.plot_masks({"m": torch.ones(2, 4, 4)}), viz.plot_dequantization(4, prior=[1, 2, 3, 4]),
+            viz.plot_scaling_factors(), viz.plot_histogram({"a": torch.rand(100)}),
+            viz.plot_curves({"a": ([1, 2], [3, 4])}, "x", "y"), viz.plot_training_curves({"a": [(1, 2.0)], "b": None}),
+            viz.plot_density_2d(lambda p: -p.pow(2).sum(1), data=torch.randn(10, 2), samples=torch.randn(10, 2))]
+    assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
+
+
+def test_dequantization_plot_has_unit_mass():
+    fig = viz.plot_dequantization(8)
+    line = fig.axes[0].lines[-1]
+    x, y = line.get_xdata(), line.get_ydata()
+    mass = float(((y[1:] + y[:-1]) / 2 * (x[1:] - x[:-1])).sum())
+    assert 0.95 < mass < 1.0  # the logistic tails beyond |y| = 4 hold the rest
+
+
+def test_toy_flow_learns_and_inverts():
+    data = sample_toy("ring", 2000, seed=1)
+    flow, losses = train_toy_flow(data, steps=150)
+    assert sum(losses[-10:]) / 10 < losses[0]
+    z, _ = flow(data[:5])
+    ldj = torch.zeros(5)
+    for layer in reversed(flow.flows):
+        z, ldj = layer(z, ldj, reverse=True)
+    torch.testing.assert_close(z, data[:5], atol=1e-5, rtol=0)
+    assert flow.sample(7).shape == (7, 2) and isinstance(ToyFlow(), torch.nn.Module)
+    with pytest.raises(ValueError, match="moons"):
+        sample_toy("spiral", 3)
+
+
+def test_interpolate_latents_hits_both_ends():
+    a, b = torch.zeros(1, 2, 3, 3), torch.ones(1, 2, 3, 3)
+    line = interpolate_latents(a, b, 5)
+    assert line.shape == (5, 2, 3, 3) and torch.equal(line[0], a[0]) and torch.equal(line[-1], b[0])
+    assert torch.allclose(line[2], torch.full((2, 3, 3), 0.5))
+
+
+def test_load_or_train_prefers_a_shipped_checkpoint(tmp_path, monkeypatch):
+    model = perturb_(create_flow("simple"), scale=0.01)
+    save_checkpoint(model, "simple", tmp_path / "simple.pt", epochs=7, device="cuda:0")
+    monkeypatch.setenv("PATH_CHECKPOINT", str(tmp_path))
+    loaded, source, curve = load_or_train("simple", device=torch.device("cpu"))
+    assert "simple.pt" in source and "7 epochs" in source and curve is None
+    assert torch.equal(next(loaded.parameters()), next(model.parameters()))
+    assert config.checkpoint_path() == tmp_path
