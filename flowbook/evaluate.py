@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: work in a terminal and in Jupyter without ipywidgets
 
 from flowbook import config
 from flowbook.checkpoints import model_from_checkpoint, read_checkpoint

@@ -30,20 +30,23 @@ def _quick_args(s: config.Settings):
                 val_images=s.eval_images)
 
 
-def load_or_train(name: str, retrain: bool = False, device: torch.device | None = None, progress: bool = False):
+def load_or_train(name: str, retrain: bool = False, device: torch.device | None = None,
+                  progress: bool | None = None):
     """(model in eval mode on `device`, a sentence saying where it comes from, training curve or None).
 
     retrain: in quick mode, train now even if a cached quick model exists (chapters that teach training
     use it); shipped checkpoints are always preferred, since they are what the chapter is about.
+    progress: show Lightning's progress bar (default: the mode's setting, on in full mode).
     """
     device = device or config.get_device()
+    s = config.settings()
+    progress = s.progress if progress is None else progress
     shipped = checkpoint_file(name)
     if shipped is not None:
         ckpt = read_checkpoint(shipped)
         source = (f"the trained checkpoint {shipped.name} ({ckpt['meta'].get('epochs', '?')} epochs, "
                   f"{ckpt['meta'].get('device', 'unknown device')})")
         return model_from_checkpoint(ckpt, map_location=device, arch=name), source, None
-    s = config.settings()
     if s.quick:
         out = config.PROJECT_ROOT / "runs" / "quick" / name
         cached = out / f"{name}.pt"

@@ -151,7 +151,7 @@ viz.plot_training_curves({"multiscale": curve});
 # %%
 eval_images = test_set.images[:settings.eval_images]
 torch.manual_seed(0)
-bpd = mean_bpd(model, eval_images, settings.importance_samples)
+bpd = mean_bpd(model, eval_images, settings.importance_samples, progress=settings.progress)
 print(f"multiscale test bpd {bpd:.3f} ({len(eval_images):,} images, {settings.importance_samples} importance samples)")
 assert 0 < bpd < 8
 

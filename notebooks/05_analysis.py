@@ -56,8 +56,8 @@ results = {}
 for name, model in models.items():
     torch.manual_seed(0)
     results[name] = {
-        "val": mean_bpd(model, val_images, K),
-        "test": mean_bpd(model, test_images, K),
+        "val": mean_bpd(model, val_images, K, progress=settings.progress),
+        "test": mean_bpd(model, test_images, K, progress=settings.progress),
         "inference_ms": 1000 * inference_time(model, test_images[:64], repeats=3),
         "sampling_ms": 1000 * sampling_time(model, 64, repeats=3),
         "params": num_parameters(model),
