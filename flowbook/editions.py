@@ -5,7 +5,8 @@ In each `notebooks/NN_name.py`, an exercise is three cells side by side:
     # %% tags=["solution"]    the solution (defines the same names, so it wins in the source notebook)
     # %% [markdown] tags=["answer"]   for a conceptual question: the answer (instructor only)
 
-    python -m flowbook.editions student     -> student/NN_name.ipynb   (stubs, no solutions, no answers)
+    python -m flowbook.editions student     -> student/NN_name.ipynb   (stubs, no solutions, no answers;
+                                               the exercise checks are tagged raises-exception)
     python -m flowbook.editions solutions   -> solutions/NN_name.ipynb (solutions, answers, no stubs)
 Both also write answers/answer_key.md, the conceptual answers of every chapter, for the instructor.
 """
@@ -39,7 +40,11 @@ def make_edition(source: Path, edition: str) -> nbformat.NotebookNode:
         raise ValueError(f"edition must be 'student' or 'solutions', got {edition!r}")
     nb = jupytext.read(source)
     out = copy.deepcopy(nb)
-    out.cells = [c for c in nb.cells if not (_tags(c) & DROP[edition])]
+    out.cells = [c for c in out.cells if not (_tags(c) & DROP[edition])]
+    if edition == "student":  # a check of an unsolved exercise raises: nbval and "Run All" expect it and go on
+        for cell in out.cells:
+            if cell.cell_type == "code" and "exercises.check_" in cell.source:
+                cell.metadata["tags"] = sorted(_tags(cell) | {"raises-exception"})
     out.metadata.pop("jupytext", None)
     out.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
     return out

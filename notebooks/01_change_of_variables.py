@@ -217,7 +217,8 @@ flow = flow.float()
 #
 # $$\text{bpd} = \frac{-\log_2 256^{-D}}{D} = \log_2 256 = 8 \text{ bits}.$$
 #
-# The trained flows of chapter 5 need about one bit per pixel, a compression of about 8:1. Note that
+# Trained flows on MNIST need about one bit per pixel (the reference tutorial reports 1.03 to 1.11), a
+# compression of about 8:1; chapter 5 measures ours. Note that
 # $p(x)$ here is the probability of a *discrete* image; chapter 2 shows how a density over continuous
 # values turns into one, and where the $\log 256$ that makes the uniform model cost 8 bits enters the code.
 

@@ -194,3 +194,4 @@ def test_student_edition_runs_and_raises_exactly_the_expected_not_implemented_er
         f"expected one NotImplementedError per stub {stubs}, got {got}"
     for i, _ in errors:
         assert "exercises.check_" in nb.cells[i].source, f"cell {i} failed, which is no exercise check"
+        assert "raises-exception" in nb.cells[i].metadata.get("tags", []), "nbval would fail on this cell"
