@@ -78,6 +78,9 @@ class ImageFlow(nn.Module):
         Split layers draw their factored-out half at the same temperature.
         """
         param = self._param
+        if self.img_shape is not None and tuple(img_shape[1:]) != self.latent_shape()[1:]:
+            raise ValueError(f"this model's latent has shape [B, {', '.join(map(str, self.latent_shape()[1:]))}], "
+                             f"got {list(img_shape)}; pass model.latent_shape(B)")
         if z_init is None:
             z = torch.randn(tuple(img_shape), device=param.device, dtype=param.dtype) * temperature
         else:
@@ -95,10 +98,11 @@ class ImageFlow(nn.Module):
         """The shape of z for `batch_size` images of `img_shape` (runs one zero image through the flow)."""
         if self.img_shape is None:
             raise ValueError("latent_shape needs the model's img_shape")
-        with torch.no_grad():
-            zeros = torch.zeros((1, *self.img_shape), dtype=torch.int32, device=self._param.device)
-            z, _ = self.encode(zeros)
-        return (batch_size, *z.shape[1:])
+        if getattr(self, "_latent", None) is None:
+            with torch.no_grad():
+                zeros = torch.zeros((1, *self.img_shape), dtype=torch.int32, device=self._param.device)
+                self._latent = tuple(self.encode(zeros)[0].shape[1:])
+        return (batch_size, *self._latent)
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -36,6 +36,11 @@ def test_sample_returns_int32_images_in_range_on_cpu(name, latent):
     assert imgs.min() >= 0 and imgs.max() <= 255
 
 
+def test_sampling_with_the_image_shape_instead_of_the_latent_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"latent has shape \[B, 8, 7, 7\], got \[2, 1, 28, 28\]"):
+        create_flow("multiscale").sample([2, 1, 28, 28])
+
+
 def test_sample_with_z_init_is_deterministic_for_single_scale():
     model = perturb_(create_flow("simple"), scale=0.05)
     z = torch.randn(2, 1, 28, 28)
