@@ -27,6 +27,7 @@ import math
 
 import matplotlib.pyplot as plt
 import torch
+from IPython.display import Markdown
 from torch.autograd.functional import jacobian
 
 from flowbook import config, exercises, toy, viz
@@ -172,6 +173,10 @@ print(inspect.getsource(toy.ToyCoupling.forward))
 # We stack eight of them, alternating which coordinate is kept, and fit the "two moons" density by
 # maximising $\frac1N \sum_n \log p_x(x_n)$ with Adam. The density of the flow at any point is the change of
 # variables from above: `log_prob(x) = log N(f(x)) + ldj`.
+
+# %%
+Markdown(f"In quick mode the flow trains for {config.QUICK.toy_steps} steps (seconds on a laptop), in full mode "
+         f"for {config.FULL.toy_steps}; this run uses {settings.toy_steps}.")
 
 # %%
 data = toy.sample_toy("moons", 4000, seed=0)

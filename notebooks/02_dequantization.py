@@ -257,6 +257,10 @@ assert torch.allclose(ldj, ldj_autograd.reshape(1), atol=1e-8)
 # shipped, else a quick-mode model):
 
 # %%
+Markdown(f"This run uses {settings.bound_images} test images ({config.QUICK.bound_images} in quick mode, "
+         f"{config.FULL.bound_images} in full mode) and 16 dequantization samples per image.")
+
+# %%
 model, source, _ = load_or_train("vardeq", device=device)
 print(f"model: {source}")
 imgs = test_set.images[:settings.bound_images].to(device)
