@@ -81,12 +81,7 @@ class _ForgotMask(torch.nn.Module):
         return (z + t if not reverse else z - t), ldj
 
 
-class _NetworkSeesAll(torch.nn.Module):
-    def __init__(self, network, mask):
-        super().__init__()
-        self.network = network
-        self.register_buffer("mask", mask)
-
+class _NetworkSeesAll(_ForgotMask):
     def forward(self, z, ldj, reverse=False):
         t = self.network(z) * (1 - self.mask)  # not invertible: t depends on the half it changes
         return (z + t if not reverse else z - t), ldj
