@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 
 from flowbook import config
-from flowbook.checkpoints import save_checkpoint
+from flowbook.checkpoints import load_model, save_checkpoint
 from flowbook.data import ImageDataset, load_mnist, make_loader
 from flowbook.models import MODEL_NAMES, ImageFlow, create_flow, num_parameters
 
@@ -206,7 +206,6 @@ def train(arch: str, out_dir: str | Path | None = None, epochs: int = 200, batch
     best = out_dir / f"{arch}.pt"
     model = module.flow
     if best.exists():
-        from flowbook.checkpoints import load_model
         model = load_model(best, map_location=device, arch=arch)
     return model.eval(), summary
 
