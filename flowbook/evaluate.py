@@ -5,7 +5,8 @@
 writes checkpoints/multiscale.json with validation and test bpd (8 importance samples, full sets), the
 time to compute the likelihood of and to sample a batch of 64, the parameter count, the bpd of a fixed
 256-image test slice (which tests/test_checkpoints.py recomputes on the CPU), the training settings, and
-the device, git commit and library versions it was computed with.
+the device, git commit and library versions it was computed with. `--graphs` adds the likelihood and
+sampling times through compiled calls (one CUDA graph each on a GPU; see flowbook.fast).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tqdm import tqdm  # text bars: work in a terminal and in Jupyter without ip
 from flowbook import config
 from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
 from flowbook.data import load_mnist
+from flowbook.fast import compiled_calls
 from flowbook.models import ImageFlow, num_parameters
 
 SLICE_IMAGES, SLICE_SEED = 256, 0
@@ -65,18 +67,21 @@ def time_call(fn, device: torch.device, repeats: int = 10, warmup: int = 2) -> f
     return sorted(times)[len(times) // 2]
 
 
-def inference_time(model: ImageFlow, images: torch.Tensor, repeats: int = 10) -> float:
-    """Seconds to compute log-likelihoods of `images` (one dequantization sample)."""
+def inference_time(model: ImageFlow, images: torch.Tensor, repeats: int = 10, graphs: bool = False) -> float:
+    """Seconds to compute log-likelihoods of `images` (one dequantization sample); with `graphs`, through
+    `flowbook.fast.compiled_calls` (compiled once before timing)."""
     device = next(model.parameters()).device
     images = images.to(device)
-    return time_call(lambda: model.log_likelihood(images), device, repeats)
+    log_likelihood = compiled_calls(model)[0] if graphs else model.log_likelihood
+    return time_call(lambda: log_likelihood(images), device, repeats)
 
 
-def sampling_time(model: ImageFlow, num: int = 64, repeats: int = 10) -> float:
-    """Seconds to sample `num` images."""
+def sampling_time(model: ImageFlow, num: int = 64, repeats: int = 10, graphs: bool = False) -> float:
+    """Seconds to sample `num` images; with `graphs`, through `flowbook.fast.compiled_calls`."""
     device = next(model.parameters()).device
     shape = model.latent_shape(num)
-    return time_call(lambda: model.sample(shape), device, repeats)
+    sample = compiled_calls(model)[1] if graphs else model.sample
+    return time_call(lambda: sample(shape), device, repeats)
 
 
 def slice_bpd(model: ImageFlow, test_images: torch.Tensor) -> float:
@@ -102,8 +107,10 @@ def _versions() -> dict:
 
 
 def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_samples: int = 8,
-                        eval_images: int | None = None, progress: bool = True) -> dict:
-    """Evaluate the checkpoint at `path` and write the results JSON beside it (same name, .json)."""
+                        eval_images: int | None = None, progress: bool = True, graphs: bool = False) -> dict:
+    """Evaluate the checkpoint at `path` and write the results JSON beside it (same name, .json).
+    With `graphs`, the likelihood and sampling times are also measured through compiled calls (CUDA
+    graphs on a GPU) and recorded as inference_ms_graphs and sampling_ms_graphs."""
     path = Path(path)
     device = torch.device(device) if device else config.get_device()
     ckpt = read_checkpoint(path)
@@ -122,6 +129,8 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
         "slice": {"images": SLICE_IMAGES, "seed": SLICE_SEED, "importance_samples": 8},
         "inference_ms": 1000 * inference_time(model, batch),
         "sampling_ms": 1000 * sampling_time(model, 64),
+        **({"inference_ms_graphs": 1000 * inference_time(model, batch, graphs=True),
+            "sampling_ms_graphs": 1000 * sampling_time(model, 64, graphs=True)} if graphs else {}),
         "parameters": num_parameters(model),
         "training": ckpt["meta"],
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -138,8 +147,10 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--importance-samples", type=int, default=8)
     parser.add_argument("--eval-images", type=int, default=None, help="first N validation/test images only")
+    parser.add_argument("--graphs", action="store_true", help="also time compiled likelihood and sampling")
     args = parser.parse_args(argv)
-    results = evaluate_checkpoint(args.checkpoint, args.device, args.importance_samples, args.eval_images)
+    results = evaluate_checkpoint(args.checkpoint, args.device, args.importance_samples, args.eval_images,
+                                  graphs=args.graphs)
     print(json.dumps({k: v for k, v in results.items() if k not in ("training", "versions")}, indent=2))
 
 

@@ -27,7 +27,9 @@ import torch
 from flowbook import config
 from flowbook.checkpoints import load_model, save_checkpoint
 from flowbook.data import ImageDataset, load_mnist, make_loader
-from flowbook.models import MODEL_NAMES, ImageFlow, create_flow, num_parameters
+from flowbook.fast import COMPILE_MODES, enable_tf32, speed_up
+from flowbook.layers.checks import check_images, trusted_images
+from flowbook.models import MNIST_SHAPE, MODEL_NAMES, ImageFlow, create_flow, num_parameters
 
 
 class FlowModule(pl.LightningModule):
@@ -57,11 +59,14 @@ class FlowModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_bpd", self.flow(batch[0]), prog_bar=True)
+        # .forward: eager even when the flow's __call__ is compiled, so that validation batches of other
+        # shapes compile nothing.
+        self.log("val_bpd", self.flow.forward(batch[0]), prog_bar=True)
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr)
+        # fused: one kernel for the whole Adam update on a GPU instead of several per parameter group
+        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, fused=self.device.type == "cuda")
 
         def factor(step):
             warmup = min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps > 0 else 1.0
@@ -145,9 +150,9 @@ class RunCheckpoints(pl.Callback):
 
 
 def _loaders(train_set: ImageDataset, val_set: ImageDataset, batch_size: int, device: torch.device, seed: int):
-    if device.type == "cuda":  # hold the whole data set on the GPU
+    if device.type == "cuda":  # hold the whole data set on the GPU; validate in few, large batches
         return (DeviceBatches(train_set.images.to(device), batch_size, True, True, seed),
-                DeviceBatches(val_set.images.to(device), 256, False, False))
+                DeviceBatches(val_set.images.to(device), 1000, False, False))
     return (make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=seed),
             make_loader(val_set, 256))
 
@@ -156,9 +161,15 @@ def train(arch: str, out_dir: str | Path | None = None, epochs: int = 200, batch
           lr: float = 1e-3, gamma: float = 0.99, warmup_steps: int = 0, max_minutes: float | None = None,
           max_steps: int = -1, train_images: int | None = None, val_images: int | None = None,
           resume: bool = False, device: str | None = None, precision: str = "32-true",
+          channels_last: bool = False, compile: str | None = None,
           seed: int = 42, progress: bool = True, datasets=None) -> tuple[ImageFlow, dict]:
     """Train one model; return (the best model by validation bpd, or the last where none was saved,
-    the run summary). `datasets` = (train, val) overrides MNIST (tests use it)."""
+    the run summary). `datasets` = (train, val) overrides MNIST (tests use it).
+
+    The GPU fast path (flowbook.fast): the data set is held on the GPU, TF32 is on, `precision`
+    "bf16-mixed" runs the networks in bfloat16 autocast, `channels_last` stores activations NHWC and
+    `compile` (a torch.compile mode) compiles the training loss. The images are checked once as a
+    whole, so that no training step waits for the GPU to report their value range."""
     if arch not in MODEL_NAMES:
         raise ValueError(f"unknown model {arch!r}; choose one of {MODEL_NAMES}")
     out_dir = Path(out_dir) if out_dir is not None else config.PROJECT_ROOT / "runs" / arch
@@ -167,22 +178,25 @@ def train(arch: str, out_dir: str | Path | None = None, epochs: int = 200, batch
     if last.exists() and not resume:
         raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --out")
     device = torch.device(device) if device else config.get_device()
-    if device.type == "cuda":  # TF32 matmuls and convolutions: float32 range, faster on Ampere and later
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":
+        enable_tf32()
     if not progress:
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     pl.seed_everything(seed, verbose=False)
 
     train_set, val_set = datasets if datasets is not None else load_mnist()[:2]
     train_set, val_set = train_set.subset(train_images), val_set.subset(val_images)
+    for images in (train_set.images, val_set.images):
+        check_images(images, img_shape=MNIST_SHAPE)
     train_batches, val_batches = _loaders(train_set, val_set, batch_size, device, seed)
     if len(train_batches) == 0:
         raise ValueError(f"batch size {batch_size} is larger than the {len(train_set)} training images")
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "gamma": gamma,
                 "warmup_steps": warmup_steps, "max_steps": max_steps, "train_images": len(train_set),
-                "val_images": len(val_set), "precision": precision, "seed": seed}
+                "val_images": len(val_set), "precision": precision, "channels_last": channels_last,
+                "compile": compile, "seed": seed}
     module = FlowModule(arch, lr=lr, gamma=gamma, warmup_steps=warmup_steps, steps_per_epoch=len(train_batches))
+    speed_up(module.flow, channels_last=channels_last, compile=compile)
     saver = RunCheckpoints(out_dir, arch, settings)
     loggers = [pl.loggers.CSVLogger(out_dir, name="logs")]
     try:
@@ -198,7 +212,8 @@ def train(arch: str, out_dir: str | Path | None = None, epochs: int = 200, batch
         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=min(50, len(train_batches)),
     )
-    trainer.fit(module, train_batches, val_batches, ckpt_path=str(last) if last.exists() else None)
+    with trusted_images():
+        trainer.fit(module, train_batches, val_batches, ckpt_path=str(last) if last.exists() else None)
 
     summary = {"arch": arch, **saver.summary(trainer, module, epochs=trainer.current_epoch)}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -226,12 +241,15 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory layout (GPU fast path)")
+    parser.add_argument("--compile", default=None, choices=COMPILE_MODES, help="torch.compile the training loss")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     _, summary = train(args.model, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        gamma=args.gamma, warmup_steps=args.warmup_steps, max_minutes=args.max_minutes,
                        max_steps=args.max_steps, train_images=args.train_images, val_images=args.val_images,
-                       resume=args.resume, device=args.device, precision=args.precision, seed=args.seed)
+                       resume=args.resume, device=args.device, precision=args.precision,
+                       channels_last=args.channels_last, compile=args.compile, seed=args.seed)
     print(json.dumps(summary, indent=2))
 
 

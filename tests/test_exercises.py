@@ -185,8 +185,10 @@ def test_student_edition_runs_and_raises_exactly_the_expected_not_implemented_er
         c.source for c in nb.cells if "student" in c.metadata.get("tags", [])))
     assert stubs, "the chapter has no stubs"
     got = [(o["ename"], o["evalue"].split(":")[0]) for _, o in errors]
+    unexpected = "\n\n".join(f"cell {i}:\n{nb.cells[i].source}\n" + "\n".join(o.get("traceback", []))[-3000:]
+                             for i, o in errors if o["ename"] != "NotImplementedError")
     assert got == [("NotImplementedError", s) for s in stubs], \
-        f"expected one NotImplementedError per stub {stubs}, got {got}"
+        f"expected one NotImplementedError per stub {stubs}, got {got}\n{unexpected}"
     for i, _ in errors:
         assert "exercises.check_" in nb.cells[i].source, f"cell {i} failed, which is no exercise check"
         assert "raises-exception" in nb.cells[i].metadata.get("tags", []), "nbval would fail on this cell"

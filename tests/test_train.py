@@ -70,6 +70,23 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in model.parameters()), "a NaN step leaked into the weights"
 
 
+def test_fast_path_trains_and_saves_plain_weights(tmp_path):
+    """channels-last + torch.compile (on the CPU here): the run trains, records its settings, and its
+    best weights load into a plain eager model."""
+    model, summary = _tiny_run(tmp_path, epochs=1, channels_last=True, compile="default")
+    assert summary["settings"]["compile"] == "default" and summary["settings"]["channels_last"]
+    assert summary["skipped_steps"] == 0 and summary["best_val_bpd_1sample"] < 8
+    loaded = load_model(tmp_path / "simple.pt", arch="simple")
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_bad_training_images_are_refused_before_training(tmp_path):
+    bad = _fake_mnist(32)
+    bad.images[3, 0, 0, 0] = 256
+    with pytest.raises(ValueError, match="values in 0..256"):
+        _tiny_run(tmp_path, datasets=(bad, _fake_mnist(16)))
+
+
 def test_device_batches_cover_the_data_once_per_pass():
     imgs = torch.arange(10).view(10, 1, 1, 1)
     batches = list(DeviceBatches(imgs, 4, shuffle=True, drop_last=False))

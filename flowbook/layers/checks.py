@@ -1,7 +1,11 @@
 """Input validation shared by the flow layers and models: clear errors instead of silent wrong numbers."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+
+_trusted = False  # set by `trusted_images()`
 
 
 def _describe(x: torch.Tensor) -> str:
@@ -12,6 +16,8 @@ def check_images(imgs: torch.Tensor, quants: int = 256, img_shape: tuple | None 
     """Raise a ValueError unless `imgs` is a batch of integer images in 0..quants-1.
 
     imgs: [B, C, H, W], an integer dtype; `img_shape` (C, H, W), where given, must match.
+    The value range is read back to the host (on a GPU, a synchronisation); it is not checked inside
+    `trusted_images()` or while torch.compile traces, where the caller checks the data once instead.
     """
     shape = "[B, C, H, W]" if img_shape is None else "[B, " + ", ".join(map(str, img_shape)) + "]"
     expected = f"expected integer images in 0..{quants - 1} of shape {shape}"
@@ -23,6 +29,8 @@ def check_images(imgs: torch.Tensor, quants: int = 256, img_shape: tuple | None 
         raise ValueError(f"{expected}, got {_describe(imgs)}{hint}")
     if imgs.numel() == 0:
         raise ValueError(f"{expected}, got an empty batch {list(imgs.shape)}")
+    if _trusted or torch.compiler.is_compiling():
+        return
     low, high = torch.aminmax(imgs)
     low, high = int(low), int(high)
     if low < 0 or high > quants - 1:
@@ -34,3 +42,16 @@ def check_latent(z: torch.Tensor, name: str = "z") -> None:
     if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.dim() != 4:
         got = _describe(z) if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"expected {name} as a float tensor of shape [B, C, H, W], got {got}")
+
+
+@contextmanager
+def trusted_images():
+    """Within this block `check_images` checks dtype and shape but not the value range: for batches drawn
+    from data that was checked once as a whole (a training set held on the GPU, say), so that no step
+    waits for the GPU to report a minimum and a maximum."""
+    global _trusted
+    before, _trusted = _trusted, True
+    try:
+        yield
+    finally:
+        _trusted = before
