@@ -19,8 +19,8 @@
 #               checkpoints/, else full mode would train for hours, and the wheels in .whl/)
 #   PYTHON      the interpreter (default python3)
 # MNIST: from $PATH_DATASETS, or from the four .gz files in .mnist/ (ignored by git; carry it to a machine
-# without a network), unpacked to /tmp/flowbook-data/MNIST/raw. Wheels in .whl/ (see
-# scripts/fetch_gpu_wheels.sh) are installed to /tmp/site first, where present.
+# without a network), unpacked to /tmp/flowbook-data/MNIST/raw. With NOTEBOOKS=1, the wheels in .whl/ (see
+# scripts/fetch_gpu_wheels.sh) are installed to /tmp/site first.
 #
 # $OUT receives at most 7 files: job.log, and per model <model>.pt (best weights) and run_<model>.tar
 # (last.ckpt, train_summary.json, the results JSON <model>.json and the CSV log): copy them into $STATE to
@@ -47,7 +47,7 @@ mkdir -p "$OUT"
 LOG="$OUT/job.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [ "${NOTEBOOKS:-0}" = 1 ] && compgen -G ".whl/*.whl" > /dev/null; then  # Jupyter, for nbval
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
