@@ -60,7 +60,7 @@ DEVICE="$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else
 "$PY" -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get_device_name() \
   if torch.cuda.is_available() else 'cpu')" | tee "$LOG"
 
-IFS=';' read -ra BENCHES <<< "$BENCH"
+IFS=';' read -ra BENCHES <<< "${BENCH//$'\n'/ }"
 for flags in "${BENCHES[@]}"; do
   [ -n "${flags// }" ] || continue
   echo "== bench $flags" | tee -a "$LOG"
