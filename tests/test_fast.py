@@ -104,6 +104,18 @@ def test_compiled_calls_equal_eager_and_still_check_images(same_noise, split):
         log_likelihood(torch.full((6, 1, 4, 4), 300, dtype=torch.int32))
 
 
+def test_compiled_calls_in_their_default_mode_run_on_the_cpu(same_noise):
+    """"reduce-overhead" (CUDA graphs on a GPU) falls back to plain compiled code on the CPU."""
+    model, imgs = tiny_flow().eval(), images()
+    log_likelihood, sample = compiled_calls(model)
+    with torch.no_grad():
+        torch.manual_seed(4)
+        expected = model.log_likelihood(imgs)
+        torch.manual_seed(4)
+        torch.testing.assert_close(log_likelihood(imgs), expected, rtol=1e-5, atol=1e-4)
+    assert sample(model.latent_shape(3)).shape == (3, 1, 4, 4)
+
+
 def test_unknown_compile_mode_is_an_error():
     with pytest.raises(ValueError, match="unknown compile mode 'fastest'"):
         speed_up(tiny_flow(), compile="fastest")
