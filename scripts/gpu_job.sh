@@ -12,6 +12,8 @@
 #   EPOCHS, MINUTES (time budget per model), BATCH, LR, WARMUP, PRECISION, CHANNELS_LAST=1, COMPILE=<mode>
 #   BENCH       ';'-separated flowbook.bench flag sets to run first, e.g.
 #               "--batch-size 128; --batch-size 1024 --bf16 --channels-last --compile default --graphs"
+#   CHECKS=1    first run tests/test_fast.py's GPU test for the models in MODELS (the fast path computes
+#               what the eager model computes, on this GPU)
 #   EXTRA       more flowbook.train flags ("--train-images 512" for a smoke test); EVAL_IMAGES=N: evaluate on N
 #   STATE       a folder holding an earlier job's $OUT (default .gpu-state): each run_<model>.tar found there
 #               is unpacked into runs/<model>/ first, so training continues where that job stopped
@@ -60,6 +62,12 @@ DEVICE="$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else
 "$PY" -c "import torch; print('torch', torch.__version__, 'device', torch.cuda.get_device_name() \
   if torch.cuda.is_available() else 'cpu')" | tee "$LOG"
 
+if [ "${CHECKS:-0}" = 1 ]; then
+  echo "== GPU checks of the fast path" | tee -a "$LOG"
+  "$PY" -m pytest tests/test_fast.py -q -p no:cacheprovider -k "cuda and ($(echo $MODELS | sed 's/ / or /g'))" \
+    2>&1 | grep -v "^W[0-9]" | tail -n 15 | tee -a "$LOG" \
+    || { echo "the fast path differs from the eager model here: train without it" | tee -a "$LOG"; exit 1; }
+fi
 IFS=';' read -ra BENCHES <<< "${BENCH//$'\n'/ }"
 for flags in "${BENCHES[@]}"; do
   [ -n "${flags// }" ] || continue
