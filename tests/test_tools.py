@@ -50,6 +50,8 @@ def test_bench_reports_every_model():
     rows = bench(models=("multiscale",), batch_size=4, steps=1)
     assert rows[0]["model"] == "multiscale" and rows[0]["parameters"] == 1_062_090
     assert rows[0]["train_img_per_s"] > 0 and rows[0]["likelihood_ms"] > 0 and rows[0]["sampling_ms"] > 0
+    fast = bench(models=("simple",), batch_size=4, steps=1, eval_batch=2, bf16=True, channels_last=True)
+    assert fast[0]["model"] == "simple" and fast[0]["train_img_per_s"] > 0
 
 
 def test_plots_return_figures():
