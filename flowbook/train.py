@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -65,8 +64,8 @@ class FlowModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        # fused: one kernel for the whole Adam update on a GPU instead of several per parameter group
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, fused=self.device.type == "cuda")
+        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr,
+                                     fused=fused_adam(self.device, self.trainer.precision))
 
         def factor(step):
             warmup = min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps > 0 else 1.0
@@ -80,6 +79,13 @@ class FlowModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+
+
+def fused_adam(device: torch.device, precision: str) -> bool:
+    """Whether to use fused Adam (one kernel for the whole update instead of several per parameter):
+    on a GPU, except under mixed precision, where Lightning refuses to clip the gradients of an optimizer
+    that unscales them itself, as the fused one does."""
+    return device.type == "cuda" and "mixed" not in str(precision)
 
 
 class DeviceBatches:
@@ -103,6 +109,29 @@ class DeviceBatches:
                  else torch.arange(n, device=self.images.device))
         for i in range(len(self)):
             yield (self.images[order[i * self.batch_size:(i + 1) * self.batch_size]],)
+
+
+class TimeBudget(pl.Callback):
+    """Stop training at the end of an epoch when the next one would end after `minutes` of training in
+    this run. Every epoch stays whole, and a resumed run gets a budget of its own (Lightning's max_time
+    would count the earlier runs' time too and stop a resumed run at once)."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60 * minutes
+        self._start = self._epoch_start = time.monotonic()
+        self.epoch_s = 0.0
+
+    def on_train_start(self, trainer, module):
+        self._start = time.monotonic()
+
+    def on_train_epoch_start(self, trainer, module):
+        self._epoch_start = time.monotonic()
+
+    def on_train_epoch_end(self, trainer, module):
+        now = time.monotonic()
+        self.epoch_s = now - self._epoch_start  # the last epoch's: the first may include compiling
+        if now - self._start + self.epoch_s > self.seconds:
+            trainer.should_stop = True
 
 
 class RunCheckpoints(pl.Callback):
@@ -203,10 +232,10 @@ def train(arch: str, out_dir: str | Path | None = None, epochs: int = 200, batch
         loggers.append(pl.loggers.TensorBoardLogger(out_dir, name="logs"))
     except (ImportError, ModuleNotFoundError):
         pass
-    callbacks = [saver] + ([pl.callbacks.LearningRateMonitor("step")] if progress else [])
+    callbacks = [saver] + ([TimeBudget(max_minutes)] if max_minutes else [])
+    callbacks += [pl.callbacks.LearningRateMonitor("step")] if progress else []
     trainer = pl.Trainer(
         default_root_dir=out_dir, max_epochs=epochs, max_steps=max_steps,
-        max_time=timedelta(minutes=max_minutes) if max_minutes else None,
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
         gradient_clip_val=1.0, callbacks=callbacks, logger=loggers if progress else False,
         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
@@ -233,7 +262,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--gamma", type=float, default=0.99, help="learning-rate decay per epoch")
     parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="time budget of this run: stop at the last epoch end within it (a resumed run gets its own)")
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--train-images", type=int, default=None, help="train on the first N images only")
     parser.add_argument("--val-images", type=int, default=None)

@@ -13,7 +13,7 @@ from conftest import ROOT
 from flowbook.checkpoints import load_model
 from flowbook.data import ImageDataset
 from flowbook.models import ImageFlow
-from flowbook.train import DeviceBatches, train
+from flowbook.train import DeviceBatches, fused_adam, train
 
 
 def _fake_mnist(n):
@@ -80,11 +80,48 @@ def test_fast_path_trains_and_saves_plain_weights(tmp_path):
     assert all(torch.equal(a.cpu(), b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
+def test_bf16_mixed_precision_trains_with_gradient_clipping(tmp_path):
+    _, summary = _tiny_run(tmp_path, precision="bf16-mixed")
+    assert summary["settings"]["precision"] == "bf16-mixed" and summary["best_val_bpd_1sample"] < 8
+
+
+def test_fused_adam_only_where_lightning_can_clip_its_gradients():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused_adam(cuda, "32-true") and not fused_adam(cuda, "bf16-mixed") and not fused_adam(cpu, "32-true")
+
+
 def test_bad_training_images_are_refused_before_training(tmp_path):
     bad = _fake_mnist(32)
     bad.images[3, 0, 0, 0] = 256
     with pytest.raises(ValueError, match="values in 0..256"):
         _tiny_run(tmp_path, datasets=(bad, _fake_mnist(16)))
+
+
+def test_training_from_device_batches_as_on_a_gpu(tmp_path, monkeypatch):
+    """The GPU's loaders (DeviceBatches, no DataLoader) through Lightning, here on the CPU."""
+    import flowbook.train as train_module
+
+    def device_loaders(train_set, val_set, batch_size, device, seed):
+        return (DeviceBatches(train_set.images, batch_size, True, True, seed),
+                DeviceBatches(val_set.images, 1000, False, False))
+
+    monkeypatch.setattr(train_module, "_loaders", device_loaders)
+    _, summary = _tiny_run(tmp_path, epochs=2)
+    assert summary["epochs"] == 2 and summary["best_val_bpd_1sample"] < 8
+    state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4  # 2 epochs x 32 images / 16 per batch
+
+
+def test_time_budget_stops_at_an_epoch_end_and_a_resumed_run_gets_its_own(tmp_path):
+    data = dict(train_images=64, datasets=(_fake_mnist(64), _fake_mnist(16)))  # 4 steps per epoch
+    start = time.monotonic()
+    _tiny_run(tmp_path, epochs=10_000, max_minutes=0.05, **data)
+    assert time.monotonic() - start < 60
+    first = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first["global_step"] == 4 * (first["epoch"] + 1) and first["epoch"] < 10_000 - 1
+    _tiny_run(tmp_path, epochs=10_000, max_minutes=0.05, resume=True, **data)
+    second = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert second["epoch"] > first["epoch"] and second["global_step"] == 4 * (second["epoch"] + 1)
 
 
 def test_device_batches_cover_the_data_once_per_pass():
