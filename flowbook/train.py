@@ -145,6 +145,11 @@ class RunCheckpoints(pl.Callback):
         self.wall_before = 0.0
         self._start = time.time()
         self.curve = []  # (step, train bpd) of this process, for plots; not saved
+        self.epoch_s = []  # duration of each epoch of this process, validation included; not saved
+        self._epoch_start = time.monotonic()
+
+    def on_train_epoch_start(self, trainer, module):
+        self._epoch_start = time.monotonic()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -162,6 +167,7 @@ class RunCheckpoints(pl.Callback):
         return self.wall_before + time.time() - self._start
 
     def on_train_epoch_end(self, trainer, module):
+        self.epoch_s.append(time.monotonic() - self._epoch_start)
         val = trainer.callback_metrics.get("val_bpd")
         epoch = trainer.current_epoch
         if val is not None and math.isfinite(float(val)) and float(val) < self.best_val:
@@ -175,7 +181,16 @@ class RunCheckpoints(pl.Callback):
         return {"settings": self.settings, "epochs": epochs,
                 "best_epoch": self.best_epoch + 1, "best_val_bpd_1sample": self.best_val,
                 "skipped_steps": module.skipped_steps, "wall_s": round(self.wall_s(), 1),
+                "train_img_per_s": self.images_per_s(trainer),
                 "device": str(module.device), "parameters": num_parameters(module.flow)}
+
+    def images_per_s(self, trainer):
+        """Training images per second over a whole epoch (validation included): the median epoch of this
+        process, so that compiling in the first epoch does not count; None before the first epoch ends."""
+        if not self.epoch_s:
+            return None
+        median = sorted(self.epoch_s)[len(self.epoch_s) // 2]
+        return round(trainer.num_training_batches * self.settings["batch_size"] / median, 1)
 
 
 def _loaders(train_set: ImageDataset, val_set: ImageDataset, batch_size: int, device: torch.device, seed: int):

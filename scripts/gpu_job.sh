@@ -125,10 +125,11 @@ for m in sys.argv[1].split():
     if res.exists():
         r = json.loads(res.read_text())
         rows.append([m, r["training"].get("epochs"), f"{r['test_bpd']:.4f}", f"{r['val_bpd']:.4f}",
-                     r["training"].get("wall_s"), f"{r['inference_ms']:.1f}", f"{r.get('inference_ms_graphs', 0):.2f}",
+                     r["training"].get("wall_s"), r["training"].get("train_img_per_s"),
+                     f"{r['inference_ms']:.1f}", f"{r.get('inference_ms_graphs', 0):.2f}",
                      f"{r['sampling_ms']:.1f}", f"{r.get('sampling_ms_graphs', 0):.2f}"])
-print(tabulate(rows, headers=["model", "epochs", "test bpd", "val bpd", "train s", "ll ms", "ll ms graphs",
-                              "sample ms", "sample ms graphs"]))
+print(tabulate(rows, headers=["model", "epochs (best)", "test bpd", "val bpd", "train s", "train img/s",
+                              "ll ms", "ll ms graphs", "sample ms", "sample ms graphs"]))
 EOF
 if [ "${NOTEBOOKS:-0}" = 1 ]; then
   if [ -f checkpoints/simple.pt ] && [ -f checkpoints/vardeq.pt ] && [ -f checkpoints/multiscale.pt ]; then

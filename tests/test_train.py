@@ -33,7 +33,7 @@ def test_train_writes_best_weights_last_state_and_summary(tmp_path):
     model, summary = _tiny_run(tmp_path, epochs=2)
     assert {"simple.pt", "last.ckpt", "train_summary.json"} <= set(os.listdir(tmp_path))
     assert summary["epochs"] == 2 and summary["skipped_steps"] == 0 and summary["parameters"] == 335_128
-    assert summary["best_val_bpd_1sample"] < 8
+    assert summary["best_val_bpd_1sample"] < 8 and summary["train_img_per_s"] > 0
     assert json.loads((tmp_path / "train_summary.json").read_text())["epochs"] == 2
     loaded = load_model(tmp_path / "simple.pt", arch="simple")
     assert isinstance(model, ImageFlow) and not model.training
