@@ -17,8 +17,8 @@ import time
 import torch
 from tabulate import tabulate
 
-from flowbook.evaluate import _sync, time_call
-from flowbook.fast import COMPILE_MODES, compiled_calls, enable_tf32, speed_up
+from flowbook.evaluate import _sync, inference_time, sampling_time
+from flowbook.fast import COMPILE_MODES, enable_tf32, speed_up
 from flowbook.layers.checks import trusted_images
 from flowbook.models import MODEL_NAMES, create_flow, num_parameters
 
@@ -63,13 +63,11 @@ def bench(models=MODEL_NAMES, device: str = "cpu", batch_size: int = 64, steps: 
         torch.manual_seed(seed)
         model = speed_up(create_flow(name).to(device), channels_last=channels_last, compile=compile)
         ips = train_images_per_s(model, batch_size, steps, bf16=bf16)
-        model = speed_up(create_flow(name).to(device), channels_last=channels_last).eval()
-        log_likelihood, sample = (compiled_calls(model) if graphs else (model.log_likelihood, model.sample))
+        model.eval()  # likelihood and sampling are methods: `compile` above changed only the training loss
         imgs = torch.randint(0, 256, (eval_batch, *model.img_shape), dtype=torch.int32, device=device)
-        shape = model.latent_shape(eval_batch)
         rows.append({"model": name, "parameters": num_parameters(model), "train_img_per_s": ips,
-                     "likelihood_ms": 1000 * time_call(lambda: log_likelihood(imgs), device, repeats=5),
-                     "sampling_ms": 1000 * time_call(lambda: sample(shape), device, repeats=5)})
+                     "likelihood_ms": 1000 * inference_time(model, imgs, repeats=5, graphs=graphs),
+                     "sampling_ms": 1000 * sampling_time(model, eval_batch, repeats=5, graphs=graphs)})
     return rows
 
 

@@ -33,11 +33,10 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def check_compile_mode(mode: str | None) -> str | None:
-    """`mode` if it is None or one of COMPILE_MODES; a ValueError otherwise."""
+def check_compile_mode(mode: str | None) -> None:
+    """A ValueError unless `mode` is None or one of COMPILE_MODES."""
     if mode is not None and mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose one of {COMPILE_MODES}")
-    return mode
 
 
 def speed_up(model: ImageFlow, channels_last: bool = False, compile: str | None = None) -> ImageFlow:

@@ -114,23 +114,20 @@ class DeviceBatches:
 class TimeBudget(pl.Callback):
     """Stop training at the end of an epoch when the next one would end after `minutes` of training in
     this run. Every epoch stays whole, and a resumed run gets a budget of its own (Lightning's max_time
-    would count the earlier runs' time too and stop a resumed run at once)."""
+    would count the earlier runs' time too and stop a resumed run at once).
 
-    def __init__(self, minutes: float):
-        self.seconds = 60 * minutes
-        self._start = self._epoch_start = time.monotonic()
-        self.epoch_s = 0.0
+    epoch_s: the durations of this run's epochs, appended by a callback listed before this one
+    (`RunCheckpoints.epoch_s`); the last one estimates the next (the first may include compiling)."""
+
+    def __init__(self, minutes: float, epoch_s: list):
+        self.seconds, self.epoch_s = 60 * minutes, epoch_s
+        self._start = time.monotonic()
 
     def on_train_start(self, trainer, module):
         self._start = time.monotonic()
 
-    def on_train_epoch_start(self, trainer, module):
-        self._epoch_start = time.monotonic()
-
     def on_train_epoch_end(self, trainer, module):
-        now = time.monotonic()
-        self.epoch_s = now - self._epoch_start  # the last epoch's: the first may include compiling
-        if now - self._start + self.epoch_s > self.seconds:
+        if time.monotonic() - self._start + self.epoch_s[-1] > self.seconds:
             trainer.should_stop = True
 
 
@@ -247,7 +244,7 @@ def train(arch: str, out_dir: str | Path | None = None, epochs: int = 200, batch
         loggers.append(pl.loggers.TensorBoardLogger(out_dir, name="logs"))
     except (ImportError, ModuleNotFoundError):
         pass
-    callbacks = [saver] + ([TimeBudget(max_minutes)] if max_minutes else [])
+    callbacks = [saver] + ([TimeBudget(max_minutes, saver.epoch_s)] if max_minutes else [])
     callbacks += [pl.callbacks.LearningRateMonitor("step")] if progress else []
     trainer = pl.Trainer(
         default_root_dir=out_dir, max_epochs=epochs, max_steps=max_steps,
