@@ -3,6 +3,7 @@
     python -m flowbook.bench                                  # on the CPU, batch 64, eager
     python -m flowbook.bench --device cuda --batch-size 1024 --bf16 --channels-last --compile default
     python -m flowbook.bench --device cuda --graphs           # likelihood and sampling as CUDA graphs
+    python -m flowbook.bench --compare --models multiscale    # the CPU fast path next to fp32 eager
 
 Training steps run on random images with the fast-path options given (see flowbook.fast); likelihood
 and sampling are timed for `--eval-batch` images (64), eagerly or, with `--graphs`, through
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import time
 
 import torch
@@ -71,6 +73,51 @@ def bench(models=MODEL_NAMES, device: str = "cpu", batch_size: int = 64, steps: 
     return rows
 
 
+# The configurations `--compare` measures in one run: fp32 eager first, as the baseline.
+CONFIGS = {"fp32 eager": {},
+           "bf16 + channels-last": dict(bf16=True, channels_last=True),
+           "bf16 + channels-last + compile": dict(bf16=True, channels_last=True, compile="default")}
+
+
+def fixed_batch_bpd(model, imgs, bf16: bool, seed: int = 0) -> float:
+    """The training loss (mean bpd, one dequantization sample) of `imgs` with the noise seeded, in the
+    model's precision and layout: what a configuration computes, for comparison with fp32 eager."""
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    torch.manual_seed(seed)
+    with torch.no_grad(), autocast:
+        return float(model.forward(imgs))  # .forward: eager, the same noise as the baseline
+
+
+def compare(name: str = "multiscale", device: str = "cpu", batch_size: int = 64, steps: int = 10,
+            seed: int = 0, configs: dict = CONFIGS) -> list[dict]:
+    """One row per configuration of `configs` for model `name`, measured in this run: training images/s,
+    the speed-up over the first configuration, and the difference of a fixed batch's loss from it.
+
+    Every configuration starts from the same weights, moved away from their zero initialisation so that
+    the loss depends on every layer, and sees the same 256 images with the same noise."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    imgs = (torch.rand(256, 1, 28, 28, generator=gen) ** 3 * 256).to(torch.int32).to(device)
+    torch.manual_seed(seed)
+    start = create_flow(name)
+    with torch.no_grad():
+        for p in start.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    rows = []
+    for label, options in configs.items():
+        model = copy.deepcopy(start).to(device)
+        speed_up(model, channels_last=options.get("channels_last", False))
+        bpd = fixed_batch_bpd(model, imgs, options.get("bf16", False), seed)
+        speed_up(model, compile=options.get("compile"))
+        ips = train_images_per_s(model, batch_size, steps, bf16=options.get("bf16", False))
+        rows.append({"config": label, "train_img_per_s": ips, "fixed_batch_bpd": bpd})
+    for row in rows:
+        row["speedup"] = row["train_img_per_s"] / rows[0]["train_img_per_s"]
+        row["bpd_diff"] = row["fixed_batch_bpd"] - rows[0]["fixed_batch_bpd"]
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -82,7 +129,18 @@ def main(argv=None):
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", default=None, choices=COMPILE_MODES, help="torch.compile the training loss")
     parser.add_argument("--graphs", action="store_true", help="compiled likelihood and sampling (CUDA graphs)")
+    parser.add_argument("--compare", action="store_true",
+                        help="training speed of fp32 eager, bf16 + channels-last and bf16 + channels-last + compile")
     args = parser.parse_args(argv)
+    if args.compare:
+        for name in args.models:
+            rows = compare(name, args.device, args.batch_size, args.steps)
+            print(f"{name}: device {args.device}, batch {args.batch_size}, {args.steps} timed steps, "
+                  f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+            print(tabulate([[r["config"], f"{r['train_img_per_s']:.0f}", f"{r['speedup']:.2f}x",
+                             f"{r['bpd_diff']:+.4f}"] for r in rows],
+                           headers=["configuration", "train img/s", "speed-up", "fixed-batch bpd - fp32"]))
+        return rows
     rows = bench(args.models, args.device, args.batch_size, args.steps, eval_batch=args.eval_batch,
                  bf16=args.bf16, channels_last=args.channels_last, compile=args.compile, graphs=args.graphs)
     print(f"device: {args.device}, train batch {args.batch_size}, eval batch {args.eval_batch}, "

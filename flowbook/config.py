@@ -23,7 +23,7 @@ class Settings:
     """What a chapter does in the current mode.
 
     train_images: training images used (None: all 50,000)
-    train_steps: optimisation steps per model in a chapter (None: train for `epochs`)
+    demo_steps: optimisation steps of the small models that chapters on training train live
     epochs: epochs of the full training run
     batch_size: training batch size
     eval_images: validation/test images evaluated (None: all 10,000)
@@ -35,7 +35,7 @@ class Settings:
 
     mode: str
     train_images: int | None
-    train_steps: int | None
+    demo_steps: int
     epochs: int
     batch_size: int
     eval_images: int | None
@@ -49,10 +49,10 @@ class Settings:
         return self.mode == "quick"
 
 
-QUICK = Settings("quick", train_images=960, train_steps=30, epochs=1, batch_size=32,
+QUICK = Settings("quick", train_images=960, demo_steps=30, epochs=1, batch_size=32,
                  eval_images=256, importance_samples=4, toy_steps=400,
                  bound_images=64, progress=False)
-FULL = Settings("full", train_images=None, train_steps=None, epochs=200, batch_size=128,
+FULL = Settings("full", train_images=None, demo_steps=1000, epochs=200, batch_size=128,
                 eval_images=None, importance_samples=8, toy_steps=3000,
                 bound_images=1024, progress=True)
 

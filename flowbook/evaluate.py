@@ -11,9 +11,9 @@ sampling times through compiled calls (one CUDA graph each on a GPU; see flowboo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import platform
-import subprocess
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
 from flowbook.data import load_mnist
 from flowbook.fast import compiled_calls
 from flowbook.models import ImageFlow, num_parameters
+from flowbook.provenance import git_commit, hardware, versions
 
 SLICE_IMAGES, SLICE_SEED = 256, 0
 
@@ -91,40 +92,82 @@ def slice_bpd(model: ImageFlow, test_images: torch.Tensor) -> float:
     return mean_bpd(model, test_images[:SLICE_IMAGES], importance_samples=8)
 
 
-def _git_commit() -> str:
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def thoroughness(results: dict) -> tuple:
+    """(test images, importance samples) of a results JSON: what `evaluate_checkpoint` compares before it
+    replaces one evaluation of the same weights with another."""
+    return results.get("eval_images", {}).get("test", 0), results.get("importance_samples", 0)
+
+
+def _check_replace(out: Path, results: dict) -> None:
+    """A FileExistsError where `results` would silently replace a more thorough evaluation of the same
+    weights in `out`; an evaluation of other weights (another checkpoint file) replaces a stale one."""
+    if not out.exists():
+        return
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=config.PROJECT_ROOT, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        raise FileExistsError(f"{out} exists and is not a readable results JSON: move it away first") from None
+    if old.get("checkpoint_sha256") not in (None, results["checkpoint_sha256"]):
+        return
+    if any(new < before for new, before in zip(thoroughness(results), thoroughness(old))):
+        raise FileExistsError(
+            f"{out} holds an evaluation on {thoroughness(old)[0]} test images with {thoroughness(old)[1]} importance "
+            f"samples, more thorough than this one ({thoroughness(results)[0]} images, {thoroughness(results)[1]} "
+            "samples): it is kept. Write this one elsewhere with --out, or pass --overwrite.")
 
 
-def _versions() -> dict:
-    import pytorch_lightning
-    import torchvision
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "pytorch_lightning": pytorch_lightning.__version__}
+def training_totals(meta: dict) -> dict:
+    """Epochs, images seen, wall time and hardware over every stage of a checkpoint's training history."""
+    history = meta.get("history") or [{"epochs": meta.get("epochs", 0), "images_seen": None,
+                                       "wall_s": meta.get("wall_s"), "hardware": meta.get("device")}]
+
+    def total(key):
+        values = [stage.get(key) for stage in history]
+        return None if any(v is None for v in values) else round(sum(values), 1)
+    return {"epochs": total("epochs"), "images_seen": total("images_seen"), "train_wall_s": total("wall_s"),
+            "train_hardware": sorted({str(stage.get("hardware")) for stage in history}), "stages": len(history)}
 
 
 def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_samples: int = 8,
-                        eval_images: int | None = None, progress: bool = True, graphs: bool = False) -> dict:
-    """Evaluate the checkpoint at `path` and write the results JSON beside it (same name, .json).
-    With `graphs`, the likelihood and sampling times are also measured through compiled calls (CUDA
-    graphs on a GPU) and recorded as inference_ms_graphs and sampling_ms_graphs."""
+                        eval_images: int | None = None, progress: bool = True, graphs: bool = False,
+                        val_importance_samples: int | None = None, out: str | Path | None = None,
+                        overwrite: bool = False) -> dict:
+    """Evaluate the checkpoint at `path` and write the results JSON to `out` (default: beside it, same
+    name, .json). The test set gets `importance_samples`, the validation set `val_importance_samples`
+    (default the same). An existing JSON for the same weights is only replaced by an evaluation at
+    least as thorough (test images, importance samples), unless `overwrite`. With `graphs`, likelihood
+    and sampling are also timed through compiled calls (CUDA graphs on a GPU): inference_ms_graphs and
+    sampling_ms_graphs."""
     path = Path(path)
+    out = Path(out) if out is not None else path.with_suffix(".json")
+    for name, k in (("importance_samples", importance_samples), ("val_importance_samples", val_importance_samples)):
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
     device = torch.device(device) if device else config.get_device()
     ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt, map_location=device)
     _, val, test = load_mnist()
     val_imgs, test_imgs = val.images[:eval_images], test.images[:eval_images]
+    val_k = val_importance_samples or importance_samples
+    results = {"arch": ckpt["arch"], "checkpoint": path.name, "checkpoint_sha256": _file_sha256(path),
+               "eval_images": {"val": len(val_imgs), "test": len(test_imgs)},
+               "importance_samples": importance_samples}
+    if not overwrite:
+        _check_replace(out, results)  # before the minutes of evaluation, not after
     torch.manual_seed(0)
     batch = test.images[:64]
-    results = {
-        "arch": ckpt["arch"],
-        "val_bpd": mean_bpd(model, val_imgs, importance_samples, progress=progress, desc="validation bpd"),
+    results.update({
         "test_bpd": mean_bpd(model, test_imgs, importance_samples, progress=progress, desc="test bpd"),
-        "importance_samples": importance_samples,
-        "eval_images": {"val": len(val_imgs), "test": len(test_imgs)},
+        "val_bpd": mean_bpd(model, val_imgs, val_k, progress=progress, desc="validation bpd"),
+        "val_importance_samples": val_k,
         "slice_bpd": slice_bpd(model, test.images),
         "slice": {"images": SLICE_IMAGES, "seed": SLICE_SEED, "importance_samples": 8},
         "inference_ms": 1000 * inference_time(model, batch),
@@ -132,12 +175,15 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
         **({"inference_ms_graphs": 1000 * inference_time(model, batch, graphs=True),
             "sampling_ms_graphs": 1000 * sampling_time(model, 64, graphs=True)} if graphs else {}),
         "parameters": num_parameters(model),
+        **training_totals(ckpt["meta"]),
         "training": ckpt["meta"],
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "git_commit": _git_commit(),
-        "versions": _versions(),
-    }
-    path.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        "device": hardware(device),
+        "git_commit": git_commit(),
+        "versions": versions(),
+    })
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out)
     return results
 
 
@@ -145,12 +191,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a flowbook checkpoint and write its results JSON.")
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--importance-samples", type=int, default=8)
+    parser.add_argument("--importance-samples", type=int, default=8, help="for the test set")
+    parser.add_argument("--val-importance-samples", type=int, default=None,
+                        help="for the validation set (default: as many as for the test set)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: beside the checkpoint)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing results JSON even where it is more thorough")
     parser.add_argument("--eval-images", type=int, default=None, help="first N validation/test images only")
     parser.add_argument("--graphs", action="store_true", help="also time compiled likelihood and sampling")
     args = parser.parse_args(argv)
-    results = evaluate_checkpoint(args.checkpoint, args.device, args.importance_samples, args.eval_images,
-                                  graphs=args.graphs)
+    try:
+        results = evaluate_checkpoint(args.checkpoint, args.device, args.importance_samples, args.eval_images,
+                                      graphs=args.graphs, val_importance_samples=args.val_importance_samples,
+                                      out=args.out, overwrite=args.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        parser.exit(2, f"flowbook.evaluate: error: {err}\n")
     print(json.dumps({k: v for k, v in results.items() if k not in ("training", "versions")}, indent=2))
 
 

@@ -1,12 +1,15 @@
-"""The trained models a chapter works with: shipped checkpoints where present, else a quick training run.
+"""The models a chapter works with: the shipped, trained checkpoints, and quick models trained live.
 
-    model, source, curve = load_or_train("multiscale")
+    model, source, curve = load_trained("multiscale")   # checkpoints/multiscale.pt where it is shipped
+    model, source, curve = train_quick("multiscale")    # trained now, in a cell, for chapters on training
 
-1. `<PATH_CHECKPOINT>/<name>.pt` (the repository's checkpoints/ by default): the real, fully trained model.
-2. Otherwise, in quick mode, a model trained for a few dozen steps on a subset (cached in runs/quick/),
-   and in full mode the full training run (`flowbook.train`, resumable in runs/<name>/).
-`source` says which one it is, so that a chapter can say so next to every number it shows; `curve` is
-the list of (step, training bpd) where the model was trained just now, else None.
+`load_trained` returns the shipped checkpoint `<PATH_CHECKPOINT>/<name>.pt` (the repository's
+checkpoints/ by default) where there is one, in quick and full mode alike. Without one it falls back to a
+quick model and says so: no chapter starts a long training run inside a cell unasked (`make train-all`
+trains the real models). `train_quick` trains a small model now, apart from the shipped one: a few dozen
+steps in quick mode, `Settings.demo_steps` in full mode; it is cached in runs/quick/<name>/.
+`source` is a sentence saying which model it is, so that a chapter can say so next to every number;
+`curve` is the list of (step, training bpd) where the model was trained just now, else None.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 
 from flowbook import config
 from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
+from flowbook.models import ImageFlow
 from flowbook.train import train
 
 
@@ -25,41 +29,46 @@ def checkpoint_file(name: str):
     return path if path.is_file() else None
 
 
-def _quick_args(s: config.Settings):
-    return dict(epochs=1, max_steps=s.train_steps, batch_size=s.batch_size, train_images=s.train_images,
-                val_images=s.eval_images)
+def describe_checkpoint(ckpt: dict, filename: str) -> str:
+    """'the trained checkpoint multiscale.pt (6 epochs, 300,000 images, AMD EPYC ..., 2 cores)'."""
+    meta = ckpt["meta"]
+    total = meta.get("total", {})
+    seen = f", {int(total['images_seen']):,} images" if total.get("images_seen") else ""
+    where = meta.get("hardware") or meta.get("device", "unknown hardware")
+    return f"the trained checkpoint {filename} ({total.get('epochs', meta.get('epochs', '?'))} epochs{seen}, {where})"
 
 
-def load_or_train(name: str, retrain: bool = False, device: torch.device | None = None,
-                  progress: bool | None = None):
-    """(model in eval mode on `device`, a sentence saying where it comes from, training curve or None).
-
-    retrain: in quick mode, train now even if a cached quick model exists (chapters that teach training
-    use it); shipped checkpoints are always preferred, since they are what the chapter is about.
-    progress: show Lightning's progress bar (default: the mode's setting, on in full mode).
-    """
+def train_quick(name: str, retrain: bool = False, device: torch.device | None = None,
+                progress: bool | None = None) -> tuple[ImageFlow, str, list | None]:
+    """(a small model trained now or cached in runs/quick/<name>, a sentence saying so, its training curve
+    or None where it came from the cache). retrain: train anew even where a cached model exists."""
     device = device or config.get_device()
     s = config.settings()
     progress = s.progress if progress is None else progress
+    out = config.PROJECT_ROOT / "runs" / "quick" / name
+    cached = out / f"{name}.pt"
+    ckpt = read_checkpoint(cached) if cached.exists() and not retrain else None
+    if ckpt is not None and ckpt["meta"].get("settings", {}).get("max_steps") == s.demo_steps:
+        model, curve = model_from_checkpoint(ckpt, map_location=device, arch=name), None
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        model, summary = train(name, out, device=str(device), progress=progress, epochs=1, max_steps=s.demo_steps,
+                               batch_size=s.batch_size, train_images=s.train_images, val_images=s.eval_images)
+        curve = summary["train_curve"]
+    images = f"{s.train_images} images" if s.train_images else "the training set"
+    return model, f"a small model trained here for only {s.demo_steps} steps on {images}", curve
+
+
+def load_trained(name: str, device: torch.device | None = None,
+                 progress: bool | None = None) -> tuple[ImageFlow, str, list | None]:
+    """(the shipped checkpoint of `name` in eval mode on `device`, a sentence saying where it comes from,
+    None); without a shipped checkpoint, `train_quick`'s model and a sentence that says so."""
+    device = device or config.get_device()
     shipped = checkpoint_file(name)
     if shipped is not None:
         ckpt = read_checkpoint(shipped)
-        source = (f"the trained checkpoint {shipped.name} ({ckpt['meta'].get('epochs', '?')} epochs, "
-                  f"{ckpt['meta'].get('device', 'unknown device')})")
-        return model_from_checkpoint(ckpt, map_location=device, arch=name), source, None
-    if s.quick:
-        out = config.PROJECT_ROOT / "runs" / "quick" / name
-        cached = out / f"{name}.pt"
-        ckpt = read_checkpoint(cached) if cached.exists() and not retrain else None
-        if ckpt is not None and ckpt["meta"].get("settings", {}).get("max_steps") == s.train_steps:
-            model, curve = model_from_checkpoint(ckpt, map_location=device, arch=name), None
-        else:
-            shutil.rmtree(out, ignore_errors=True)
-            model, summary = train(name, out, device=str(device), progress=progress, **_quick_args(s))
-            curve = summary["train_curve"]
-        return model, (f"a quick-mode model trained for only {s.train_steps} steps on {s.train_images} images "
-                       "(no trained checkpoint found; full mode or the shipped checkpoints give the real thing)"), curve
-    out = config.PROJECT_ROOT / "runs" / name
-    model, summary = train(name, out, epochs=s.epochs, batch_size=s.batch_size, resume=True,
-                           device=str(device), progress=progress)
-    return model, f"a model trained here for {summary['epochs']} epochs (full mode)", summary["train_curve"]
+        return (model_from_checkpoint(ckpt, map_location=device, arch=name), describe_checkpoint(ckpt, shipped.name),
+                None)
+    model, source, curve = train_quick(name, device=device, progress=progress)
+    return model, (f"{source}, since there is no trained checkpoint {name}.pt in {config.checkpoint_path()} "
+                   "(`make train-all` trains the real models)"), curve

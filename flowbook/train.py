@@ -1,12 +1,19 @@
-"""Training with PyTorch Lightning, as the reference does, made resumable and safe.
+"""Training with PyTorch Lightning, as the reference does, made resumable, safe and budget-aware.
 
-    python -m flowbook.train --model multiscale                      # 200 epochs, Adam 1e-3, decay 0.99/epoch
-    python -m flowbook.train --model simple --max-minutes 30 --resume
+    python -m flowbook.train --model multiscale --max-minutes 120        # on the CPU: its fast defaults
+    python -m flowbook.train --model multiscale --max-minutes 120 --init checkpoints/multiscale.pt
+    python -m flowbook.train --model simple --out runs/simple --resume   # continue a killed run
+
+The learning rate warms up over `--warmup-steps` and then follows half a cosine down to zero at the end of
+the run: after `--epochs`, `--max-steps`, or the last whole epoch that fits into `--max-minutes` (planned
+from the measured speed of the first steps and re-planned after every epoch). `--schedule exponential`
+gives the reference's decay by `--gamma` per epoch instead. `--init PATH` starts a new stage from a
+checkpoint's weights with a fresh optimizer and schedule; the summary then carries the whole history.
 
 A run folder (default runs/<model>) holds
     <model>.pt         best weights by validation bpd (a plain state dict, see flowbook.checkpoints)
     last.ckpt          the full training state after the last finished epoch, for --resume
-    train_summary.json settings, epochs, wall time, skipped steps, best validation bpd
+    train_summary.json settings, history of stages, epochs, wall time, skipped steps, best validation bpd
     logs/              CSV logs (and TensorBoard logs where tensorboard is installed)
 Both checkpoint files are written atomically, so a run killed at any moment (kill -9 included) resumes
 from the last finished epoch with --resume and loses nothing before it.
@@ -14,36 +21,181 @@ from the last finished epoch with --resume and loses nothing before it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
 from flowbook import config
-from flowbook.checkpoints import load_model, save_checkpoint
+from flowbook.checkpoints import load_model, load_state, read_checkpoint, save_checkpoint
 from flowbook.data import ImageDataset, load_mnist, make_loader
 from flowbook.fast import COMPILE_MODES, enable_tf32, speed_up
 from flowbook.layers.checks import check_images, trusted_images
 from flowbook.models import MNIST_SHAPE, MODEL_NAMES, ImageFlow, create_flow, num_parameters
+from flowbook.provenance import hardware
+
+SCHEDULES = ("cosine", "exponential")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+# What --resume may change: the budget of the new run, and how fast it computes (not what it computes).
+RESUMABLE_CHANGES = ("epochs", "max_minutes", "max_steps", "channels_last", "compile")
+# The fastest configuration measured on a CPU (`python -m flowbook.bench --device cpu --compare`, README),
+# for runs long enough to repay the minutes torch.compile takes; without compiling, bfloat16 and
+# channels-last do not pay on a CPU, so short runs stay in float32, eager.
+CPU_FAST = {"precision": "bf16-mixed", "channels_last": True, "compile": "default"}
+COMPILE_PAYS_AFTER_STEPS = 1000
+MAX_BAD_STEPS = 50
+GRADIENT_CLIP = 1.0
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive training steps had a non-finite loss."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings of one training run: validated once, recorded in the summary, compared on --resume.
+
+    precision, channels_last and compile left as None are chosen for the device by `resolved`
+    (compile "off": eager).
+    """
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    gamma: float = 0.99
+    warmup_steps: int = 0
+    max_minutes: float | None = None
+    max_steps: int = -1
+    train_images: int | None = None
+    val_images: int | None = None
+    precision: str | None = None
+    channels_last: bool | None = None
+    compile: str | None = None
+    seed: int = 42
+    init: str | None = None
+
+    def __post_init__(self):
+        problems = []
+
+        def need(ok, what):
+            if not ok:
+                problems.append(what)
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need(is_int(self.epochs) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
+        need(is_int(self.batch_size) and self.batch_size >= 1,
+             f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+             f"lr must be a finite number > 0, got {self.lr!r}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        need(isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1,
+             f"gamma must be in (0, 1], got {self.gamma!r}")
+        need(is_int(self.warmup_steps) and self.warmup_steps >= 0,
+             f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        need(self.max_minutes is None or (isinstance(self.max_minutes, (int, float))
+                                          and math.isfinite(self.max_minutes) and self.max_minutes > 0),
+             f"max_minutes must be a number > 0 (or None for no time limit), got {self.max_minutes!r}")
+        need(is_int(self.max_steps) and (self.max_steps == -1 or self.max_steps >= 1),
+             f"max_steps must be an integer >= 1 (or -1 for no limit), got {self.max_steps!r}")
+        for name in ("train_images", "val_images"):
+            value = getattr(self, name)
+            need(value is None or (is_int(value) and value >= 1),
+                 f"{name} must be an integer >= 1 (or None for all), got {value!r}")
+        need(self.precision is None or self.precision in PRECISIONS,
+             f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.compile is None or self.compile in (*COMPILE_MODES, "off"),
+             f"compile must be one of {COMPILE_MODES} or 'off', got {self.compile!r}")
+        need(is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        if problems:
+            raise ValueError("invalid training settings: " + "; ".join(problems))
+
+    def planned_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the run before any time budget: epochs x steps per epoch, or max_steps."""
+        steps = self.epochs * steps_per_epoch
+        return min(steps, self.max_steps) if self.max_steps > 0 else steps
+
+    def resolved(self, device: torch.device, steps_per_epoch: int) -> "RunSettings":
+        """These settings with the fast-path choices left as None filled in for `device`: CPU_FAST for
+        runs on a CPU with bfloat16 support of at least COMPILE_PAYS_AFTER_STEPS steps and 10 minutes;
+        else float32, contiguous, eager (the GPU runbook sets its choices explicitly)."""
+        long_run = (self.planned_steps(steps_per_epoch) >= COMPILE_PAYS_AFTER_STEPS
+                    and (self.max_minutes is None or self.max_minutes >= 10))
+        fast = CPU_FAST if device.type == "cpu" and long_run and _cpu_has_bf16() else {}
+        return dataclasses.replace(
+            self,
+            precision=self.precision or fast.get("precision", "32-true"),
+            channels_last=self.channels_last if self.channels_last is not None else fast.get("channels_last", False),
+            compile=self.compile or fast.get("compile", "off"))
+
+
+def training_recipe(settings: RunSettings | None = None) -> str:
+    """A sentence with the optimiser and schedule of `settings` (default: the trainer's defaults)."""
+    r = settings or RunSettings()
+    schedule = ("half a cosine from the peak down to zero at the end of the run" if r.schedule == "cosine"
+                else f"decayed by {r.gamma} per epoch")
+    warmup = f"warmed up linearly over {r.warmup_steps} steps, then " if r.warmup_steps else ""
+    return (f"Adam, peak learning rate {r.lr:g}, {warmup}{schedule}; gradient norm clipped at {GRADIENT_CLIP}; "
+            f"batches of {r.batch_size}; {r.epochs} epochs unless a time or step budget ends the run first")
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class LRFactor:
+    """The learning-rate factor of optimizer step `step` (a LambdaLR function): a linear warm-up over
+    `warmup_steps`, times either half a cosine from 1 to 0 over `total_steps` ("cosine") or
+    gamma ** epoch ("exponential").
+
+    `total_steps` may be re-planned during the run (a time budget): the cosine's progress then
+    continues from where it is at the new pace, so the learning rate never jumps. A callable object
+    rather than a function, so that LambdaLR's state dict saves its progress and --resume restores it.
+    """
+
+    def __init__(self, schedule: str, total_steps: int, warmup_steps: int = 0, gamma: float = 0.99,
+                 steps_per_epoch: int = 1):
+        self.schedule, self.total_steps, self.warmup_steps = schedule, total_steps, warmup_steps
+        self.gamma, self.steps_per_epoch = gamma, steps_per_epoch
+        self.progress, self.last_step = 0.0, 0
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        if self.schedule == "exponential":
+            return warm * self.gamma ** (step // max(1, self.steps_per_epoch))
+        if step > self.last_step:
+            left = max(1, self.total_steps - self.last_step)
+            self.progress = min(1.0, self.progress + (step - self.last_step) * (1 - self.progress) / left)
+            self.last_step = step
+        return warm * 0.5 * (1 + math.cos(math.pi * self.progress))
 
 
 class FlowModule(pl.LightningModule):
     """Maximum likelihood training of one of the MNIST flows: the loss is the mean bpd of a batch.
 
-    Adam(lr), learning rate warmed up linearly over `warmup_steps` and decayed by `gamma` per epoch.
-    A batch with a non-finite loss is skipped (no backward, no step) and counted in `skipped_steps`.
+    Adam(lr) with the learning-rate schedule `LRFactor`. A batch with a non-finite loss is skipped (no
+    backward, no step) and counted in `skipped_steps`; MAX_BAD_STEPS in a row raise TrainingDiverged.
     """
 
-    def __init__(self, arch: str, lr: float = 1e-3, gamma: float = 0.99, warmup_steps: int = 0,
-                 steps_per_epoch: int = 1):
+    def __init__(self, arch: str, lr: float = 1e-3, schedule: str = "cosine", gamma: float = 0.99,
+                 warmup_steps: int = 0, steps_per_epoch: int = 1, total_steps: int = 1):
         super().__init__()
         self.save_hyperparameters()
         self.flow = create_flow(arch)
         self.skipped_steps = 0
+        self.bad_in_a_row = 0
+        self.lr_factor = LRFactor(schedule, total_steps, warmup_steps, gamma, steps_per_epoch)
 
     def forward(self, imgs):
         return self.flow(imgs)
@@ -52,8 +204,15 @@ class FlowModule(pl.LightningModule):
         loss = self.flow(batch[0])
         if not torch.isfinite(loss):
             self.skipped_steps += 1
+            self.bad_in_a_row += 1
             self.log("skipped_steps", float(self.skipped_steps))
+            if self.bad_in_a_row >= MAX_BAD_STEPS:
+                raise TrainingDiverged(
+                    f"{self.bad_in_a_row} training steps in a row had a non-finite loss (step "
+                    f"{self.global_step}): the run diverged. Lower --lr (now {self.hparams.lr:g}) or "
+                    "add --warmup-steps, and start a new run.")
             return None
+        self.bad_in_a_row = 0
         self.log("train_bpd", loss, prog_bar=True)
         return loss
 
@@ -63,15 +222,9 @@ class FlowModule(pl.LightningModule):
         self.log("val_bpd", self.flow.forward(batch[0]), prog_bar=True)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr,
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr,
                                      fused=fused_adam(self.device, self.trainer.precision))
-
-        def factor(step):
-            warmup = min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps > 0 else 1.0
-            return warmup * hp.gamma ** (step // max(1, hp.steps_per_epoch))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
     def on_save_checkpoint(self, checkpoint):
@@ -86,7 +239,6 @@ def fused_adam(device: torch.device, precision: str) -> bool:
     on a GPU, except under mixed precision, where Lightning refuses to clip the gradients of an optimizer
     that unscales them itself, as the fused one does."""
     return device.type == "cuda" and "mixed" not in str(precision)
-
 
 class DeviceBatches:
     """Batches (images,) drawn from a tensor held on one device: no loader, no copies per step.
@@ -111,32 +263,72 @@ class DeviceBatches:
             yield (self.images[order[i * self.batch_size:(i + 1) * self.batch_size]],)
 
 
-class TimeBudget(pl.Callback):
-    """Stop training at the end of an epoch when the next one would end after `minutes` of training in
-    this run. Every epoch stays whole, and a resumed run gets a budget of its own (Lightning's max_time
-    would count the earlier runs' time too and stop a resumed run at once).
+class BudgetPlanner(pl.Callback):
+    """Plans the cosine schedule's length (`FlowModule.lr_factor.total_steps`) and, with a time budget
+    of `minutes` for this run, stops training at the end of the last whole epoch that fits.
+
+    Without a budget the schedule ends after `planned_steps`. With one, the length is first estimated
+    from the speed of this run's steps `skip`..`skip + probe` (the first steps may compile), then
+    re-planned at every epoch end from that epoch's duration (validation included), so the learning rate
+    reaches about zero when the budget ends. A resumed run gets a budget of its own.
 
     epoch_s: the durations of this run's epochs, appended by a callback listed before this one
-    (`RunCheckpoints.epoch_s`); the last one estimates the next (the first may include compiling)."""
+    (`RunCheckpoints.epoch_s`)."""
 
-    def __init__(self, minutes: float, epoch_s: list):
-        self.seconds, self.epoch_s = 60 * minutes, epoch_s
-        self._start = time.monotonic()
+    def __init__(self, planned_steps: int, minutes: float | None, epoch_s: list, skip: int = 5, probe: int = 20):
+        self.planned_steps, self.epoch_s, self.skip, self.probe = planned_steps, epoch_s, skip, probe
+        self.seconds = 60 * minutes if minutes else None
+        self._start = self._epoch_start = self._probe_start = time.monotonic()
+        self._run_steps = 0
+        self.plans = []  # (global step, planned total steps) of this run: how the plan evolved
+
+    def _plan(self, trainer, module, total: int):
+        total = max(trainer.global_step + 1, min(self.planned_steps, total))
+        module.lr_factor.total_steps = total
+        self.plans.append((trainer.global_step, total))
 
     def on_train_start(self, trainer, module):
         self._start = time.monotonic()
+        self._plan(trainer, module, self.planned_steps)
+
+    def on_train_epoch_start(self, trainer, module):
+        self._epoch_start = time.monotonic()
+        self._epoch_start_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._run_steps += 1
+        if self.seconds is None:
+            return
+        if self._run_steps == self.skip:
+            self._probe_start = time.monotonic()
+        elif self._run_steps == self.skip + self.probe:
+            per_step = (time.monotonic() - self._probe_start) / self.probe
+            val_share = 1 + 0.1  # validation, forward only on a fifth of the data: about a tenth of an epoch
+            epoch_est = trainer.num_training_batches * per_step * val_share
+            left = self.seconds - (self._epoch_start - self._start)
+            epochs = max(1, int(left // epoch_est))
+            self._plan(trainer, module, self._epoch_start_step + epochs * trainer.num_training_batches)
 
     def on_train_epoch_end(self, trainer, module):
-        if time.monotonic() - self._start + self.epoch_s[-1] > self.seconds:
+        if self.seconds is None:
+            return
+        left = self.seconds - (time.monotonic() - self._start)
+        more = int(max(0.0, left) // self.epoch_s[-1])
+        if more == 0:
             trainer.should_stop = True
+        else:
+            self._plan(trainer, module, trainer.global_step + more * trainer.num_training_batches)
 
 
 class RunCheckpoints(pl.Callback):
     """After each epoch: the best weights (by val_bpd) to <arch>.pt and the full state to last.ckpt,
-    both atomically; keeps the wall time and best score across resumed runs."""
+    both atomically; keeps the wall time and best score across resumed runs.
 
-    def __init__(self, out_dir: Path, arch: str, settings: dict):
+    history: the stages before this run (from --init's checkpoint); `summary` appends this one."""
+
+    def __init__(self, out_dir: Path, arch: str, settings: RunSettings, history: list, device: torch.device):
         self.out_dir, self.arch, self.settings = out_dir, arch, settings
+        self.history, self.hardware, self.device = history, hardware(device), str(device)
         self.best_val = math.inf
         self.best_epoch = -1
         self.wall_before = 0.0
@@ -154,11 +346,13 @@ class RunCheckpoints(pl.Callback):
             self.curve.append((trainer.global_step, float(loss)))
 
     def state_dict(self):
-        return {"best_val": self.best_val, "best_epoch": self.best_epoch, "wall_s": self.wall_s()}
+        return {"best_val": self.best_val, "best_epoch": self.best_epoch, "wall_s": self.wall_s(),
+                "settings": dataclasses.asdict(self.settings), "history": self.history}
 
     def load_state_dict(self, state):
         self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
         self.wall_before, self._start = state["wall_s"], time.time()
+        self.history = state.get("history", self.history)
 
     def wall_s(self):
         return self.wall_before + time.time() - self._start
@@ -174,12 +368,23 @@ class RunCheckpoints(pl.Callback):
         trainer.save_checkpoint(self.out_dir / "last.ckpt.tmp")
         (self.out_dir / "last.ckpt.tmp").replace(self.out_dir / "last.ckpt")
 
+    def stage(self, trainer, epochs: int) -> dict:
+        """This run's stage of the history: where it started, its settings, hardware and amounts."""
+        return {"init": self.settings.init, "settings": dataclasses.asdict(self.settings),
+                "hardware": self.hardware, "device": self.device, "torch": str(torch.__version__),
+                "epochs": epochs, "steps": trainer.global_step,
+                "images_seen": trainer.global_step * self.settings.batch_size, "wall_s": round(self.wall_s(), 1),
+                "train_img_per_s": self.images_per_s(trainer)}
+
     def summary(self, trainer, module, epochs):
-        return {"settings": self.settings, "epochs": epochs,
+        history = [*self.history, self.stage(trainer, epochs)]
+        return {"settings": dataclasses.asdict(self.settings), "epochs": epochs,
                 "best_epoch": self.best_epoch + 1, "best_val_bpd_1sample": self.best_val,
                 "skipped_steps": module.skipped_steps, "wall_s": round(self.wall_s(), 1),
                 "train_img_per_s": self.images_per_s(trainer),
-                "device": str(module.device), "parameters": num_parameters(module.flow)}
+                "device": self.device, "hardware": self.hardware, "parameters": num_parameters(module.flow),
+                "history": history,
+                "total": {key: round(sum(s[key] for s in history), 1) for key in ("epochs", "images_seen", "wall_s")}}
 
     def images_per_s(self, trainer):
         """Training images per second over a whole epoch (validation included): the median epoch of this
@@ -187,7 +392,7 @@ class RunCheckpoints(pl.Callback):
         if not self.epoch_s:
             return None
         median = sorted(self.epoch_s)[len(self.epoch_s) // 2]
-        return round(trainer.num_training_batches * self.settings["batch_size"] / median, 1)
+        return round(trainer.num_training_batches * self.settings.batch_size / median, 1)
 
 
 def _loaders(train_set: ImageDataset, val_set: ImageDataset, batch_size: int, device: torch.device, seed: int):
@@ -198,63 +403,113 @@ def _loaders(train_set: ImageDataset, val_set: ImageDataset, batch_size: int, de
             make_loader(val_set, 256))
 
 
-def train(arch: str, out_dir: str | Path | None = None, epochs: int = 200, batch_size: int = 128,
-          lr: float = 1e-3, gamma: float = 0.99, warmup_steps: int = 0, max_minutes: float | None = None,
-          max_steps: int = -1, train_images: int | None = None, val_images: int | None = None,
-          resume: bool = False, device: str | None = None, precision: str = "32-true",
-          channels_last: bool = False, compile: str | None = None,
-          seed: int = 42, progress: bool = True, datasets=None) -> tuple[ImageFlow, dict]:
-    """Train one model; return (the best model by validation bpd, or the last where none was saved,
-    the run summary). `datasets` = (train, val) overrides MNIST (tests use it).
+def _saved_settings(last: Path, arch: str) -> dict | None:
+    """The settings of the run whose state is `last` (None for a run from before they were saved); a
+    clear error where it is a run of another model."""
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    saved_arch = state.get("hyper_parameters", {}).get("arch")
+    if saved_arch is not None and saved_arch != arch:
+        raise ValueError(f"{last} is a run of the {saved_arch!r} flow, not {arch!r}: choose another --out")
+    return next((cb["settings"] for cb in state.get("callbacks", {}).values()
+                 if isinstance(cb, dict) and "settings" in cb), None)
 
-    The GPU fast path (flowbook.fast): the data set is held on the GPU, TF32 is on, `precision`
-    "bf16-mixed" runs the networks in bfloat16 autocast, `channels_last` stores activations NHWC and
-    `compile` (a torch.compile mode) compiles the training loss. The images are checked once as a
-    whole, so that no training step waits for the GPU to report their value range."""
+
+def _check_same_run(saved: dict, run: RunSettings, folder: Path, arch: str) -> None:
+    """A clear error where --resume would continue a run with other settings than it was started with."""
+    new = dataclasses.asdict(run)
+    changed = [f"{k} {saved.get(k)!r} -> {new[k]!r}" for k in new
+               if k not in RESUMABLE_CHANGES and saved.get(k) != new[k]]
+    if changed:
+        raise ValueError(f"--resume continues the run in {folder} with its own settings, and these differ: "
+                         f"{', '.join(changed)}. Resume with the same settings (only {', '.join(RESUMABLE_CHANGES)} "
+                         f"may change), or start a new stage from its weights with --init "
+                         f"{folder / f'{arch}.pt'} --out <new folder>.")
+
+
+def _init_weights(module: FlowModule, arch: str, path: str) -> list:
+    """Load --init's weights into `module` and return that checkpoint's training history."""
+    ckpt = read_checkpoint(path)
+    load_state(module.flow, ckpt, arch)
+    meta = ckpt.get("meta", {})
+    if "history" in meta:
+        return list(meta["history"])
+    # A checkpoint from before histories were kept: one stage of what its metadata says.
+    return [{"init": None, "settings": meta.get("settings"), "hardware": meta.get("hardware", meta.get("device")),
+             "device": meta.get("device"), "torch": None, "epochs": meta.get("epochs", 0),
+             "steps": None, "images_seen": 0, "wall_s": meta.get("wall_s", 0.0), "train_img_per_s": None}]
+
+
+def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False, device: str | None = None,
+          progress: bool = True, datasets=None, **settings) -> tuple[ImageFlow, dict]:
+    """Train one model; return (the best model by validation bpd, or the last where none was saved,
+    the run summary). `settings` are the fields of `RunSettings` (epochs, batch_size, lr, ...), all
+    validated before any data is loaded. `datasets` = (train, val) overrides MNIST (tests use it).
+
+    The fast path (flowbook.fast): `precision` "bf16-mixed" runs the networks in bfloat16 autocast,
+    `channels_last` stores activations NHWC and `compile` (a torch.compile mode) compiles the training
+    loss; left unset, they are chosen for the device (`RunSettings.resolved`). On a GPU the data set is
+    held on the device and TF32 is on. The images are checked once as a whole, so that no training step
+    waits for the GPU to report their value range."""
     if arch not in MODEL_NAMES:
         raise ValueError(f"unknown model {arch!r}; choose one of {MODEL_NAMES}")
+    run = RunSettings(**settings)
+    if run.init is not None and resume:
+        raise ValueError("--init starts a new stage and --resume continues an old one: pass only one")
+    if run.init is not None:
+        read_checkpoint(run.init)  # a clear error now rather than after loading the data
     out_dir = Path(out_dir) if out_dir is not None else config.PROJECT_ROOT / "runs" / arch
-    out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "last.ckpt"
     if last.exists() and not resume:
         raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --out")
+    if resume and not last.exists():
+        raise FileNotFoundError(f"--resume: there is no run to continue in {out_dir} (no last.ckpt); "
+                                "leave out --resume to start one")
+    if not resume and (out_dir / f"{arch}.pt").exists():
+        raise FileExistsError(f"{out_dir / f'{arch}.pt'} exists and this run did not write it: choose another --out "
+                              f"(to continue from those weights: --init {out_dir / f'{arch}.pt'} --out <new folder>)")
     device = torch.device(device) if device else config.get_device()
     if device.type == "cuda":
         enable_tf32()
     if not progress:
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    pl.seed_everything(seed, verbose=False)
 
     train_set, val_set = datasets if datasets is not None else load_mnist()[:2]
-    train_set, val_set = train_set.subset(train_images), val_set.subset(val_images)
+    train_set, val_set = train_set.subset(run.train_images), val_set.subset(run.val_images)
     for images in (train_set.images, val_set.images):
         check_images(images, img_shape=MNIST_SHAPE)
-    train_batches, val_batches = _loaders(train_set, val_set, batch_size, device, seed)
+    train_batches, val_batches = _loaders(train_set, val_set, run.batch_size, device, run.seed)
     if len(train_batches) == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the {len(train_set)} training images")
-    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "gamma": gamma,
-                "warmup_steps": warmup_steps, "max_steps": max_steps, "train_images": len(train_set),
-                "val_images": len(val_set), "precision": precision, "channels_last": channels_last,
-                "compile": compile, "seed": seed}
-    module = FlowModule(arch, lr=lr, gamma=gamma, warmup_steps=warmup_steps, steps_per_epoch=len(train_batches))
-    speed_up(module.flow, channels_last=channels_last, compile=compile)
-    saver = RunCheckpoints(out_dir, arch, settings)
+        raise ValueError(f"batch size {run.batch_size} is larger than the {len(train_set)} training images")
+    saved = _saved_settings(last, arch) if resume else None
+    if saved is not None:  # what this run left to the defaults, it inherits from the run it continues
+        run = dataclasses.replace(run, **{k: saved[k] for k in ("precision", "channels_last", "compile", "init")
+                                          if getattr(run, k) is None and k in saved})
+    run = run.resolved(device, len(train_batches))
+    if saved is not None:
+        _check_same_run(saved, run, out_dir, arch)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(run.seed, verbose=False)
+    module = FlowModule(arch, lr=run.lr, schedule=run.schedule, gamma=run.gamma, warmup_steps=run.warmup_steps,
+                        steps_per_epoch=len(train_batches), total_steps=run.planned_steps(len(train_batches)))
+    history = _init_weights(module, arch, run.init) if run.init and not resume else []
+    speed_up(module.flow, channels_last=run.channels_last, compile=None if run.compile == "off" else run.compile)
+    saver = RunCheckpoints(out_dir, arch, run, history, device)
     loggers = [pl.loggers.CSVLogger(out_dir, name="logs")]
     try:
         loggers.append(pl.loggers.TensorBoardLogger(out_dir, name="logs"))
     except (ImportError, ModuleNotFoundError):
         pass
-    callbacks = [saver] + ([TimeBudget(max_minutes, saver.epoch_s)] if max_minutes else [])
+    callbacks = [saver, BudgetPlanner(run.planned_steps(len(train_batches)), run.max_minutes, saver.epoch_s)]
     callbacks += [pl.callbacks.LearningRateMonitor("step")] if progress else []
     trainer = pl.Trainer(
-        default_root_dir=out_dir, max_epochs=epochs, max_steps=max_steps,
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
-        gradient_clip_val=1.0, callbacks=callbacks, logger=loggers if progress else False,
+        default_root_dir=out_dir, max_epochs=run.epochs, max_steps=run.max_steps,
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=run.precision,
+        gradient_clip_val=GRADIENT_CLIP, callbacks=callbacks, logger=loggers if progress else False,
         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=min(50, len(train_batches)),
     )
     with trusted_images():
-        trainer.fit(module, train_batches, val_batches, ckpt_path=str(last) if last.exists() else None)
+        trainer.fit(module, train_batches, val_batches, ckpt_path=str(last) if resume else None)
 
     summary = {"arch": arch, **saver.summary(trainer, module, epochs=trainer.current_epoch)}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -266,13 +521,22 @@ def train(arch: str, out_dir: str | Path | None = None, epochs: int = 200, batch
     return model.eval(), summary
 
 
+def _optional(kind):
+    """argparse type: `kind`, or None for 'auto'."""
+    def parse(text):
+        return None if text == "auto" else kind(text)
+    return parse
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, choices=MODEL_NAMES)
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--gamma", type=float, default=0.99, help="learning-rate decay per epoch")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (after warm-up)")
+    parser.add_argument("--schedule", default="cosine", choices=SCHEDULES,
+                        help="cosine: down to zero at the end of the run; exponential: --gamma per epoch")
+    parser.add_argument("--gamma", type=float, default=0.99, help="learning-rate decay per epoch (exponential)")
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="time budget of this run: stop at the last epoch end within it (a resumed run gets its own)")
@@ -280,18 +544,23 @@ def main(argv=None):
     parser.add_argument("--train-images", type=int, default=None, help="train on the first N images only")
     parser.add_argument("--val-images", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/<model>)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.ckpt")
+    parser.add_argument("--init", default=None, help="start from this checkpoint's weights (new optimizer and schedule)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
-    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC memory layout (GPU fast path)")
-    parser.add_argument("--compile", default=None, choices=COMPILE_MODES, help="torch.compile the training loss")
+    parser.add_argument("--precision", default=None, type=_optional(str),
+                        help=f"one of {PRECISIONS} (default auto: bf16-mixed on a CPU with bfloat16, else 32-true)")
+    parser.add_argument("--channels-last", default=None, type=_optional(lambda s: s.lower() in ("1", "true", "yes")),
+                        nargs="?", const="1", help="NHWC memory layout (default auto: on for the CPU)")
+    parser.add_argument("--compile", default=None, type=_optional(str),
+                        help=f"torch.compile mode for the training loss, one of {COMPILE_MODES} or off "
+                             "(default auto: 'default' for long runs on a CPU)")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
-    _, summary = train(args.model, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       gamma=args.gamma, warmup_steps=args.warmup_steps, max_minutes=args.max_minutes,
-                       max_steps=args.max_steps, train_images=args.train_images, val_images=args.val_images,
-                       resume=args.resume, device=args.device, precision=args.precision,
-                       channels_last=args.channels_last, compile=args.compile, seed=args.seed)
+    settings = {k: v for k, v in vars(args).items() if k not in ("model", "out", "resume", "device")}
+    try:
+        _, summary = train(args.model, args.out, resume=args.resume, device=args.device, **settings)
+    except (ValueError, FileExistsError, FileNotFoundError, TrainingDiverged) as err:
+        parser.exit(2, f"flowbook.train: error: {err}\n")
     print(json.dumps(summary, indent=2))
 
 

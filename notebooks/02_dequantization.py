@@ -35,7 +35,7 @@ from flowbook import config, exercises, viz
 from flowbook.data import load_mnist
 from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, VariationalDequantization,
                              create_checkerboard_mask)
-from flowbook.pretrained import load_or_train
+from flowbook.pretrained import load_trained
 
 settings = config.settings()
 device = config.get_device()
@@ -261,7 +261,7 @@ Markdown(f"This run uses {settings.bound_images} test images ({config.QUICK.boun
          f"{config.FULL.bound_images} in full mode) and 16 dequantization samples per image.")
 
 # %%
-model, source, _ = load_or_train("vardeq", device=device)
+model, source, _ = load_trained("vardeq", device=device)
 print(f"model: {source}")
 imgs = test_set.images[:settings.bound_images].to(device)
 torch.manual_seed(0)

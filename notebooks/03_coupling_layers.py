@@ -34,7 +34,8 @@ from flowbook.data import load_mnist
 from flowbook.evaluate import mean_bpd
 from flowbook.layers import (CouplingLayer, GatedConvNet, create_channel_mask, create_checkerboard_mask)
 from flowbook.models import create_simple_flow, num_parameters
-from flowbook.pretrained import load_or_train
+from flowbook.pretrained import load_trained, train_quick
+from flowbook.train import training_recipe
 
 settings = config.settings()
 device = config.get_device()
@@ -159,20 +160,30 @@ assert counts == {"simple": 335_128, "vardeq": 379_556}, "the reference's archit
 # ## Training
 #
 # Both flows are trained by maximum likelihood: the loss of a batch is its mean bits per dimension with one
-# dequantization sample (the Jensen bound of chapter 2), minimised with Adam (learning rate $10^{-3}$, decayed
-# by 0.99 per epoch) and gradient clipping at 1.0, as in the reference. `flowbook.train` runs this with
-# PyTorch Lightning; a full run is 200 epochs, best checkpoint by validation bpd.
+# dequantization sample (the Jensen bound of chapter 2), minimised with Adam and gradient clipping at 1.0.
+# `flowbook.train` runs this with PyTorch Lightning and keeps the best weights by validation bpd; its
+# settings are printed below, read from the trainer itself.
 #
-# In quick mode (CPU), each model trains now for a few dozen steps on a subset, to show the training path
-# working; in full mode the trained checkpoints in `checkpoints/` are loaded where present (else the full
-# run is started, resumable).
+# First we train both models here, live, for a few steps: enough to watch the loss fall, far from a
+# trained model.
 
 # %%
-models, sources, curves = {}, {}, {}
+print(training_recipe())
+curves = {}
 for name in ("simple", "vardeq"):
-    models[name], sources[name], curves[name] = load_or_train(name, retrain=True, device=device)
-    print(f"{name}: {sources[name]}")
+    _, quick_source, curves[name] = train_quick(name, retrain=True, device=device)
+print(f"trained live: {quick_source}")
 viz.plot_training_curves(curves);
+
+# %% [markdown]
+# The rest of the chapter works with the trained models: the checkpoints shipped in `checkpoints/`, made by
+# the same trainer (`python -m flowbook.train`), where they are present.
+
+# %%
+models, sources = {}, {}
+for name in ("simple", "vardeq"):
+    models[name], sources[name], _ = load_trained(name, device=device)
+    print(f"{name}: {sources[name]}")
 
 # %% [markdown]
 # We evaluate both on test images with the importance-weighted bound (chapter 2):

@@ -33,7 +33,7 @@ from flowbook.data import load_mnist
 from flowbook.evaluate import mean_bpd
 from flowbook.layers import SplitFlow, SqueezeFlow
 from flowbook.models import MODEL_NAMES, create_flow, create_multiscale_flow, num_parameters
-from flowbook.pretrained import load_or_train
+from flowbook.pretrained import load_trained, train_quick
 from flowbook.prior import gaussian_log_prob
 
 settings = config.settings()
@@ -140,13 +140,17 @@ Markdown(f"The multi-scale flow has {params['multiscale'] / params['vardeq']:.1f
 # %% [markdown]
 # ## Training and samples
 #
-# Training is the same maximum-likelihood loop as in chapter 3. Quick mode trains a few dozen steps on a
-# subset; full mode loads the trained checkpoint (or trains the full 200 epochs, resumable).
+# Training is the same maximum-likelihood loop as in chapter 3. First a few steps live, to watch the loss
+# fall; then the trained checkpoint, where it is shipped in `checkpoints/`, for the numbers and samples.
 
 # %%
-model, source, curve = load_or_train("multiscale", retrain=True, device=device)
-print(f"multiscale: {source}")
+_, quick_source, curve = train_quick("multiscale", retrain=True, device=device)
+print(f"trained live: {quick_source}")
 viz.plot_training_curves({"multiscale": curve});
+
+# %%
+model, source, _ = load_trained("multiscale", device=device)
+print(f"multiscale: {source}")
 
 # %%
 eval_images = test_set.images[:settings.eval_images]

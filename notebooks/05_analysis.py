@@ -32,14 +32,14 @@ from flowbook import config, exercises, viz
 from flowbook.data import load_mnist
 from flowbook.evaluate import inference_time, mean_bpd, sampling_time
 from flowbook.models import MODEL_NAMES, interpolate_latents, num_parameters
-from flowbook.pretrained import load_or_train
+from flowbook.pretrained import load_trained
 
 settings = config.settings()
 device = config.get_device()
 train_set, val_set, test_set = load_mnist()
 models, sources = {}, {}
 for name in MODEL_NAMES:
-    models[name], sources[name], _ = load_or_train(name, device=device)
+    models[name], sources[name], _ = load_trained(name, device=device)
     print(f"{name:10s} {sources[name]}")
 
 # %% [markdown]

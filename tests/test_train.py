@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from conftest import ROOT
 from flowbook.checkpoints import load_model
 from flowbook.data import ImageDataset
 from flowbook.models import ImageFlow
-from flowbook.train import DeviceBatches, fused_adam, train
+from flowbook.train import (CPU_FAST, BudgetPlanner, DeviceBatches, FlowModule, LRFactor, RunSettings,
+                            TrainingDiverged, _cpu_has_bf16, fused_adam, train)
 
 
 def _fake_mnist(n):
@@ -161,3 +163,128 @@ def test_run_killed_with_sigkill_resumes_from_last_saved_epoch(tmp_path, mnist):
     assert resumed["epoch"] + 1 == saved_epochs + 1 and resumed["global_step"] == saved_steps + 3
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["epochs"] == saved_epochs + 1
+
+
+# --- settings, schedule, stages -------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [dict(epochs=-1), dict(epochs=0), dict(max_minutes=0), dict(train_images=-8),
+                                 dict(batch_size=0), dict(lr=float("nan")), dict(max_steps=0),
+                                 dict(warmup_steps=-1), dict(compile="fastest"), dict(schedule="linear")])
+def test_bad_settings_are_refused_before_any_data_is_loaded(tmp_path, bad):
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=key):
+        train("simple", tmp_path, progress=False, datasets="not loaded", **bad)
+    assert not (tmp_path / "last.ckpt").exists()
+
+
+def test_cli_reports_bad_settings_in_one_line_and_exits_non_zero(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "flowbook.train", "--model", "simple", "--epochs", "-1",
+                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "epochs must be an integer >= 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cosine_factor_warms_up_reaches_zero_and_never_jumps_when_replanned():
+    f = LRFactor("cosine", total_steps=100, warmup_steps=10)
+    values = [f(step) for step in range(101)]
+    assert values[0] == pytest.approx(0.1) and max(values) <= 1 and values[-1] == pytest.approx(0, abs=1e-12)
+    assert all(b <= a + 1e-12 for a, b in zip(values[10:], values[11:])), "decays monotonically after warm-up"
+    g = LRFactor("cosine", total_steps=100)
+    replanned = []
+    for step in range(301):
+        if step == 50:
+            g.total_steps = 300  # a time budget found room for more steps
+        replanned.append(g(step))
+    jumps = [abs(b - a) for a, b in zip(replanned, replanned[1:])]
+    assert max(jumps) < 0.02 and replanned[-1] == pytest.approx(0, abs=1e-12)
+    e = LRFactor("exponential", total_steps=1, gamma=0.5, steps_per_epoch=4)
+    assert [e(s) for s in (0, 3, 4, 8)] == [1, 1, 0.5, 0.25]
+
+
+def test_budget_planner_plans_the_epochs_that_fit_and_stops_when_the_next_does_not():
+    class Stub:
+        global_step, num_training_batches, should_stop = 40, 10, False
+
+    module = types.SimpleNamespace(lr_factor=LRFactor("cosine", 1))
+    epoch_s = [60.0]
+    planner = BudgetPlanner(planned_steps=10_000, minutes=3.5, epoch_s=epoch_s)
+    trainer = Stub()
+    planner.on_train_start(trainer, module)
+    assert module.lr_factor.total_steps == 10_000
+    planner._start -= 60  # one minute of the 3.5 spent: two more 60-second epochs fit
+    planner.on_train_epoch_end(trainer, module)
+    assert module.lr_factor.total_steps == 40 + 2 * 10 and not trainer.should_stop
+    planner._start -= 120  # 3 of 3.5 minutes spent: no further epoch fits
+    planner.on_train_epoch_end(trainer, module)
+    assert trainer.should_stop
+
+
+def test_init_starts_a_new_stage_from_weights_and_keeps_the_history(tmp_path):
+    _tiny_run(tmp_path / "a", epochs=2)
+    _, summary = _tiny_run(tmp_path / "b", epochs=1, init=str(tmp_path / "a" / "simple.pt"), lr=5e-4)
+    history = summary["history"]
+    assert len(history) == 2 and history[1]["init"].endswith("simple.pt") and history[1]["settings"]["lr"] == 5e-4
+    assert [s["epochs"] for s in history] == [2, 1] and summary["total"]["epochs"] == 3
+    assert summary["total"]["images_seen"] == 3 * 32 and history[0]["hardware"] and history[1]["torch"]
+    meta = torch.load(tmp_path / "b" / "simple.pt", weights_only=True)["meta"]
+    assert len(meta["history"]) == 2  # the shipped weights carry the history to the next stage
+    state = torch.load(tmp_path / "b" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2, "a fresh optimizer and schedule: the step count starts at 0"
+
+
+def test_init_weights_are_the_checkpoint_weights(tmp_path, monkeypatch):
+    _tiny_run(tmp_path / "a", epochs=1)
+    seen = {}
+    real = FlowModule.configure_optimizers
+
+    def spy(self):
+        seen["weights"] = {k: v.clone() for k, v in self.flow.state_dict().items()}
+        return real(self)
+
+    monkeypatch.setattr(FlowModule, "configure_optimizers", spy)
+    _tiny_run(tmp_path / "b", epochs=1, init=str(tmp_path / "a" / "simple.pt"))
+    start = load_model(tmp_path / "a" / "simple.pt").state_dict()
+    assert all(torch.equal(seen["weights"][k].cpu(), v) for k, v in start.items())
+
+
+def test_resume_refuses_other_settings_another_model_and_a_missing_run(tmp_path):
+    _tiny_run(tmp_path, epochs=1)
+    with pytest.raises(ValueError, match=r"lr 0.001 -> 0.002.*--init"):
+        _tiny_run(tmp_path, epochs=2, lr=2e-3, resume=True)
+    with pytest.raises(ValueError, match="'simple' flow, not 'vardeq'"):
+        train("vardeq", tmp_path, resume=True, progress=False, epochs=2, batch_size=16, train_images=32,
+              val_images=16, datasets=(_fake_mnist(32), _fake_mnist(16)))
+    with pytest.raises(FileNotFoundError, match="no run to continue"):
+        _tiny_run(tmp_path / "empty", epochs=1, resume=True)
+
+
+def test_a_run_never_replaces_weights_it_did_not_write(tmp_path):
+    _tiny_run(tmp_path / "a", epochs=1)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "simple.pt").write_bytes((tmp_path / "a" / "simple.pt").read_bytes())
+    before = (shipped / "simple.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="did not write it"):
+        _tiny_run(shipped, epochs=1)
+    assert (shipped / "simple.pt").read_bytes() == before
+
+
+def test_a_diverged_run_stops_with_a_clear_error(tmp_path, monkeypatch):
+    import flowbook.train as train_module
+
+    monkeypatch.setattr(train_module, "MAX_BAD_STEPS", 3)
+    monkeypatch.setattr(ImageFlow, "forward", lambda self, imgs: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(TrainingDiverged, match="3 training steps in a row"):
+        _tiny_run(tmp_path, epochs=5, train_images=64, datasets=(_fake_mnist(64), _fake_mnist(16)))
+
+
+def test_fast_path_defaults_only_for_long_cpu_runs():
+    short = RunSettings(epochs=1, max_steps=30).resolved(torch.device("cpu"), steps_per_epoch=30)
+    assert (short.precision, short.channels_last, short.compile) == ("32-true", False, "off")
+    long = RunSettings(max_minutes=60).resolved(torch.device("cpu"), steps_per_epoch=390)
+    expected = CPU_FAST if _cpu_has_bf16() else {"precision": "32-true", "channels_last": False, "compile": "off"}
+    assert (long.precision, long.channels_last, long.compile) == tuple(expected.values())
+    chosen = RunSettings(max_minutes=60, compile="off").resolved(torch.device("cpu"), steps_per_epoch=390)
+    assert chosen.compile == "off"
+    gpu = RunSettings().resolved(torch.device("cuda"), steps_per_epoch=390)
+    assert (gpu.precision, gpu.channels_last, gpu.compile) == ("32-true", False, "off")
