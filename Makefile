@@ -43,10 +43,15 @@ solutions: setup
 bench: setup
 	$(BIN)/python -m flowbook.bench
 
+# Train the three models into runs/<model>/ and evaluate each (a killed run continues where it stopped).
+# On a CPU give each run a budget: `make train-all MINUTES=90` (see docs/training.md).
+MINUTES ?=
 train-all: setup
 	for m in simple vardeq multiscale; do \
-	  $(BIN)/python -m flowbook.train --model $$m --out runs/$$m --resume && \
+	  $(BIN)/python -m flowbook.train --model $$m --out runs/$$m $$([ -f runs/$$m/last.ckpt ] && echo --resume) \
+	    $(if $(MINUTES),--max-minutes $(MINUTES)) && \
 	  $(BIN)/python -m flowbook.evaluate --checkpoint runs/$$m/$$m.pt || exit 1; done
 
+# Generated editions only: training runs in runs/ are results, never cleaned.
 clean:
-	rm -rf student solutions answers runs .pytest_cache
+	rm -rf student solutions answers .pytest_cache

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from flowbook import config
 
@@ -68,8 +68,30 @@ def load_mnist(root: str | Path | None = None, download: bool = True):
     return train, val, test
 
 
+class EpochShuffle(Sampler):
+    """A new random order of range(n) each epoch, fixed by (seed, epoch): epoch k's order is the same
+    whether a run got there uninterrupted or resumed from a checkpoint (Lightning calls `set_epoch`)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
 def make_loader(dataset: Dataset, batch_size: int = 64, shuffle: bool = False, drop_last: bool = False,
                 seed: int | None = None) -> DataLoader:
-    """A DataLoader of (images, labels) batches; `seed` fixes the shuffling order."""
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator)
+    """A DataLoader of (images, labels) batches; with `shuffle`, a new order each epoch fixed by `seed`
+    and the epoch (`EpochShuffle`; seed None: 0)."""
+    sampler = EpochShuffle(len(dataset), seed or 0) if shuffle else None
+    # A generator of its own: creating an iterator draws a base seed, which must not move the global
+    # random state (the dequantization noise) at a moment that differs between fresh and resumed runs.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(seed or 0))

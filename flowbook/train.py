@@ -249,11 +249,16 @@ class DeviceBatches:
 
     def __init__(self, images: torch.Tensor, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0):
         self.images, self.batch_size, self.shuffle, self.drop_last = images, batch_size, shuffle, drop_last
+        self.seed = seed
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
 
     def __len__(self):
         n = len(self.images)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix this epoch's order by (seed, epoch), so that a resumed run draws what an uninterrupted one does."""
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
 
     def __iter__(self):
         n = len(self.images)
@@ -261,6 +266,21 @@ class DeviceBatches:
                  else torch.arange(n, device=self.images.device))
         for i in range(len(self)):
             yield (self.images[order[i * self.batch_size:(i + 1) * self.batch_size]],)
+
+
+class EpochSeeds(pl.Callback):
+    """At the start of epoch k, seed the global random generators (dequantization noise) and the GPU
+    batches' order with (seed, k): a run resumed after epoch k - 1 then continues exactly as an
+    uninterrupted run of the same command on the same machine (the data loader's `EpochShuffle` does
+    the same for the order on the CPU)."""
+
+    def __init__(self, seed: int, batches=None):
+        self.seed, self.batches = seed, batches
+
+    def on_train_epoch_start(self, trainer, module):
+        torch.manual_seed(self.seed * 100_003 + 7919 * (trainer.current_epoch + 1))
+        if hasattr(self.batches, "set_epoch"):
+            self.batches.set_epoch(trainer.current_epoch)
 
 
 class BudgetPlanner(pl.Callback):
@@ -499,7 +519,8 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
         loggers.append(pl.loggers.TensorBoardLogger(out_dir, name="logs"))
     except (ImportError, ModuleNotFoundError):
         pass
-    callbacks = [saver, BudgetPlanner(run.planned_steps(len(train_batches)), run.max_minutes, saver.epoch_s)]
+    callbacks = [saver, BudgetPlanner(run.planned_steps(len(train_batches)), run.max_minutes, saver.epoch_s),
+                 EpochSeeds(run.seed, train_batches if isinstance(train_batches, DeviceBatches) else None)]
     callbacks += [pl.callbacks.LearningRateMonitor("step")] if progress else []
     trainer = pl.Trainer(
         default_root_dir=out_dir, max_epochs=run.epochs, max_steps=run.max_steps,

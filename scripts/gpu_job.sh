@@ -84,7 +84,7 @@ train_one() {  # model -> runs/<model>/, log runs/<model>/job.log
     echo "$m: resuming from $STATE/run_$m.tar"
   fi
   # shellcheck disable=SC2086
-  "$PY" -m flowbook.train --model "$m" --out "$run" --resume --epochs "$EPOCHS" --batch-size "$BATCH" \
+  "$PY" -m flowbook.train --model "$m" --out "$run" $([ -f "$run/last.ckpt" ] && echo --resume) --epochs "$EPOCHS" --batch-size "$BATCH" \
     --lr "$LR" --warmup-steps "$WARMUP" --precision "$PRECISION" ${MINUTES:+--max-minutes "$MINUTES"} \
     ${COMPILE:+--compile "$COMPILE"} $([ "$CHANNELS_LAST" = 1 ] && echo --channels-last) $EXTRA \
     > "$run/train.log" 2>&1 || { echo "$m: training failed"; tail -n 30 "$run/train.log"; return 1; }

@@ -13,7 +13,7 @@ from flowbook.bench import bench  # noqa: E402
 from flowbook.checkpoints import save_checkpoint  # noqa: E402
 from flowbook.evaluate import bpd_per_image, evaluate_checkpoint  # noqa: E402
 from flowbook.models import create_flow, interpolate_latents  # noqa: E402
-from flowbook.pretrained import load_or_train  # noqa: E402
+from flowbook.pretrained import load_trained  # noqa: E402
 from flowbook.toy import ToyFlow, sample_toy, train_toy_flow  # noqa: E402
 
 
@@ -92,11 +92,11 @@ def test_interpolate_latents_hits_both_ends():
     assert torch.allclose(line[2], torch.full((2, 3, 3), 0.5))
 
 
-def test_load_or_train_prefers_a_shipped_checkpoint(tmp_path, monkeypatch):
+def test_load_trained_prefers_a_shipped_checkpoint(tmp_path, monkeypatch):
     model = perturb_(create_flow("simple"), scale=0.01)
     save_checkpoint(model, "simple", tmp_path / "simple.pt", epochs=7, device="cuda:0")
     monkeypatch.setenv("PATH_CHECKPOINT", str(tmp_path))
-    loaded, source, curve = load_or_train("simple", device=torch.device("cpu"))
+    loaded, source, curve = load_trained("simple", device=torch.device("cpu"))
     assert "simple.pt" in source and "7 epochs" in source and curve is None
     assert torch.equal(next(loaded.parameters()), next(model.parameters()))
     assert config.checkpoint_path() == tmp_path

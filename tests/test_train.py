@@ -288,3 +288,32 @@ def test_fast_path_defaults_only_for_long_cpu_runs():
     assert chosen.compile == "off"
     gpu = RunSettings().resolved(torch.device("cuda"), steps_per_epoch=390)
     assert (gpu.precision, gpu.channels_last, gpu.compile) == ("32-true", False, "off")
+
+
+def test_a_run_interrupted_and_resumed_ends_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch):
+    import flowbook.train as train_module
+
+    data = dict(epochs=3, train_images=48, datasets=(_fake_mnist(48), _fake_mnist(16)))  # 3 steps per epoch
+    _tiny_run(tmp_path / "whole", **data)
+
+    class Killed(Exception):
+        pass
+
+    real_end = train_module.RunCheckpoints.on_train_epoch_end
+
+    def killed_after_first_epoch(self, trainer, module):
+        real_end(self, trainer, module)
+        if trainer.current_epoch == 0:
+            raise Killed()
+
+    monkeypatch.setattr(train_module.RunCheckpoints, "on_train_epoch_end", killed_after_first_epoch)
+    with pytest.raises(Killed):
+        _tiny_run(tmp_path / "cut", **data)
+    monkeypatch.setattr(train_module.RunCheckpoints, "on_train_epoch_end", real_end)
+    torch.manual_seed(1234)  # whatever the global random state is now, the resumed run must not depend on it
+    _tiny_run(tmp_path / "cut", resume=True, **data)
+    whole = torch.load(tmp_path / "whole" / "last.ckpt", map_location="cpu", weights_only=False)
+    cut = torch.load(tmp_path / "cut" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert whole["global_step"] == cut["global_step"] == 9
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(value, cut["state_dict"][key]), f"{key} differs after resuming"

@@ -32,7 +32,10 @@ class CouplingLayer(nn.Module):
         z_in = z * self.mask
         if orig_img is not None:
             z_in = torch.cat([z_in, orig_img], dim=1)
-        s, t = self.network(z_in).chunk(2, dim=1)
+        # In z's dtype: under bfloat16 autocast the network runs in bfloat16, but the scale, the shift and
+        # the sum of log-scales added to ldj stay in float32 (a bfloat16 sum over 784 pixels is off by
+        # hundredths of a bit per dimension).
+        s, t = self.network(z_in).to(z.dtype).chunk(2, dim=1)
         s_fac = self.scaling_factor.exp().view(1, -1, 1, 1)
         s = torch.tanh(s / s_fac) * s_fac
         transformed = 1 - self.mask
