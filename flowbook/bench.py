@@ -89,21 +89,39 @@ def fixed_batch_bpd(model, imgs, bf16: bool, seed: int = 0) -> float:
         return float(model.forward(imgs))  # .forward: eager, the same noise as the baseline
 
 
-def compare(name: str = "multiscale", device: str = "cpu", batch_size: int = 64, steps: int = 10,
-            seed: int = 0, configs: dict = CONFIGS) -> list[dict]:
-    """One row per configuration of `configs` for model `name`, measured in this run: training images/s,
-    the speed-up over the first configuration, and the difference of a fixed batch's loss from it.
+def _comparison_start(name: str, seed: int):
+    """(weights, images, what they are) for `compare`: the shipped checkpoint and 256 MNIST test images
+    where they are at hand (a fair test of reduced precision: trained weights, real digits), else weights
+    moved away from their zero initialisation and random images."""
+    from flowbook.checkpoints import load_model
+    from flowbook.data import MNISTNotFoundError, load_mnist
+    from flowbook.pretrained import checkpoint_file
 
-    Every configuration starts from the same weights, moved away from their zero initialisation so that
-    the loss depends on every layer, and sees the same 256 images with the same noise."""
-    device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
-    imgs = (torch.rand(256, 1, 28, 28, generator=gen) ** 3 * 256).to(torch.int32).to(device)
+    path = checkpoint_file(name)
+    try:
+        imgs, what = load_mnist(download=False)[2].images[:256], "256 MNIST test images"
+    except MNISTNotFoundError:
+        imgs, what = (torch.rand(256, 1, 28, 28, generator=gen) ** 3 * 256).to(torch.int32), "256 random images"
+    if path is not None:
+        return load_model(path, arch=name), imgs, f"{what}, the weights of {path.name}"
     torch.manual_seed(seed)
     start = create_flow(name)
     with torch.no_grad():
         for p in start.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return start, imgs, f"{what}, untrained weights perturbed by N(0, 0.02^2)"
+
+
+def compare(name: str = "multiscale", device: str = "cpu", batch_size: int = 64, steps: int = 10,
+            seed: int = 0, configs: dict = CONFIGS) -> tuple[list[dict], str]:
+    """(one row per configuration of `configs` for model `name`, measured in this run: training images/s,
+    the speed-up over the first configuration, and the difference of a fixed batch's loss from it;
+    a sentence saying which weights and images the loss was computed on). Every configuration starts
+    from the same weights and sees the same images with the same noise."""
+    device = torch.device(device)
+    start, imgs, what = _comparison_start(name, seed)
+    imgs = imgs.to(device)
     rows = []
     for label, options in configs.items():
         model = copy.deepcopy(start).to(device)
@@ -115,7 +133,7 @@ def compare(name: str = "multiscale", device: str = "cpu", batch_size: int = 64,
     for row in rows:
         row["speedup"] = row["train_img_per_s"] / rows[0]["train_img_per_s"]
         row["bpd_diff"] = row["fixed_batch_bpd"] - rows[0]["fixed_batch_bpd"]
-    return rows
+    return rows, what
 
 
 def main(argv=None):
@@ -134,9 +152,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.compare:
         for name in args.models:
-            rows = compare(name, args.device, args.batch_size, args.steps)
+            rows, what = compare(name, args.device, args.batch_size, args.steps)
             print(f"{name}: device {args.device}, batch {args.batch_size}, {args.steps} timed steps, "
-                  f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+                  f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; fixed batch: {what}")
             print(tabulate([[r["config"], f"{r['train_img_per_s']:.0f}", f"{r['speedup']:.2f}x",
                              f"{r['bpd_diff']:+.4f}"] for r in rows],
                            headers=["configuration", "train img/s", "speed-up", "fixed-batch bpd - fp32"]))

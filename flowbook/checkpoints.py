@@ -3,7 +3,8 @@ loaded with `weights_only=True`, on any device."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import tempfile
+from pathlib import Path, PurePath
 
 import torch
 
@@ -17,20 +18,57 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file, then rename: a crash leaves either the old or the new file."""
+    """torch.save to a temporary file of a name of its own, fsync it, rename it over `path` and fsync the
+    folder: a crash leaves either the old or the new file, never a mix, and no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on every system
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _plain(value, key="meta"):
+    """`value` as plain JSON-able data (paths become strings); a clear error for anything else, which
+    `torch.load(weights_only=True)` could not read back."""
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{key}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"checkpoint metadata must be plain data (numbers, strings, lists, dicts, paths); "
+                    f"{key} is a {type(value).__name__}")
 
 
 def save_checkpoint(model: ImageFlow, arch: str, path: str | Path, **meta) -> None:
-    """Save `model`'s weights (on the CPU, float32) under `arch` with JSON-able `meta`."""
+    """Save `model`'s weights (on the CPU, float32) under `arch` with JSON-able `meta` (paths are stored as
+    strings; anything else raises a TypeError before a file is written)."""
     if arch not in MODEL_NAMES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {MODEL_NAMES}")
+    meta = _plain(meta)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
              for k, v in model.state_dict().items()}
     atomic_save({"format": FORMAT, "arch": arch, "state_dict": state, "meta": meta}, path)

@@ -5,6 +5,8 @@ downloads it when it is missing and a network is at hand.
 """
 from __future__ import annotations
 
+import hashlib
+import socket
 from pathlib import Path
 
 import torch
@@ -37,17 +39,66 @@ class ImageDataset(Dataset):
         return self if n is None else ImageDataset(self.images[:n], self.labels[:n])
 
 
+# The official MNIST release (yann.lecun.com/exdb/mnist), unpacked: size in bytes and sha256 of each file.
+OFFICIAL_FILES = {
+    "train-images-idx3-ubyte": (47_040_016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+    "train-labels-idx1-ubyte": (60_008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+    "t10k-images-idx3-ubyte": (7_840_016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+    "t10k-labels-idx1-ubyte": (10_008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+}
+DOWNLOAD_TIMEOUT_S = 30
+_verified: dict = {}  # (path, size, mtime) -> True: each file is hashed once per process
+
+
+class MNISTCorruptError(ValueError):
+    """An MNIST file on disk that is not the official one: truncated, damaged, or another file."""
+
+
+def verify_mnist_files(raw: Path) -> None:
+    """Check the MNIST files present in `raw` against the official sizes and checksums; a
+    MNISTCorruptError naming the file and the fix for the first that differs. Missing files are left to
+    the loader (which downloads them where it can)."""
+    fix = (f"delete it and copy the official file into {raw} (or delete it and run once with a network "
+           "to download it again)")
+    for name, (size, sha256) in OFFICIAL_FILES.items():
+        path = raw / name
+        if not path.is_file():
+            continue
+        stat = path.stat()
+        if stat.st_size != size:
+            sizes = {s: n for n, (s, _) in OFFICIAL_FILES.items()}
+            other = f"; that is the size of {sizes[stat.st_size]}: files swapped?" if stat.st_size in sizes else ""
+            raise MNISTCorruptError(f"{path} has {stat.st_size:,} bytes, the official file {size:,}{other}: {fix}")
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _verified:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            if digest.hexdigest() != sha256:
+                raise MNISTCorruptError(f"{path} is damaged: its sha256 differs from the official file's: {fix}")
+            _verified[key] = True
+
+
 def _torchvision_mnist(root: Path, train: bool, download: bool):
     from torchvision.datasets import MNIST
 
+    verify_mnist_files(root / "MNIST" / "raw")
     try:
-        return MNIST(root=str(root), train=train, download=download)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a dead network fails in seconds instead of hanging
+        try:
+            mnist = MNIST(root=str(root), train=train, download=download)
+        finally:
+            socket.setdefaulttimeout(previous)
     except Exception as err:  # torchvision raises RuntimeError (missing) or URLError/HTTPError (offline)
         raise MNISTNotFoundError(
             f"MNIST was not found in {root / 'MNIST' / 'raw'} and could not be downloaded "
             f"({type(err).__name__}: {err}). Set PATH_DATASETS to the folder that holds MNIST/raw "
             f"(for example PATH_DATASETS=../shared/data), or run once with a network to download it."
         ) from None
+    verify_mnist_files(root / "MNIST" / "raw")  # what was just downloaded, too
+    return mnist
 
 
 def _as_dataset(mnist) -> ImageDataset:

@@ -18,6 +18,8 @@ as one CUDA graph and replays it with a single launch.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from flowbook.layers.checks import check_images
@@ -51,6 +53,15 @@ def speed_up(model: ImageFlow, channels_last: bool = False, compile: str | None 
         model.to(memory_format=torch.channels_last)
     if compile:
         model.compile(mode=compile, dynamic=False)
+        compiled = model._compiled_call_impl
+
+        def checked(imgs, *args, **kwargs):
+            # The value range is checked here, outside the compiled graph (which skips it while tracing),
+            # unless the caller checked the data once as a whole (`trusted_images`, as the trainer does).
+            check_images(imgs, img_shape=model.img_shape)
+            return compiled(imgs, *args, **kwargs)
+
+        model._compiled_call_impl = checked
     return model
 
 
@@ -75,6 +86,12 @@ def compiled_calls(model: ImageFlow, mode: str = "reduce-overhead"):
         return ll(imgs).clone()
 
     def sample(latent_shape, temperature: float = 1.0):
-        return draw(tuple(latent_shape), temperature=temperature).clone()
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        imgs = draw(tuple(latent_shape), temperature=temperature).clone()
+        if imgs.min() < 0:  # a NaN pixel cast to int: checked here, outside the compiled graph
+            raise ValueError("the flow's reverse pass produced NaN or infinite values, which are no pixels: "
+                             "the latent was too large for the trained model (lower the temperature)")
+        return imgs
 
     return log_likelihood, sample

@@ -35,11 +35,19 @@ class ImageFlow(nn.Module):
         """A tensor whose device and dtype the model works in (float32 on the CPU for a flow without weights)."""
         return next(self.parameters(), torch.zeros(()))
 
+    def _check_precision(self):
+        if self._param.dtype in (torch.bfloat16, torch.float16):
+            raise ValueError(f"this model's weights are {str(self._param.dtype).replace('torch.', '')}: its bpd would "
+                             "be off by tenths of a bit and dequantization would no longer invert exactly. Keep the "
+                             "weights in float32 (model.float()) and use autocast for speed (training: "
+                             "--precision bf16-mixed)")
+
     def encode(self, imgs):
         """imgs: int [B, C, H, W] in 0..255 -> (z, ldj): latent [B, C', H', W'] and ldj [B] in nats.
 
         ldj is the sum of every layer's log|det J|, with the split layers' log N(z_split) folded in.
         """
+        self._check_precision()
         check_images(imgs, img_shape=self.img_shape)
         z = imgs
         ldj = torch.zeros(imgs.shape[0], device=imgs.device, dtype=self._param.dtype)
@@ -58,8 +66,8 @@ class ImageFlow(nn.Module):
         a bound that tightens with K (K = 1 is the plain Jensen bound). Includes the log(256) term of
         the discretisation, so a uniform model of 8-bit pixels scores 8.
         """
-        if importance_samples < 1:
-            raise ValueError(f"importance_samples must be >= 1, got {importance_samples}")
+        if isinstance(importance_samples, bool) or not isinstance(importance_samples, int) or importance_samples < 1:
+            raise ValueError(f"importance_samples must be an integer >= 1, got {importance_samples!r}")
         if importance_samples == 1:
             ll = self.log_likelihood(imgs)
         else:
@@ -78,6 +86,14 @@ class ImageFlow(nn.Module):
         Split layers draw their factored-out half at the same temperature.
         """
         param = self._param
+        self._check_precision()
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
+                or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if z_init is None and (not isinstance(img_shape, (tuple, list, torch.Size)) or len(img_shape) != 4
+                               or not all(isinstance(n, int) and n > 0 for n in img_shape)):
+            raise ValueError(f"expected the latent shape as four positive integers [B, C, H, W], got {img_shape!r}; "
+                             "pass model.latent_shape(B)")
         if self.img_shape is not None and tuple(img_shape[1:]) != self.latent_shape()[1:]:
             raise ValueError(f"this model's latent has shape [B, {', '.join(map(str, self.latent_shape()[1:]))}], "
                              f"got {list(img_shape)}; pass model.latent_shape(B)")
@@ -85,6 +101,8 @@ class ImageFlow(nn.Module):
             z = torch.randn(tuple(img_shape), device=param.device, dtype=param.dtype) * temperature
         else:
             check_latent(z_init, "z_init")
+            if not torch.isfinite(z_init).all():
+                raise ValueError("z_init holds NaN or infinite values: a latent must be finite")
             z = z_init.to(device=param.device, dtype=param.dtype)
         ldj = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
         for flow in reversed(self.flows):

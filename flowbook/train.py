@@ -21,10 +21,12 @@ from the last finished epoch with --resume and loses nothing before it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ RESUMABLE_CHANGES = ("epochs", "max_minutes", "max_steps", "channels_last", "com
 # channels-last do not pay on a CPU, so short runs stay in float32, eager.
 CPU_FAST = {"precision": "bf16-mixed", "channels_last": True, "compile": "default"}
 COMPILE_PAYS_AFTER_STEPS = 1000
-MAX_BAD_STEPS = 50
+MAX_BAD_STEPS = int(os.environ.get("FLOWBOOK_MAX_BAD_STEPS", 50))  # non-finite steps in a row that end a run
 GRADIENT_CLIP = 1.0
 
 
@@ -385,8 +387,14 @@ class RunCheckpoints(pl.Callback):
             self.best_val, self.best_epoch = float(val), epoch
             save_checkpoint(module.flow, self.arch, self.out_dir / f"{self.arch}.pt",
                             **self.summary(trainer, module, epochs=epoch + 1))
-        trainer.save_checkpoint(self.out_dir / "last.ckpt.tmp")
-        (self.out_dir / "last.ckpt.tmp").replace(self.out_dir / "last.ckpt")
+        tmp = self.out_dir / f".last.ckpt.{os.getpid()}.tmp"
+        try:
+            trainer.save_checkpoint(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.out_dir / "last.ckpt")
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def stage(self, trainer, epochs: int) -> dict:
         """This run's stage of the history: where it started, its settings, hardware and amounts."""
@@ -421,6 +429,32 @@ def _loaders(train_set: ImageDataset, val_set: ImageDataset, batch_size: int, de
                 DeviceBatches(val_set.images.to(device), 1000, False, False))
     return (make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=seed),
             make_loader(val_set, 256))
+
+
+@contextlib.contextmanager
+def _run_lock(folder: Path):
+    """Hold an exclusive lock on the run folder while training: a second trainer started on the same
+    folder gets a clear error instead of writing over the first one's files."""
+    try:
+        import fcntl
+    except ImportError:  # not on Unix: no lock
+        yield
+        return
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise FileExistsError(f"another trainer is running in {folder} (process {f.read().strip() or '?'}): "
+                                  "wait for it to end, or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _saved_settings(last: Path, arch: str) -> dict | None:
@@ -529,10 +563,16 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=min(50, len(train_batches)),
     )
-    with trusted_images():
-        trainer.fit(module, train_batches, val_batches, ckpt_path=str(last) if resume else None)
+    with _run_lock(out_dir), trusted_images():
+        try:
+            trainer.fit(module, train_batches, val_batches, ckpt_path=str(last) if resume else None)
+        except TrainingDiverged as err:
+            summary = {"arch": arch, "status": "diverged", "error": str(err),
+                       **saver.summary(trainer, module, epochs=trainer.current_epoch)}
+            (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            raise
 
-    summary = {"arch": arch, **saver.summary(trainer, module, epochs=trainer.current_epoch)}
+    summary = {"arch": arch, "status": "finished", **saver.summary(trainer, module, epochs=trainer.current_epoch)}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     summary["train_curve"] = saver.curve
     best = out_dir / f"{arch}.pt"

@@ -46,7 +46,7 @@ print(f"flowbook runs in {settings.mode} mode (set FLOWBOOK_MODE=quick or full t
 # | VAE | decoder $p(x \mid z)$ | a lower bound (the ELBO) | smaller than $x$, inferred approximately |
 # | GAN | generator $x = G(z)$ | none | any size, no way back from $x$ to $z$ |
 # | energy-based model | slow (MCMC) | up to an unknown constant | none |
-# | **normalizing flow** | $x = f^{-1}(z)$ | **exact** | same size as $x$, computed exactly: $z = f(x)$ |
+# | **normalizing flow** | $x = f^{-1}(z)$ | **exact** | same size as $x$, computed exactly, $z = f(x)$, for continuous $x$ (images are dequantized first, chapter 2) |
 #
 # A flow is an invertible function $f$ that maps data $x$ to a latent $z$ of the same dimension, where
 # $z$ follows a simple prior, a standard normal. Because $f$ is invertible we can go both ways: encode any
@@ -316,10 +316,12 @@ assert exercises.check_bits_per_dim(bits_per_dim)
 # likelihood of training data if a flow could shrink volume without paying the $\log|\det J|$ term?
 
 # %% [markdown] tags=["answer"]
-# **Answer.** The flow could map all training points into a tiny region near the prior's mode and claim an
-# ever higher density there; without the volume term the "density" would no longer integrate to one, and
-# maximum likelihood would diverge instead of learning the data distribution. The log-determinant is the
-# penalty for contracting space (negative $\log|\det J|$ when the map to $z$ contracts).
+# **Answer.** Without the volume term the objective is $\sum_i \log \mathcal N(f(x_i); 0, I)$, and that is
+# bounded above by $-\tfrac D2 \log 2\pi$ per point, reached at $f(x_i) = 0$. So maximum likelihood does not
+# diverge: it collapses. The best "flow" contracts everything onto the prior's mode ($f \to 0$, e.g. $f(x) =
+# \epsilon x$ with $\epsilon \to 0$), a degenerate solution that has learned nothing about the data and whose
+# "density" no longer integrates to one. The log-determinant is exactly the penalty for that contraction
+# ($D \log \epsilon \to -\infty$ for $f(x) = \epsilon x$), which is why it can never be dropped.
 
 # %% [markdown]
 # ## References

@@ -98,9 +98,14 @@ assert on_integers[0] > on_integers[-1] + 5 and np.argmax(dequantized) > 0
 #
 # $$\log P(x) = \log \mathbb{E}_{u}\big[p(x + u)\big] \;\ge\; \mathbb{E}_{u}\big[\log p(x + u)\big].$$
 #
-# Maximising the right-hand side cannot create delta peaks: a peak narrower than the cube is penalised
-# everywhere else in the cube. Since the cubes have volume one and tile the space, a model that is uniform
-# within $[0, 256)^D$ has $p(v) = 256^{-D}$ and scores exactly 8 bits per dimension, as in chapter 1.
+# Why this objective cannot blow up the way the integer one did: the cubes have volume one and tile the
+# space, so the masses $P(x)$ of all images sum to at most one, and
+#
+# $$\mathbb{E}_{u}\big[\log p(x + u)\big] \;\le\; \log P(x) \;\le\; 0 .$$
+#
+# A delta peak cannot help: however high it is, the cube's mass stays at most one, and the rest of the
+# cube, where the peak leaves almost no density, drags the average log-density down. A model that is
+# uniform within $[0, 256)^D$ has $p(v) = 256^{-D}$ and scores exactly 8 bits per dimension, as in chapter 1.
 #
 # ## The logit transform, term by term
 #
@@ -118,18 +123,22 @@ assert on_integers[0] > on_integers[-1] + 5 and np.argmax(dequantized) > 0
 # Step 4's derivative: $\frac{dy}{dp} = \frac1p + \frac1{1-p} = \frac{1}{p(1-p)}$, so
 # $\log\frac{dy}{dp} = -\log p - \log(1-p)$. Step 2 is the term that turns a density over $[0, 1)^D$ into one
 # over $[0, 256)^D$, where each integer's cube has volume one: the $\log 256$ that makes bpd honest.
-# $\alpha = 10^{-5}$ keeps the logit finite at $w = 0$ and $w = 1$.
+# A small $\alpha$ (flowbook's value is printed below) keeps the logit finite at $w = 0$ and $w = 1$.
 #
 # Step 1 is flowbook's addition. Without it, a noise value very close to 1 puts $x + u$ on the border of the
 # next integer's cube, and float32 rounding can push it over (the reference tutorial's test fails on exactly
-# such a pixel). The margin $m = 10^{-4}$ keeps every value $10^{-4}$ inside its cube; it is a legitimate
-# dequantization distribution (uniform on $[m, 1 - m]$, with density $1/(1 - 2m)$, hence the term), and costs
-# at most $-\log_2(1 - 2m)$ bits per dimension (printed below). Here is the code:
+# such a pixel). The margin $m$ keeps every value $m$ inside its cube. It is a legitimate dequantization
+# distribution: uniform on $[m, 1 - m]$, with density $1/(1 - 2m)$, hence the term. What does it change?
+# The best achievable bound is the same with and without it (a model can put all of a cube's mass inside
+# the shrunk cube). For a given model the bound moves by how $\log p$ varies inside each cube, in either
+# direction; where $\log p$ is flat inside each cube it is lower by exactly $-\log_2(1 - 2m)$ bits per
+# dimension (printed below, and exercise 3). Here is the code:
 
 # %%
 print(inspect.getsource(Dequantization._to_logits))
-m = Dequantization().margin
-print(f"margin m = {m:g}: costs at most {-math.log2(1 - 2 * m):.5f} bits per dimension")
+alpha, m = Dequantization().alpha, Dequantization().margin
+print(f"alpha = {alpha:g}; margin m = {m:g}: where log p is flat in each cube, the bound is lower by "
+      f"{-math.log2(1 - 2 * m):.5f} bits per dimension")
 
 # %% [markdown]
 # The sum of the four terms must equal $\log|\det J|$ of the map from the noise $u$ to $y$ (the Jacobian is
@@ -246,12 +255,17 @@ assert torch.allclose(ldj, ldj_autograd.reshape(1), atol=1e-8)
 # $$\log P(x) \;\ge\; \mathcal{L}_K = \mathbb{E}\left[\log \frac1K \sum_{k=1}^K \frac{p(x + u_k)}{q(u_k \mid x)}\right],
 # \qquad \mathcal{L}_1 \le \mathcal{L}_2 \le \dots \le \log P(x).$$
 #
-# Why the bounds increase: split $2K$ samples into two halves. $\log$ of the mean of all $2K$ ratios is
-# $\log\frac{a + b}{2}$ with $a, b$ the halves' means, and $\log\frac{a+b}{2} \ge \frac{\log a + \log b}{2}$ by
-# concavity; taking expectations gives $\mathcal{L}_{2K} \ge \mathcal{L}_K$. Numerically, the terms are
+# Why the bounds increase, for any $K < M$: write $w_k = p(x + u_k) / q(u_k \mid x)$. The mean of $M$ ratios
+# is the average, over all subsets $I$ of $K$ of the $M$ samples, of the subsets' means:
+# $\frac1M \sum_{m=1}^M w_m = \mathbb{E}_I\big[\frac1K \sum_{k \in I} w_k\big]$ (each sample lies in the same
+# fraction $K/M$ of the subsets). The log is concave, so by Jensen
+# $\log \frac1M \sum_m w_m \ge \mathbb{E}_I\big[\log \frac1K \sum_{k \in I} w_k\big]$, and taking the expectation
+# over the samples (each subset's $K$ samples are $K$ independent draws) gives $\mathcal{L}_M \ge \mathcal{L}_K$.
+# Numerically, the terms are
 # log-likelihoods of about $-10^3$ nats, so we average in log space with `logsumexp`:
 # $\log\frac1K\sum_k e^{\ell_k} = \mathrm{logsumexp}_k(\ell_k) - \log K$. `ImageFlow.bits_per_dim(imgs,
-# importance_samples=K)` does exactly that; chapter 5 reports test bpd with $K = 8$.
+# importance_samples=K)` does exactly that; the evaluation of the shipped checkpoints uses $K = 8$, and the
+# chapters use the mode's `importance_samples` (printed in chapter 5).
 #
 # Let us watch the bound tighten on a variational-dequantization model (the trained checkpoint where one is
 # shipped, else a quick-mode model):
@@ -361,16 +375,25 @@ assert exercises.check_importance_weighted_bpd(importance_weighted_bpd)
 # %% [markdown]
 # ### Exercise 3 (conceptual): what does the margin cost?
 #
-# flowbook squeezes the uniform noise into $[m, 1 - m]$. Show that this can only make the Jensen bound
-# looser by at most $-\log_2(1 - 2m)$ bits per dimension, and explain why it is still a valid bound.
+# flowbook squeezes the uniform noise into $[m, 1 - m]$. (a) Show that the result is still a lower bound on
+# $\log P(x)$. (b) Show that the best bound any density $p$ can reach is $\log P(x)$ with and without the
+# margin. (c) For a density that is constant inside each unit cube, by how many bits per dimension does the
+# margin lower the bound? (d) Can the margin raise the bound of a given model?
 
 # %% [markdown] tags=["answer"]
-# **Answer.** The noise is now uniform on $[m, 1-m]^D$, a valid $q(u)$ inside the unit cube, with density
-# $q = (1-2m)^{-D}$. The variational bound $\mathbb{E}_q[\log p(x+u) - \log q(u)]$ therefore holds, and its
-# $-\log q$ term is $D\log(1-2m)$, which is exactly the `ldj` term of step 1. Compared with the same model
-# evaluated under the full cube, the entropy term is smaller by $-D\log(1-2m)$ nats, i.e. at most
-# $-\log_2(1-2m) \approx 2m/\ln 2 \approx 0.0003$ bits per dimension for $m = 10^{-4}$; a trained flow can
-# also simply move its mass away from the margins.
+# **Answer.** (a) The noise is uniform on $[m, 1-m]^D$, a valid $q(u)$ inside the unit cube with density
+# $q = (1-2m)^{-D}$, so $\mathbb{E}_q[\log p(x+u) - \log q(u)] \le \log \int q \, \frac{p(x+u)}{q} \,du \le \log P(x)$
+# (Jensen, then the integral over the shrunk cube is at most the cube's mass). Its $-\log q$ term is
+# $D\log(1-2m)$, exactly the `ldj` term of step 1.
+# (b) Both bounds equal $\log P(x) - \mathrm{KL}(q \,\|\, p(\cdot \mid x))$ with $p(u \mid x) \propto p(x+u)$ on
+# the cube, and the KL is zero when $p$ spreads the cube's mass evenly over where $q$ lives: over the whole
+# cube without the margin, over the shrunk cube with it. So the best achievable bound is the same.
+# (c) With $p$ constant in each cube, $\mathbb{E}_q[\log p(x+u)]$ is the same for both noise distributions, and
+# only the $D\log(1-2m)$ term differs: the bound is lower by $-\log_2(1-2m) \approx 2m/\ln 2$ bits per
+# dimension (printed in the chapter for flowbook's $m$).
+# (d) Yes. The change is $\mathbb{E}_{q_m}[\log p] - \mathbb{E}_{U}[\log p] + D\log(1-2m)$; a density that is lower
+# near the faces of the cubes than inside them gains more from leaving out the faces than the last term
+# costs. So the margin's effect on a given model has either sign; "costs at most" would be wrong.
 
 # %% [markdown]
 # ### Exercise 4 (conceptual): sampling with variational dequantization

@@ -6,7 +6,8 @@ import torch
 
 from conftest import ROOT, perturb_
 from flowbook.checkpoints import CheckpointError, load_model, read_checkpoint, save_checkpoint
-from flowbook.evaluate import slice_bpd
+from flowbook.evaluate import _file_sha256, slice_bpd
+from flowbook.gallery import SEED, sample_grid
 from flowbook.models import create_flow
 
 SHIPPED = sorted((ROOT / "checkpoints").glob("*.pt"))
@@ -43,8 +44,44 @@ def test_files_that_are_no_flowbook_checkpoint_are_refused(tmp_path):
         load_model(tmp_path / "missing.pt")
 
 
-@pytest.mark.parametrize("path", SHIPPED or [pytest.param(None, marks=pytest.mark.skip("no shipped checkpoints"))],
-                         ids=lambda p: p.stem if p else "none")
+def shipped(test):
+    """Parametrise `test` over the shipped checkpoints (skipped where there are none)."""
+    return pytest.mark.parametrize("path", SHIPPED or [pytest.param(None, marks=pytest.mark.skip("no shipped checkpoints"))],
+                                   ids=lambda p: p.stem if p else "none")(test)
+
+
+def test_all_three_models_are_shipped_with_their_results():
+    assert sorted(p.stem for p in SHIPPED) == ["multiscale", "simple", "vardeq"]
+    for path in SHIPPED:
+        assert path.with_suffix(".json").is_file(), f"{path.name} has no results JSON"
+        assert (ROOT / "docs" / f"samples_{path.stem}.png").is_file(), f"no sample grid of {path.stem} in docs/"
+
+
+@shipped
+def test_shipped_results_json_is_complete_and_matches_its_checkpoint(path):
+    results = json.loads(path.with_suffix(".json").read_text())
+    assert results["arch"] == path.stem and results["checkpoint_sha256"] == _file_sha256(path)
+    assert results["eval_images"]["test"] == 10_000 and results["importance_samples"] >= 8
+    assert 0 < results["val_bpd"] < 8 and 0 < results["test_bpd"] < 8
+    for key in ("epochs", "images_seen", "train_wall_s", "train_hardware", "parameters", "git_commit", "versions"):
+        assert results.get(key) not in (None, "", [], "unknown"), f"{path.stem}: {key} missing"
+    assert results["versions"]["torch"] and results["images_seen"] >= 50_000 * 0.9 * min(1, results["epochs"])
+    for stage in results["training"]["history"]:
+        for key in ("settings", "hardware", "torch", "epochs", "images_seen", "wall_s"):
+            assert stage.get(key) is not None, f"{path.stem}: a stage lacks {key}"
+
+
+@shipped
+def test_shipped_sample_grid_is_reproducible_from_its_seed(path):
+    model = load_model(path, map_location="cpu")
+    first, again = sample_grid(model, n=8, temperature=0.7), sample_grid(model, n=8, temperature=0.7)
+    assert torch.equal(first, again) and first.dtype == torch.int32
+    assert 0 <= first.min() and first.max() <= 255
+    other = sample_grid(model, n=8, temperature=0.7, seed=SEED + 1)
+    assert not torch.equal(first, other), "another seed must give other samples"
+
+
+@shipped
 def test_shipped_checkpoint_reproduces_its_recorded_slice_bpd(path, mnist):
     results = json.loads(path.with_suffix(".json").read_text())
     assert path.stat().st_size < 5 * 2 ** 20
@@ -52,3 +89,27 @@ def test_shipped_checkpoint_reproduces_its_recorded_slice_bpd(path, mnist):
     bpd = slice_bpd(model, mnist[2].images)
     assert abs(bpd - results["slice_bpd"]) <= 0.02, (bpd, results["slice_bpd"])
     assert results["test_bpd"] >= bpd - 0.1, "the recorded test bpd is far better than the slice shows"
+
+
+def test_metadata_with_paths_loads_back_and_other_objects_are_refused_before_writing(tmp_path):
+    from pathlib import Path
+
+    save_checkpoint(create_flow("simple"), "simple", tmp_path / "m.pt", out=Path("/some/run"), stages=[Path("a")])
+    meta = read_checkpoint(tmp_path / "m.pt")["meta"]
+    assert meta == {"out": "/some/run", "stages": ["a"]}
+    with pytest.raises(TypeError, match=r"meta\['device'\] is a device"):
+        save_checkpoint(create_flow("simple"), "simple", tmp_path / "n.pt", device=torch.device("cpu"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"], "no file, and no temporary file, is left"
+
+
+def test_a_failed_save_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
+    save_checkpoint(create_flow("simple"), "simple", tmp_path / "m.pt", epochs=1)
+    before = (tmp_path / "m.pt").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(create_flow("simple"), "simple", tmp_path / "m.pt", epochs=2)
+    assert (tmp_path / "m.pt").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]

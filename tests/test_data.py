@@ -1,9 +1,12 @@
 """MNIST loading: offline from PATH_DATASETS, the reference's split, and a clear error without data."""
+import shutil
+
 import pytest
 import torch
 
 from flowbook import config
-from flowbook.data import MNISTNotFoundError, load_mnist, make_loader
+from flowbook.data import (OFFICIAL_FILES, MNISTCorruptError, MNISTNotFoundError, load_mnist, make_loader,
+                           verify_mnist_files)
 
 
 def test_mnist_loads_offline_as_int32_images_with_the_reference_split(mnist):
@@ -51,3 +54,40 @@ def test_relative_data_path_is_read_from_the_project_root(monkeypatch, tmp_path)
     monkeypatch.setenv("FLOWBOOK_MODE", "fast")
     with pytest.raises(ValueError, match="FLOWBOOK_MODE"):
         config.mode()
+
+
+def _copy_of_mnist(tmp_path):
+    from flowbook import config
+
+    source = config.data_path() / "MNIST" / "raw"
+    if not (source / "train-images-idx3-ubyte").exists():
+        pytest.skip(f"MNIST not under {config.data_path()}; set PATH_DATASETS")
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in OFFICIAL_FILES:
+        shutil.copyfile(source / name, raw / name)
+    return raw
+
+
+def test_damaged_truncated_and_swapped_mnist_files_are_named_with_the_fix(tmp_path):
+    raw = _copy_of_mnist(tmp_path)
+    with open(raw / "train-images-idx3-ubyte", "r+b") as f:  # 100 KB of zeros in the middle
+        f.seek(20_000_000)
+        f.write(bytes(100_000))
+    with pytest.raises(MNISTCorruptError, match=r"train-images-idx3-ubyte is damaged.*copy the official file"):
+        load_mnist(tmp_path, download=False)
+    with open(raw / "train-images-idx3-ubyte", "r+b") as f:
+        f.truncate(1_000_000)
+    with pytest.raises(MNISTCorruptError, match=r"train-images-idx3-ubyte has 1,000,000 bytes, the official file 47,040,016"):
+        load_mnist(tmp_path, download=False)
+    (raw / "train-images-idx3-ubyte").unlink()
+    shutil.copyfile(raw / "t10k-images-idx3-ubyte", raw / "train-images-idx3-ubyte")
+    with pytest.raises(MNISTCorruptError, match="t10k-images-idx3-ubyte: files swapped"):
+        load_mnist(tmp_path, download=False)
+
+
+def test_the_official_files_pass_the_check(tmp_path):
+    raw = _copy_of_mnist(tmp_path)
+    verify_mnist_files(raw)
+    train, val, test = load_mnist(tmp_path, download=False)
+    assert len(train) == 50_000 and len(test) == 10_000

@@ -74,6 +74,11 @@ def test_compiled_training_loss_and_gradients_equal_eager(same_noise):
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    # the value range is still checked, outside the compiled graph
+    bad = torch.randint(300, 556, imgs.shape, dtype=torch.int32)
+    bad.view(-1)[:2] = torch.tensor([300, 555])
+    with pytest.raises(ValueError, match=r"values in 300\.\.555"):
+        fast(bad)
     # the state dict is untouched by compiling: it loads into an eager model of the same architecture
     plain = tiny_flow()
     plain.load_state_dict(fast.state_dict())

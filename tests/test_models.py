@@ -157,3 +157,47 @@ def test_model_follows_the_device_and_dtype_of_its_parameters():
     imgs = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.int32)
     assert model.log_likelihood(imgs).dtype == torch.float64
     assert model.sample(model.latent_shape(2)).dtype == torch.int32
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_sampling_with_a_bad_temperature_is_a_clear_error(temperature):
+    model = create_flow("multiscale")
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        model.sample(model.latent_shape(2), temperature=temperature)
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 7, 7), 4, (4, 8, 7), (2.0, 8, 7, 7)])
+def test_sampling_with_a_bad_shape_is_a_clear_error(shape):
+    with pytest.raises(ValueError, match="four positive integers"):
+        create_flow("multiscale").sample(shape)
+
+
+def test_sampling_from_a_non_finite_latent_is_a_clear_error():
+    model = create_flow("simple")
+    z = torch.zeros(3, 1, 28, 28)
+    z[1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="z_init holds NaN"):
+        model.sample(z.shape, z_init=z)
+    huge = perturb_(create_flow("simple"), scale=0.5)
+    try:
+        imgs = huge.sample([4, 1, 28, 28], temperature=1e30)
+    except ValueError as err:
+        assert "NaN or infinite" in str(err)
+    else:
+        assert 0 <= imgs.min() and imgs.max() <= 255, "pixels out of 0..255 came back without an error"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_are_refused_rather_than_giving_a_wrong_bpd(dtype):
+    model = create_flow("simple").to(dtype)
+    imgs = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.int32)
+    with pytest.raises(ValueError, match="autocast"):
+        model.bits_per_dim(imgs)
+    with pytest.raises(ValueError, match="autocast"):
+        model.sample([2, 1, 28, 28])
+
+
+@pytest.mark.parametrize("k", [2.5, 0, True, "8"])
+def test_importance_samples_must_be_a_positive_integer(k):
+    with pytest.raises(ValueError, match="importance_samples must be an integer"):
+        create_flow("simple").bits_per_dim(torch.zeros(1, 1, 28, 28, dtype=torch.int32), k)

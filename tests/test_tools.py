@@ -100,3 +100,23 @@ def test_load_trained_prefers_a_shipped_checkpoint(tmp_path, monkeypatch):
     assert "simple.pt" in source and "7 epochs" in source and curve is None
     assert torch.equal(next(loaded.parameters()), next(model.parameters()))
     assert config.checkpoint_path() == tmp_path
+
+
+def test_evaluation_never_replaces_a_more_thorough_json_of_the_same_weights(tmp_path, mnist):
+    model = perturb_(create_flow("simple"), scale=0.01)
+    save_checkpoint(model, "simple", tmp_path / "simple.pt", epochs=1)
+    thorough = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=2, eval_images=16,
+                                   progress=False)
+    before = (tmp_path / "simple.json").read_text()
+    with pytest.raises(FileExistsError, match="more thorough"):
+        evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=1, eval_images=8, progress=False)
+    assert (tmp_path / "simple.json").read_text() == before
+    other = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=1, eval_images=8,
+                                progress=False, out=tmp_path / "quick.json")
+    assert other["eval_images"]["test"] == 8 and (tmp_path / "simple.json").read_text() == before
+    assert thorough["images_seen"] is None or thorough["images_seen"] >= 0
+    save_checkpoint(perturb_(create_flow("simple"), scale=0.02), "simple", tmp_path / "simple.pt", epochs=2)
+    newer = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=1, eval_images=8,
+                                progress=False)  # new weights: the old JSON describes weights that are gone
+    assert newer["checkpoint_sha256"] != thorough["checkpoint_sha256"]
+    assert json.loads((tmp_path / "simple.json").read_text())["training"]["epochs"] == 2

@@ -317,3 +317,25 @@ def test_a_run_interrupted_and_resumed_ends_bit_identical_to_an_uninterrupted_on
     assert whole["global_step"] == cut["global_step"] == 9
     for key, value in whole["state_dict"].items():
         assert torch.equal(value, cut["state_dict"][key]), f"{key} differs after resuming"
+
+
+def test_a_second_trainer_on_the_same_folder_gets_a_clear_error(tmp_path):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running trainer holds it
+        with pytest.raises(FileExistsError, match="another trainer is running"):
+            _tiny_run(tmp_path, epochs=1)
+        assert not (tmp_path / "last.ckpt").exists()
+    _tiny_run(tmp_path, epochs=1)  # once it is released, training goes ahead
+    assert (tmp_path / "last.ckpt").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_diverged_run_records_it_in_its_summary_and_the_cli_exits_non_zero(tmp_path):
+    result = subprocess.run(_cli(tmp_path, 3) + ["--lr", "1e30"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, FLOWBOOK_MAX_BAD_STEPS="2"))
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    if summary["skipped_steps"] == 0:
+        pytest.skip("a learning rate of 1e30 did not make this run diverge")
+    assert result.returncode != 0 and summary["status"] == "diverged" and "in a row" in result.stderr

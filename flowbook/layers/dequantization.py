@@ -95,6 +95,9 @@ class Dequantization(nn.Module):
         return y.to(ldj.dtype), ldj + log_det.to(ldj.dtype)
 
     def _to_images(self, y, ldj):
+        if not torch.compiler.is_compiling() and not torch.isfinite(y).all():
+            raise ValueError("the flow's reverse pass produced NaN or infinite values, which are no pixels: "
+                             "the latent was too large for the trained model (lower the temperature)")
         p, log_det = sigmoid_transform(y.to(torch.float64))
         v = (p - 0.5 * self.alpha) / (1 - self.alpha)
         num_dims = y[0].numel()
