@@ -34,11 +34,12 @@ test-gpu: setup
 sync: setup
 	$(BIN)/jupytext --sync $(NOTEBOOKS)
 
+# A notebook a student changed is never overwritten (the new version goes beside it); FORCE=1 overwrites.
 student: setup
-	$(BIN)/python -m flowbook.editions student
+	$(BIN)/python -m flowbook.editions student $(if $(FORCE),--force)
 
 solutions: setup
-	$(BIN)/python -m flowbook.editions solutions
+	$(BIN)/python -m flowbook.editions solutions $(if $(FORCE),--force)
 
 bench: setup
 	$(BIN)/python -m flowbook.bench

@@ -9,11 +9,19 @@ In each `notebooks/NN_name.py`, an exercise is three cells side by side:
                                                the exercise checks are tagged raises-exception)
     python -m flowbook.editions solutions   -> solutions/NN_name.ipynb (solutions, answers, no stubs)
 Both also write answers/answer_key.md, the conceptual answers of every chapter, for the instructor.
+
+A student's work is never overwritten: each notebook written records a fingerprint of its cells, and a
+notebook whose cells no longer match it (the student edited it) is left alone; the new version is written
+beside it as NN_name.new.ipynb, and the files left alone are listed. `--force` overwrites them. Under each
+conceptual question the student edition has an empty answer cell to write in.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
+import hashlib
+import json
 from pathlib import Path
 
 import jupytext
@@ -23,6 +31,12 @@ from flowbook.config import PROJECT_ROOT
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 DROP = {"student": {"solution", "answer"}, "solutions": {"student"}}
+KNOWN_TAGS = {"student", "solution", "answer", "raises-exception", "skip-execution", "your-answer"}
+ANSWER_HERE = "**Your answer.** (double-click to write it here)"
+
+
+class EditionError(ValueError):
+    """A chapter source that cannot be made into an edition, or an edition that would overwrite work."""
 
 
 def chapters(folder: Path = NOTEBOOKS) -> list[Path]:
@@ -34,12 +48,45 @@ def _tags(cell) -> set:
     return set(cell.get("metadata", {}).get("tags", []))
 
 
+def check_source(source: Path, nb: nbformat.NotebookNode) -> None:
+    """An EditionError naming the file and cell for a code cell that does not parse or an unknown tag."""
+    for i, cell in enumerate(nb.cells, start=1):
+        unknown = _tags(cell) - KNOWN_TAGS
+        if unknown:
+            raise EditionError(f"{source.name}, cell {i}: unknown tag {sorted(unknown)[0]!r}; "
+                               f"the tags are {sorted(KNOWN_TAGS)}")
+        if cell.cell_type == "code":
+            code = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+            try:
+                ast.parse(code)
+            except SyntaxError as err:
+                raise EditionError(f"{source.name}, cell {i}, line {err.lineno}: syntax error: {err.msg}") from None
+
+
+def _with_answer_cells(cells: list) -> list:
+    """`cells` with an empty markdown cell for the student's answer after each conceptual question (the
+    markdown cell before a dropped answer)."""
+    out = []
+    for i, cell in enumerate(cells):
+        out.append(cell)
+        following = cells[i + 1] if i + 1 < len(cells) else None
+        if following is not None and "answer" in _tags(following) and cell.cell_type == "markdown":
+            out.append(nbformat.v4.new_markdown_cell(ANSWER_HERE, metadata={"tags": ["your-answer"]}))
+    return out
+
+
 def make_edition(source: Path, edition: str) -> nbformat.NotebookNode:
     """The `edition` ("student" or "solutions") of one chapter source, as a notebook without outputs."""
     if edition not in DROP:
         raise ValueError(f"edition must be 'student' or 'solutions', got {edition!r}")
-    nb = jupytext.read(source)
+    try:
+        nb = jupytext.read(source)
+    except Exception as err:
+        raise EditionError(f"{source.name}: not a readable chapter source ({type(err).__name__}: {err})") from None
+    check_source(source, nb)
     out = copy.deepcopy(nb)
+    if edition == "student":
+        out.cells = _with_answer_cells(out.cells)
     out.cells = [c for c in out.cells if not (_tags(c) & DROP[edition])]
     if edition == "student":  # a check of an unsolved exercise raises: nbval and "Run All" expect it and go on
         for cell in out.cells:
@@ -62,16 +109,39 @@ def answer_key(sources) -> str:
     return "".join(parts)
 
 
-def write_edition(edition: str, out_dir: Path | None = None, sources=None) -> list[Path]:
+def fingerprint(nb: nbformat.NotebookNode) -> str:
+    """sha256 of a notebook's cell types and sources (not outputs or metadata: running or saving a
+    notebook in JupyterLab does not change it, editing a cell does)."""
+    cells = [[c.cell_type, c.source] for c in nb.cells]
+    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
+
+
+def _edited(path: Path) -> bool:
+    """Whether the notebook at `path` was changed since an edition wrote it (or was not written by one)."""
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception:
+        return True
+    return nb.metadata.get("flowbook", {}).get("fingerprint") != fingerprint(nb)
+
+
+def write_edition(edition: str, out_dir: Path | None = None, sources=None, force: bool = False) -> list[Path]:
     """Write the edition of every chapter to `out_dir` (student/ or solutions/) and the answer key to
-    answers/; return the notebooks written."""
+    answers/; return the notebooks written. A notebook there that was edited since it was written is
+    kept, and the new version goes beside it as NN_name.new.ipynb (`force`: overwrite it)."""
     sources = sources or chapters()
     out_dir = Path(out_dir) if out_dir else PROJECT_ROOT / edition
+    if out_dir.resolve() == NOTEBOOKS.resolve():
+        raise EditionError(f"editions are never written into {NOTEBOOKS}: that folder holds the chapter sources")
+    editions = [(src, make_edition(src, edition)) for src in sources]  # every source checked before writing
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for src in sources:
+    for src, nb in editions:
+        nb.metadata["flowbook"] = {"edition": edition, "fingerprint": fingerprint(nb)}
         path = out_dir / f"{src.stem}.ipynb"
-        nbformat.write(make_edition(src, edition), path)
+        if path.exists() and not force and _edited(path):
+            path = out_dir / f"{src.stem}.new.ipynb"
+        nbformat.write(nb, path)
         written.append(path)
     key = PROJECT_ROOT / "answers" / "answer_key.md"
     key.parent.mkdir(exist_ok=True)
@@ -83,9 +153,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Write the student or solutions edition of the chapters.")
     parser.add_argument("edition", choices=sorted(DROP))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--force", action="store_true", help="overwrite notebooks that were edited since")
     args = parser.parse_args(argv)
-    for path in write_edition(args.edition, args.out):
-        print(f"wrote {path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path}")
+    try:
+        written = write_edition(args.edition, args.out, force=args.force)
+    except EditionError as err:
+        parser.exit(2, f"flowbook.editions: error: {err}\n")
+
+    def show(path):
+        return path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path
+
+    for path in written:
+        print(f"wrote {show(path)}")
+    kept = [p for p in written if p.name.endswith(".new.ipynb")]
+    if kept:
+        print("\nThese notebooks were changed since they were written and were NOT touched:")
+        for path in kept:
+            print(f"  {show(path.with_name(path.name.replace('.new.ipynb', '.ipynb')))}  (new version: {path.name})")
+        print("Copy what you need from the new versions, or run again with --force to overwrite.")
     print("wrote answers/answer_key.md (instructors only: do not hand it out)")
 
 

@@ -192,3 +192,56 @@ def test_student_edition_runs_and_raises_exactly_the_expected_not_implemented_er
     for i, _ in errors:
         assert "exercises.check_" in nb.cells[i].source, f"cell {i} failed, which is no exercise check"
         assert "raises-exception" in nb.cells[i].metadata.get("tags", []), "nbval would fail on this cell"
+
+
+def test_a_students_edited_notebook_survives_a_second_make_student(tmp_path):
+    first = editions.write_edition("student", tmp_path, CHAPTERS[:2])
+    work = nbformat.read(first[0], 4)
+    work.cells[-1].source += "\n# my own notes"
+    nbformat.write(work, first[0])
+    mine = first[0].read_text()
+    untouched_before = editions.fingerprint(nbformat.read(first[1], 4))
+    again = editions.write_edition("student", tmp_path, CHAPTERS[:2])
+    assert first[0].read_text() == mine, "the student's edited notebook was overwritten"
+    assert again[0].name == f"{CHAPTERS[0].stem}.new.ipynb" and again[0].exists()
+    assert again[1] == first[1] and editions.fingerprint(nbformat.read(first[1], 4)) == untouched_before
+    editions.write_edition("student", tmp_path, CHAPTERS[:1], force=True)
+    assert "my own notes" not in first[0].read_text()
+
+
+def test_a_second_make_student_from_the_command_line_names_the_files_it_did_not_touch(tmp_path):
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "flowbook.editions", "student", "--out", str(tmp_path)]
+    subprocess.run(run, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    path = tmp_path / f"{CHAPTERS[0].stem}.ipynb"
+    nb = nbformat.read(path, 4)
+    nb.cells[0].source += " (edited)"
+    nbformat.write(nb, path)
+    result = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "NOT touched" in result.stdout and path.name in result.stdout
+    assert "(edited)" in path.read_text()
+
+
+def test_editions_refuse_the_sources_folder_and_name_broken_cells(tmp_path):
+    with pytest.raises(editions.EditionError, match="never written into"):
+        editions.write_edition("student", editions.NOTEBOOKS, CHAPTERS[:1])
+    broken = tmp_path / "09_broken.py"
+    broken.write_text('# %% [markdown]\n# A chapter\n\n# %%\nx = 1\n\n# %% tags=["solutoin"]\ny = 2\n')
+    with pytest.raises(editions.EditionError, match=r"09_broken.py, cell 3: unknown tag 'solutoin'"):
+        editions.make_edition(broken, "student")
+    broken.write_text('# %% [markdown]\n# A chapter\n\n# %%\ndef f(:\n    pass\n')
+    with pytest.raises(editions.EditionError, match=r"09_broken.py, cell 2, line 1: syntax error"):
+        editions.write_edition("student", tmp_path / "out", [broken])
+    assert not (tmp_path / "out").exists(), "nothing is written when a source is broken"
+
+
+def test_student_edition_has_an_empty_answer_cell_under_each_conceptual_question():
+    for src in CHAPTERS:
+        cells = editions.make_edition(src, "student").cells
+        full = jupytext.read(src).cells
+        questions = sum("answer" in c.metadata.get("tags", []) for c in full)
+        slots = [i for i, c in enumerate(cells) if c.source == editions.ANSWER_HERE]
+        assert len(slots) == questions, src.name
+        assert all(cells[i - 1].cell_type == "markdown" and "Exercise" in cells[i - 1].source for i in slots)
