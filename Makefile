@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 
-.PHONY: setup lab test test-unit test-notebooks test-gpu sync student solutions bench train-all clean
+.PHONY: setup lab test test-unit test-notebooks test-gpu sync outputs html student solutions bench train-all clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,14 @@ test-gpu: setup
 sync: setup
 	$(BIN)/jupytext --sync $(NOTEBOOKS)
 
+# Run every chapter (quick mode, shipped checkpoints) and store its outputs in the .ipynb for readers.
+outputs: setup
+	$(BIN)/python -m flowbook.outputs
+
+# The chapters as static HTML with their stored outputs, maths rendered offline: book/index.html.
+html: setup
+	$(BIN)/python -m flowbook.book
+
 # A notebook a student changed is never overwritten (the new version goes beside it); FORCE=1 overwrites.
 student: setup
 	$(BIN)/python -m flowbook.editions student $(if $(FORCE),--force)
@@ -55,4 +63,4 @@ train-all: setup
 
 # Generated editions only: training runs in runs/ are results, never cleaned.
 clean:
-	rm -rf student solutions answers .pytest_cache
+	rm -rf student solutions answers book .pytest_cache

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,11 @@ from flowbook.fast import COMPILE_MODES, enable_tf32, speed_up
 from flowbook.layers.checks import check_images, trusted_images
 from flowbook.models import MNIST_SHAPE, MODEL_NAMES, ImageFlow, create_flow, num_parameters
 from flowbook.provenance import hardware
+
+# Library chatter that says nothing about the run: Lightning's own deprecation of a torch API, and its note
+# on the skipped (non-finite) steps, which the run counts and reports itself.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`")
 
 SCHEDULES = ("cosine", "exponential")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")

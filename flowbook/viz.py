@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import torch
 import torchvision
@@ -88,11 +90,13 @@ def plot_scaling_factors(factors=(0.5, 1.0, 2.0)):
 
 
 def plot_histogram(values: dict, bins: int = 128, xlabel: str = "", title: str = ""):
-    """Overlaid density histograms of {label: 1-D array}."""
+    """Overlaid density histograms of {label: 1-D array} (seaborn's histplot, one colour per label)."""
+    import seaborn as sns
+
     fig, ax = plt.subplots(figsize=(8, 3))
     for label, v in values.items():
-        v = np.asarray(torch.as_tensor(v).detach().cpu().flatten())
-        ax.hist(v, bins=bins, density=True, alpha=0.5, label=label)
+        v = np.asarray(torch.as_tensor(v).detach().cpu().flatten(), dtype=float)
+        sns.histplot(v, bins=bins, stat="density", alpha=0.45, element="step", label=label, ax=ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.set_title(title)
@@ -154,8 +158,13 @@ def plot_training_curves(curves: dict, title: str = "Training: bits per dimensio
             ax.plot(steps, bpd, label=name)
         else:
             ax.plot([], [], label=f"{name} (loaded from a checkpoint: no curve)")
+    ax.set_yscale("log")  # the first steps' bpd is many times the last ones': a log axis keeps both readable
+    low, high = ax.get_ylim()
+    ticks = [t for t in (1, 1.2, 1.5, 2, 3, 5, 10, 20, 30, 50) if low <= t <= high]
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_xlabel("training step")
-    ax.set_ylabel("bits per dimension")
+    ax.set_ylabel("bits per dimension (log scale)")
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)

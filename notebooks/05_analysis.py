@@ -218,7 +218,7 @@ def interpolate(z_a, z_b, num_steps):
     raise NotImplementedError("Exercise 1: implement interpolate")
 
 
-# %% tags=["solution"]
+# %% tags=["solution"] jupyter={"source_hidden": true}
 def interpolate(z_a, z_b, num_steps):
     """[1, C, H, W] x 2 -> [num_steps, C, H, W], from z_a to z_b."""
     lam = torch.linspace(0, 1, num_steps).view(-1, 1, 1, 1)
@@ -241,7 +241,7 @@ def temperature_latent(shape, temperature):
     raise NotImplementedError("Exercise 2: implement temperature_latent")
 
 
-# %% tags=["solution"]
+# %% tags=["solution"] jupyter={"source_hidden": true}
 def temperature_latent(shape, temperature):
     """A float32 tensor of `shape` with entries drawn from N(0, temperature^2)."""
     return torch.randn(shape) * temperature
@@ -256,7 +256,7 @@ assert exercises.check_temperature_latent(temperature_latent)
 # The multi-scale flow's samples look much more like digits, yet its test bpd is only a few percent lower
 # than the single-scale flows'. Why can a small difference in bpd come with a large difference in samples?
 
-# %% [markdown] tags=["answer"]
+# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
 # **Answer.** bpd averages the log-likelihood over all 784 pixels, and most of it is spent on local detail:
 # the exact grey levels of stroke edges and the (near-deterministic) black background. Global structure, whether
 # the strokes form a digit, is a small number of bits per image, a tiny fraction of the roughly 800 bits an
