@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import matplotlib
+import matplotlib.patches
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 import torchvision
 
 from flowbook.layers import Dequantization
+from flowbook.models import num_parameters
 
 
 def _to_display(imgs) -> torch.Tensor:
@@ -168,5 +170,86 @@ def plot_training_curves(curves: dict, title: str = "Training: bits per dimensio
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _box(ax, x, y, text, color="#dbe9f6", w=1.6, h=0.5, fontsize=9):
+    ax.add_patch(matplotlib.patches.FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.05",
+                                                   facecolor=color, edgecolor="#333333"))
+    ax.text(x, y, text, ha="center", va="center", fontsize=fontsize)
+
+
+def _arrow(ax, start, end, text=None):
+    ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="->", color="#333333", lw=1.2))
+    if text:
+        ax.text((start[0] + end[0]) / 2 + 0.08, (start[1] + end[1]) / 2, text, fontsize=8, color="#555555")
+
+
+def draw_coupling_layer():
+    """The computation graph of one affine coupling layer (forward direction), as a figure."""
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    _box(ax, 0, 3, "z  [B, C, H, W]")
+    _box(ax, -1.6, 2, "kept half\nz * mask", "#e8f4e0")
+    _box(ax, 1.6, 2, "transformed half\nz * (1 - mask)", "#fbe3d6")
+    _box(ax, -1.6, 1, "network NN\n(gated ResNet)", "#f2f2f2")
+    _box(ax, -1.6, 0, "s = tanh(s'/e^f) e^f,  t", "#f2f2f2", w=2.2)
+    _box(ax, 1.6, 0, "(z + t) * exp(s)", "#fbe3d6")
+    _box(ax, 0, -1, "z'  (kept half unchanged)")
+    _box(ax, -3.6, -1, "ldj += sum(s)", "#fff6cc", w=1.5)
+    _arrow(ax, (-0.3, 2.75), (-1.3, 2.25))
+    _arrow(ax, (0.3, 2.75), (1.3, 2.25))
+    _arrow(ax, (-1.6, 1.75), (-1.6, 1.25))
+    _arrow(ax, (-1.6, 0.75), (-1.6, 0.25), "s', t")
+    _arrow(ax, (1.6, 1.75), (1.6, 0.25))
+    _arrow(ax, (-0.5, 0), (0.8, 0), "s, t")
+    _arrow(ax, (1.3, -0.25), (0.3, -0.75))
+    ax.annotate("", xy=(-0.7, -1), xytext=(-2.45, 2), arrowprops=dict(arrowstyle="->", color="#2a7a2a", lw=1.2,
+                                                                      connectionstyle="arc3,rad=0.35"))
+    _arrow(ax, (-2.3, -0.25), (-3.3, -0.75))
+    ax.text(-3.2, 0.9, "kept half\npassed through", fontsize=8, color="#2a7a2a")
+    ax.set_xlim(-4.6, 3.2), ax.set_ylim(-1.6, 3.5)
+    ax.axis("off")
+    ax.set_title("An affine coupling layer, forward: the kept half conditions a scale and shift of the other half")
+    fig.tight_layout()
+    return fig
+
+
+def _layer_label(layer) -> str:
+    name = type(layer).__name__
+    if name == "CouplingLayer":
+        kind = "checkerboard" if layer.mask.shape[1] == 1 else "channel"
+        width = next(m for m in layer.network.modules() if isinstance(m, torch.nn.Conv2d)).out_channels
+        return f"coupling ({kind}, {width} hidden)"
+    if name == "VariationalDequantization":
+        return f"variational dequantization ({len(layer.flows)} couplings)"
+    return {"Dequantization": "dequantization (uniform)", "SqueezeFlow": "squeeze", "SplitFlow": "split: half to the prior"}.get(name, name)
+
+
+@torch.no_grad()
+def draw_architectures(models: dict):
+    """The layers of each model in {name: ImageFlow} from image (top) to latent (bottom), with the shape each
+    layer outputs, traced through the models themselves."""
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 7.2))
+    colors = {"coupling": "#dbe9f6", "variational": "#e8f4e0", "dequantization": "#e8f4e0",
+              "squeeze": "#fff6cc", "split": "#fbe3d6"}
+    for ax, (name, model) in zip(np.atleast_1d(axes), models.items()):
+        z = torch.zeros(1, *model.img_shape, dtype=torch.int32, device=next(model.parameters()).device)
+        ldj = torch.zeros(1, device=z.device)
+        rows = []
+        for layer in model.flows:
+            z, ldj = layer(z, ldj, reverse=False)
+            rows.append((_layer_label(layer), list(z.shape[1:])))
+        top = len(rows)
+        _box(ax, 0, top + 0.2, f"image {list(model.img_shape)}", "#f2f2f2", w=2.6, h=0.55)
+        for i, (label, shape) in enumerate(rows):
+            y = top - 1 - i
+            color = colors.get(label.split(" ")[0].rstrip(":"), "#dbe9f6")
+            _box(ax, 0, y + 0.2, f"{label}\n-> {shape}", color, w=2.9, h=0.72, fontsize=8)
+            _arrow(ax, (0, y + 0.9), (0, y + 0.58))
+        ax.set_xlim(-1.7, 1.7), ax.set_ylim(-0.6, top + 0.7)
+        ax.axis("off")
+        ax.set_title(f"{name}\n{num_parameters(model):,} parameters, latent {list(z.shape[1:])}", fontsize=10)
+    fig.suptitle("The three MNIST flows, from image (top) to latent (bottom)")
     fig.tight_layout()
     return fig

@@ -50,9 +50,17 @@ print(f"flowbook runs in {settings.mode} mode (set FLOWBOOK_MODE=quick or full t
 #
 # A flow is an invertible function $f$ that maps data $x$ to a latent $z$ of the same dimension, where
 # $z$ follows a simple prior, a standard normal. Because $f$ is invertible we can go both ways: encode any
-# image exactly, and sample by drawing $z$ and computing $x = f^{-1}(z)$. The price is that every layer must
-# be invertible, with a log-determinant we can compute cheaply. The rest of this chapter explains why the
-# log-determinant appears.
+# continuous point exactly, and sample by drawing $z$ and computing $x = f^{-1}(z)$. The price is that every
+# layer must be invertible, with a log-determinant we can compute cheaply. The rest of this chapter explains
+# why the log-determinant appears.
+#
+# **Why images?** This course models images, as most work on deep flows does, for three reasons. Images
+# are high-dimensional and structured (a 28x28 digit has 784 correlated pixels), which makes density
+# modeling hard and interesting. Convolutional networks are well studied and strong on images, and a flow
+# can use them freely inside its layers (chapter 3). And pixels are discrete integers, which a density over
+# continuous values must be taught to respect (chapter 2). One caution: flows keep the dimension of their
+# input, so they are expensive in parameters and compute; the flows here are kept small enough to train on
+# a CPU, and making them deeper is the simplest way to improve them.
 #
 # ## The change of variables in one dimension
 #

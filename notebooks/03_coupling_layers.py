@@ -62,7 +62,13 @@ print(f"{settings.mode} mode on {device}")
 #
 # so the layer adds $\sum_j s_j$ to `ldj` going forward and subtracts it in reverse. In code the split is a
 # mask: $z_1 = z \odot m$ feeds the network, and $s, t$ are multiplied by $1 - m$ so that the kept half gets
-# $s = t = 0$, the identity. flowbook's implementation:
+# $s = t = 0$, the identity. The computation of one layer, as a graph:
+
+# %%
+viz.draw_coupling_layer();
+
+# %% [markdown]
+# flowbook's implementation:
 
 # %%
 print(inspect.getsource(CouplingLayer.forward))

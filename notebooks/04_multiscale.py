@@ -121,7 +121,10 @@ assert list(z.shape) == [2, 8, 7, 7]
 
 # %% [markdown]
 # The latent has $8 \cdot 7 \cdot 7 = 392$ dimensions; the other 392 were scored at the split. Here are the
-# three models side by side, counted live:
+# three models side by side, drawn by tracing an image through each and counted live:
+
+# %%
+viz.draw_architectures({name: create_flow(name) for name in MODEL_NAMES});
 
 # %%
 table = []
