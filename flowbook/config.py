@@ -9,6 +9,7 @@ A chapter reads its settings from `settings()` and never decides on its own whet
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,14 @@ def mode() -> str:
 def settings() -> Settings:
     """The settings of the current mode (see `Settings`)."""
     return QUICK if mode() == "quick" else FULL
+
+
+def progress_bar(iterable, desc: str, total: int | None = None):
+    """`iterable` wrapped in a compact text progress bar on standard output (in a notebook it reads as
+    output, not as a red warning), shown where the mode's `progress` is on."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, file=sys.stdout, mininterval=2, disable=not settings().progress)
 
 
 def get_device() -> torch.device:

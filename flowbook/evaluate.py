@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def bpd_per_image(model: ImageFlow, images: torch.Tensor, importance_samples: in
     device = next(model.parameters()).device
     batches = images.split(batch_size)
     out = [model.bits_per_dim(b.to(device), importance_samples).float().cpu()
-           for b in tqdm(batches, desc=desc, disable=not progress, leave=False)]
+           for b in tqdm(batches, desc=desc, disable=not progress, leave=False, file=sys.stdout, mininterval=2)]
     return torch.cat(out)
 
 

@@ -39,7 +39,7 @@ def run_chapter(source: Path, mode: str = "quick") -> nbformat.NotebookNode:
     before = os.environ.get("FLOWBOOK_MODE")
     os.environ["FLOWBOOK_MODE"] = mode
     try:
-        NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
+        NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3", coalesce_streams=True,
                        resources={"metadata": {"path": str(source.parent)}}).execute()
     finally:
         if before is None:

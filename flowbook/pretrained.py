@@ -52,7 +52,8 @@ def train_quick(name: str, retrain: bool = False, device: torch.device | None = 
         model, curve = model_from_checkpoint(ckpt, map_location=device, arch=name), None
     else:
         shutil.rmtree(out, ignore_errors=True)
-        model, summary = train(name, out, device=str(device), progress=progress, epochs=1, max_steps=s.demo_steps,
+        model, summary = train(name, out, device=str(device), progress="steps" if progress else False,
+                               epochs=1, max_steps=s.demo_steps,
                                batch_size=s.batch_size, train_images=s.train_images, val_images=s.eval_images)
         curve = summary["train_curve"]
     images = f"{s.train_images} images" if s.train_images else "the training set"
@@ -70,5 +71,7 @@ def load_trained(name: str, device: torch.device | None = None,
         return (model_from_checkpoint(ckpt, map_location=device, arch=name), describe_checkpoint(ckpt, shipped.name),
                 None)
     model, source, curve = train_quick(name, device=device, progress=progress)
-    return model, (f"{source}, since there is no trained checkpoint {name}.pt in {config.checkpoint_path()} "
+    folder = config.checkpoint_path()
+    shown = folder.relative_to(config.PROJECT_ROOT) if folder.is_relative_to(config.PROJECT_ROOT) else folder
+    return model, (f"{source}, since there is no trained checkpoint {name}.pt in {shown}/ "
                    "(`make train-all` trains the real models)"), curve

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from tqdm import tqdm  # text bars: work in a terminal and in Jupyter without ipywidgets
 
 from flowbook import config
 from flowbook.checkpoints import load_model, load_state, read_checkpoint, save_checkpoint
@@ -276,6 +278,24 @@ class DeviceBatches:
             yield (self.images[order[i * self.batch_size:(i + 1) * self.batch_size]],)
 
 
+class StepProgress(pl.Callback):
+    """One compact text bar of the run's optimizer steps and its latest training bpd, refreshed every few
+    seconds: for notebooks, where Lightning's bar would store a line per refresh."""
+
+    def on_train_start(self, trainer, module):
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.max_epochs * trainer.num_training_batches
+        self.bar = tqdm(total=total, desc="training", unit="step", mininterval=5, leave=True, file=sys.stdout)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.bar.update(trainer.global_step - self.bar.n)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.bar.set_postfix(bpd=f"{float(loss):.2f}", refresh=False)
+
+    def on_train_end(self, trainer, module):
+        self.bar.close()
+
+
 class EpochSeeds(pl.Callback):
     """At the start of epoch k, seed the global random generators (dequantization noise) and the GPU
     batches' order with (seed, k): a run resumed after epoch k - 1 then continues exactly as an
@@ -504,6 +524,8 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
     """Train one model; return (the best model by validation bpd, or the last where none was saved,
     the run summary). `settings` are the fields of `RunSettings` (epochs, batch_size, lr, ...), all
     validated before any data is loaded. `datasets` = (train, val) overrides MNIST (tests use it).
+    progress: True for Lightning's progress bar and logs, "steps" for one compact bar (notebooks), False
+    for silence.
 
     The fast path (flowbook.fast): `precision` "bf16-mixed" runs the networks in bfloat16 autocast,
     `channels_last` stores activations NHWC and `compile` (a torch.compile mode) compiles the training
@@ -530,8 +552,9 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
     device = torch.device(device) if device else config.get_device()
     if device.type == "cuda":
         enable_tf32()
-    if not progress:
+    if progress is not True:  # Lightning's notes (accelerators, tips) only with its own progress bar
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
     train_set, val_set = datasets if datasets is not None else load_mnist()[:2]
     train_set, val_set = train_set.subset(run.train_images), val_set.subset(run.val_images)
@@ -562,11 +585,12 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
     callbacks = [saver, BudgetPlanner(run.planned_steps(len(train_batches)), run.max_minutes, saver.epoch_s),
                  EpochSeeds(run.seed, train_batches if isinstance(train_batches, DeviceBatches) else None)]
     callbacks += [pl.callbacks.LearningRateMonitor("step")] if progress else []
+    callbacks += [StepProgress()] if progress == "steps" else []
     trainer = pl.Trainer(
         default_root_dir=out_dir, max_epochs=run.epochs, max_steps=run.max_steps,
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=run.precision,
         gradient_clip_val=GRADIENT_CLIP, callbacks=callbacks, logger=loggers if progress else False,
-        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+        enable_checkpointing=False, enable_progress_bar=progress is True, enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=min(50, len(train_batches)),
     )
     with _run_lock(out_dir), trusted_images():

@@ -272,7 +272,7 @@ def log_prob_affine(x, scale, shift):
     raise NotImplementedError("Exercise 1: implement log_prob_affine with the change of variables")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 def log_prob_affine(x, scale, shift):
     """log p(x) for x = scale * z + shift, z ~ N(0, 1); x is a tensor, scale and shift are floats."""
     z = (x - shift) / scale  # f(x) = g^-1(x)
@@ -295,7 +295,7 @@ def bits_per_dim(log_likelihood, num_dims):
     raise NotImplementedError("Exercise 2: implement bits_per_dim")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 def bits_per_dim(log_likelihood, num_dims):
     """[B] log-likelihoods in nats -> [B] bits per dimension."""
     return -log_likelihood / (num_dims * math.log(2))
@@ -310,7 +310,7 @@ assert exercises.check_bits_per_dim(bits_per_dim)
 # A VAE can encode a 784-pixel image into 20 numbers. Why can a normalizing flow not do that, and what does
 # the multi-scale architecture of chapter 4 do instead?
 
-# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** The change of variables needs an invertible, differentiable $f$ with a square Jacobian:
 # a map from 784 to 20 dimensions loses information (many images share a code), has no inverse and no
 # determinant, so $p_x$ would no longer be defined by the formula. The multi-scale architecture keeps all
@@ -323,7 +323,7 @@ assert exercises.check_bits_per_dim(bits_per_dim)
 # In the first figure, the scale $x = 2z + 1$ halved the height of the density. What would happen to the
 # likelihood of training data if a flow could shrink volume without paying the $\log|\det J|$ term?
 
-# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** Without the volume term the objective is $\sum_i \log \mathcal N(f(x_i); 0, I)$, and that is
 # bounded above by $-\tfrac D2 \log 2\pi$ per point, reached at $f(x_i) = 0$. So maximum likelihood does not
 # diverge: it collapses. The best "flow" contracts everything onto the prior's mode ($f \to 0$, e.g. $f(x) =

@@ -115,8 +115,8 @@ assert on_integers[0] > on_integers[-1] + 5 and np.argmax(dequantized) > 0
 # their freedom. And at initialisation every coupling layer is the identity (chapter 3), so the latent is the
 # input itself: a pixel of value 255 would be a standard normal value 255 standard deviations from the mean,
 # with a log-density of about $-255^2/2 \approx -32{,}500$ nats per pixel, and gradients to match: training
-# from there diverges at once. After the logit, the same untrained flow starts at a few bits per dimension
-# (measured below).
+# from there diverges at once. After the logit, the same untrained flow starts at tens of bits per dimension
+# instead of thousands (measured below), and training brings it down to about one.
 # flowbook's `Dequantization` layer therefore maps $x$ to $y \in \mathbb{R}^D$ in four elementwise steps and
 # adds the log of each step's derivative to `ldj` (summed over the $D$ pixels):
 #
@@ -158,7 +158,7 @@ v = imgs.double() + torch.rand(imgs.shape, dtype=torch.float64)  # x + u, no log
 raw_bpd = ((0.5 * v**2 + 0.5 * math.log(2 * math.pi)).mean() / math.log(2)).item()
 with torch.no_grad():
     logit_bpd = create_simple_flow().bits_per_dim(imgs).mean().item()
-assert raw_bpd > 100 * logit_bpd
+assert raw_bpd > 20 * logit_bpd
 Markdown(f"Without the logit: {raw_bpd:,.0f} bits per dimension; with it: {logit_bpd:.2f}.")
 
 # %% [markdown]

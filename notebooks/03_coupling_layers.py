@@ -197,8 +197,8 @@ for name in ("simple", "vardeq"):
 # %%
 eval_images = test_set.images[:settings.eval_images]
 torch.manual_seed(0)
-test_bpd = {name: mean_bpd(m, eval_images, settings.importance_samples, progress=settings.progress)
-            for name, m in models.items()}
+test_bpd = {name: mean_bpd(m, eval_images, settings.importance_samples)
+            for name, m in config.progress_bar(models.items(), "evaluating", total=len(models))}
 for name, bpd in test_bpd.items():
     print(f"{name:8s} test bpd {bpd:.3f} ({len(eval_images):,} images, {settings.importance_samples} samples)")
 assert all(0 < b < 8 for b in test_bpd.values()), "every trained flow must beat the 8-bit uniform model"

@@ -162,7 +162,7 @@ print(f"multiscale: {source}")
 # %%
 eval_images = test_set.images[:settings.eval_images]
 torch.manual_seed(0)
-bpd = mean_bpd(model, eval_images, settings.importance_samples, progress=settings.progress)
+bpd = mean_bpd(model, eval_images, settings.importance_samples, progress=settings.progress, batch_size=64)
 print(f"multiscale test bpd {bpd:.3f} ({len(eval_images):,} images, {settings.importance_samples} importance samples)")
 assert 0 < bpd < 8
 

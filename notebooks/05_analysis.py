@@ -53,11 +53,11 @@ for name in MODEL_NAMES:
 val_images, test_images = val_set.images[:settings.eval_images], test_set.images[:settings.eval_images]
 K = settings.importance_samples
 results = {}
-for name, model in models.items():
+for name, model in config.progress_bar(models.items(), "evaluating the models", total=len(models)):
     torch.manual_seed(0)
     results[name] = {
-        "val": mean_bpd(model, val_images, K, progress=settings.progress),
-        "test": mean_bpd(model, test_images, K, progress=settings.progress),
+        "val": mean_bpd(model, val_images, K),
+        "test": mean_bpd(model, test_images, K),
         "inference_ms": 1000 * inference_time(model, test_images[:64], repeats=3),
         "sampling_ms": 1000 * sampling_time(model, 64, repeats=3),
         "params": num_parameters(model),

@@ -113,3 +113,12 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary_file(tmp_path, monke
     with pytest.raises(OSError, match="No space"):
         save_checkpoint(create_flow("simple"), "simple", tmp_path / "m.pt", epochs=2)
     assert (tmp_path / "m.pt").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_readme_shows_exactly_the_shipped_results():
+    from flowbook.results import results_table
+
+    if not SHIPPED:
+        pytest.skip("no shipped checkpoints")
+    assert results_table(ROOT / "checkpoints") in (ROOT / "README.md").read_text(), \
+        "the README's results table differs from checkpoints/*.json: paste `python -m flowbook.results`"

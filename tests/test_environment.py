@@ -41,3 +41,9 @@ def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_test_one():
 def test_jupytext_pairs_ipynb_with_py_percent():
     config = tomllib.loads((ROOT / "jupytext.toml").read_text())
     assert config["formats"] == "ipynb,py:percent"
+
+
+def test_make_clean_never_deletes_training_runs():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^clean:.*\n((?:\t.*\n)+)", makefile, flags=re.M).group(1)
+    assert "rm" in recipe and "runs" not in recipe, f"`make clean` must keep runs/: {recipe.strip()}"

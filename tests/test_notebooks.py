@@ -62,3 +62,38 @@ def test_every_stub_has_a_solution_and_a_checker(source):
             assert "exercises.check_" in cells[i + 2].source, f"stub {i} has no checker cell"
         if "answer" in tags:
             assert cell.cell_type == "markdown" and cells[i - 1].source.lstrip().startswith("### Exercise")
+
+
+@pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
+def test_notebook_carries_outputs_computed_from_its_current_source(source):
+    from flowbook.outputs import source_sha256
+
+    nb = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
+    recorded = nb.metadata.get("flowbook", {}).get("source_sha256")
+    assert recorded == source_sha256(source), \
+        f"{source.with_suffix('.ipynb').name} holds no outputs of the current {source.name}: run `make outputs`"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert sum(bool(c.get("outputs")) for c in code) >= len(code) // 2, "most code cells show something"
+    assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", [])
+                   if "raises-exception" not in c.metadata.get("tags", [])), "a stored output is an error"
+    figures = [o for c in code for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert figures, "a chapter shows its figures before it is run"
+
+
+@pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
+def test_solutions_and_answers_are_collapsed_so_a_reader_meets_the_question_first(source):
+    nb = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
+    for cell in nb.cells:
+        if {"solution", "answer"} & set(cell.metadata.get("tags", [])):
+            assert cell.metadata.get("jupyter", {}).get("source_hidden") is True, cell.source[:60]
+
+
+def test_html_book_loads_mathjax_from_its_own_folder(tmp_path):
+    from flowbook.book import build
+
+    pages = build(tmp_path)
+    assert [p.stem for p in pages] == EXPECTED and (tmp_path / "index.html").is_file()
+    assert (tmp_path / "mathjax" / "MathJax.js").is_file(), "MathJax must be copied for offline reading"
+    page = pages[1].read_text()
+    assert 'src="mathjax/MathJax.js' in page and "cdnjs" not in page and "https://cdn" not in page
+    assert "\\log" in page, "the maths is in the page, for MathJax to render"
