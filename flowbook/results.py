@@ -1,6 +1,7 @@
 """The shipped checkpoints' results, as the Markdown table the README shows.
 
-    python -m flowbook.results        # prints the table from checkpoints/<model>.json
+    python -m flowbook.results                       # the table from checkpoints/<model>.json
+    python -m flowbook.results --runs runs/cpu/*     # a runbook table of training runs (docs/training.md)
 
 tests/test_checkpoints.py checks that the README holds exactly this table, so that it can never disagree
 with the results JSONs.
@@ -36,5 +37,35 @@ def results_table(folder: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def runs_table(folders) -> str:
+    """A Markdown row per run folder (its train_summary.json, and <model>.json where evaluated): model,
+    hardware, batch, peak lr, minutes, images seen, validation bpd (1 sample, during training) and test
+    bpd (8 importance samples, 10,000 images) where evaluated."""
+    lines = ["| run | model | hardware | batch | peak lr | minutes | epochs | images seen | val bpd (1 sample) "
+             "| test bpd |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for folder in map(Path, folders):
+        summary_file = folder / "train_summary.json"
+        if not summary_file.is_file():
+            continue
+        summary = json.loads(summary_file.read_text())
+        stage = summary["history"][-1]
+        results = folder / f"{summary['arch']}.json"
+        test = json.loads(results.read_text())["test_bpd"] if results.is_file() else None
+        lines.append(f"| {folder.name} | {summary['arch']} | {stage['hardware']} | {stage['settings']['batch_size']} "
+                     f"| {stage['settings']['lr']:g} | {stage['wall_s'] / 60:.0f} | {stage['epochs']} "
+                     f"| {stage['images_seen']:,} | {summary['best_val_bpd_1sample']:.3f} "
+                     f"| {'-' if test is None else f'{test:.3f}'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", nargs="+", type=Path, help="run folders: print the runbook table instead")
+    args = parser.parse_args(argv)
+    print(runs_table(args.runs) if args.runs else results_table())
+
+
 if __name__ == "__main__":
-    print(results_table())
+    main()

@@ -7,7 +7,8 @@ import torch
 from torch.autograd.functional import jacobian
 
 from conftest import perturb_
-from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, SplitFlow, SqueezeFlow,
+from flowbook.layers import (ActNorm, CouplingLayer, Dequantization, GatedConvNet, GlowStep, InvConv1x1, SplitFlow,
+                             SqueezeFlow,
                              VariationalDequantization, create_channel_mask, create_checkerboard_mask)
 
 B = 3
@@ -49,8 +50,31 @@ def toy_coupling():
     return ToyCoupling(keep=1, hidden=8), (2,)
 
 
+def _initialized(actnorm):
+    actnorm.initialized.fill_(True)  # keep the perturbed weights: no data-dependent initialisation
+    return actnorm
+
+
+def actnorm():
+    return _initialized(ActNorm(3)), (3, 2, 3)
+
+
+def invconv_lu():
+    return InvConv1x1(4, lu=True), (4, 2, 2)
+
+
+def invconv_plain():
+    return InvConv1x1(4, lu=False), (4, 2, 2)
+
+
+def glow_step():
+    step = GlowStep(4, c_hidden=8)
+    _initialized(step.flows[0])
+    return step, (4, 2, 2)
+
+
 CONTINUOUS_LAYERS = [coupling_checkerboard, coupling_checkerboard_inverted, coupling_channel,
-                     coupling_channel_inverted, squeeze, toy_coupling]
+                     coupling_channel_inverted, squeeze, toy_coupling, actnorm, invconv_lu, invconv_plain, glow_step]
 
 
 @pytest.fixture(params=CONTINUOUS_LAYERS, ids=lambda f: f.__name__)
@@ -226,3 +250,43 @@ def test_dequantization_round_trip_is_exact_on_the_whole_mnist_test_set(mnist, n
     back, _ = deq(y, ldj, reverse=True)
     assert y.dtype == torch.float32
     assert torch.equal(back, images), f"{(back != images).sum()} of {images.numel()} pixels differ"
+
+
+def test_actnorm_initialises_from_the_first_batch_to_zero_mean_and_unit_variance():
+    z = torch.randn(16, 3, 4, 4, dtype=torch.float64) * torch.tensor([0.5, 2.0, 7.0]).view(1, 3, 1, 1) + 3
+    layer = ActNorm(3).double()
+    y, _ = layer(z, torch.zeros(16, dtype=torch.float64))
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(y.std(dim=(0, 2, 3)), torch.ones(3, dtype=torch.float64), atol=1e-5, rtol=0)
+    before = [p.clone() for p in layer.parameters()]
+    layer(z * 10, torch.zeros(16, dtype=torch.float64))  # a second batch: no new initialisation
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+
+
+def test_actnorm_initialisation_survives_saving_and_loading(tmp_path):
+    layer = ActNorm(3)
+    layer(torch.randn(8, 3, 4, 4) * 5 + 2, torch.zeros(8))
+    torch.save(layer.state_dict(), tmp_path / "actnorm.pt")
+    reloaded = ActNorm(3)
+    reloaded.load_state_dict(torch.load(tmp_path / "actnorm.pt", weights_only=True))
+    reloaded(torch.randn(8, 3, 4, 4) * 100, torch.zeros(8))  # its first batch after loading
+    for a, b in zip(layer.parameters(), reloaded.parameters()):
+        assert torch.equal(a, b), "a reloaded ActNorm initialised itself again"
+
+
+def test_lu_and_plain_1x1_convolutions_agree_for_the_same_matrix():
+    lu = perturb_(InvConv1x1(4, lu=True)).double()
+    w, log_det = lu.weight_and_logdet()
+    plain = InvConv1x1(4, lu=False).double()
+    with torch.no_grad():
+        plain.weight.copy_(w)
+    torch.testing.assert_close(log_det, torch.linalg.slogdet(w)[1], rtol=1e-10, atol=1e-10)
+    z = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    (a, la), (b, lb) = lu(z, torch.zeros(2, dtype=torch.float64)), plain(z, torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(la, lb)
+
+
+def test_glow_step_needs_an_even_number_of_channels():
+    with pytest.raises(ValueError, match="even number of channels"):
+        GlowStep(3, c_hidden=8)

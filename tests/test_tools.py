@@ -120,3 +120,22 @@ def test_evaluation_never_replaces_a_more_thorough_json_of_the_same_weights(tmp_
                                 progress=False)  # new weights: the old JSON describes weights that are gone
     assert newer["checkpoint_sha256"] != thorough["checkpoint_sha256"]
     assert json.loads((tmp_path / "simple.json").read_text())["training"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_without_a_checkpoint_no_chapter_starts_a_long_run(tmp_path, monkeypatch, mode):
+    import flowbook.pretrained as pretrained
+
+    calls = []
+
+    def fake_train(name, out, **kwargs):
+        calls.append(kwargs)
+        return create_flow(name).eval(), {"train_curve": [(1, 5.0)]}
+
+    monkeypatch.setenv("PATH_CHECKPOINT", str(tmp_path / "none"))
+    monkeypatch.setenv("FLOWBOOK_MODE", mode)
+    monkeypatch.setattr(pretrained, "train", fake_train)
+    monkeypatch.setattr(pretrained.config, "PROJECT_ROOT", tmp_path)
+    model, source, curve = pretrained.load_trained("simple", device=torch.device("cpu"))
+    assert len(calls) == 1 and calls[0]["max_steps"] == config.settings().demo_steps <= 1000
+    assert calls[0]["epochs"] == 1 and "make train-all" in source and curve == [(1, 5.0)]

@@ -2,10 +2,11 @@
 z: [B, C, H, W], ldj: [B], on the device and in the float dtype of its input."""
 from flowbook.layers.coupling import CouplingLayer, create_channel_mask, create_checkerboard_mask
 from flowbook.layers.dequantization import Dequantization, VariationalDequantization
+from flowbook.layers.glow import ActNorm, GlowStep, InvConv1x1
 from flowbook.layers.multiscale import SplitFlow, SqueezeFlow
 from flowbook.nets import ConcatELU, GatedConv, GatedConvNet, LayerNormChannels
 
 __all__ = [
-    "ConcatELU", "CouplingLayer", "Dequantization", "GatedConv", "GatedConvNet", "LayerNormChannels",
+    "ActNorm", "GlowStep", "InvConv1x1", "ConcatELU", "CouplingLayer", "Dequantization", "GatedConv", "GatedConvNet", "LayerNormChannels",
     "SplitFlow", "SqueezeFlow", "VariationalDequantization", "create_channel_mask", "create_checkerboard_mask",
 ]
