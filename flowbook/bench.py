@@ -22,7 +22,7 @@ from tabulate import tabulate
 from flowbook.evaluate import _sync, inference_time, sampling_time
 from flowbook.fast import COMPILE_MODES, enable_tf32, speed_up
 from flowbook.layers.checks import trusted_images
-from flowbook.models import MODEL_NAMES, create_flow, num_parameters
+from flowbook.models import ALL_MODELS, MODEL_NAMES, create_flow, num_parameters
 
 
 def train_images_per_s(model, batch_size: int = 64, steps: int = 10, warmup: int = 2, bf16: bool = False) -> float:
@@ -142,7 +142,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64, help="training batch")
     parser.add_argument("--eval-batch", type=int, default=64, help="batch for likelihood and sampling")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per model")
-    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=ALL_MODELS)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training steps")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", default=None, choices=COMPILE_MODES, help="torch.compile the training loss")

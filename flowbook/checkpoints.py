@@ -8,7 +8,7 @@ from pathlib import Path, PurePath
 
 import torch
 
-from flowbook.models import MODEL_NAMES, ImageFlow, create_flow
+from flowbook.models import ALL_MODELS, ImageFlow, create_flow
 
 FORMAT = "flowbook-checkpoint-v1"
 
@@ -66,8 +66,8 @@ def _plain(value, key="meta"):
 def save_checkpoint(model: ImageFlow, arch: str, path: str | Path, **meta) -> None:
     """Save `model`'s weights (on the CPU, float32) under `arch` with JSON-able `meta` (paths are stored as
     strings; anything else raises a TypeError before a file is written)."""
-    if arch not in MODEL_NAMES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {MODEL_NAMES}")
+    if arch not in ALL_MODELS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {ALL_MODELS}")
     meta = _plain(meta)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
              for k, v in model.state_dict().items()}
@@ -105,7 +105,7 @@ def load_state(model: ImageFlow, ckpt: dict, arch: str | None = None) -> ImageFl
 def model_from_checkpoint(ckpt: dict, map_location: str | torch.device = "cpu", arch: str | None = None) -> ImageFlow:
     """Build the architecture of a checkpoint dict (from `read_checkpoint`), load its weights, and return it
     in eval mode on `map_location`. With `arch` given, another architecture raises CheckpointError."""
-    if ckpt["arch"] not in MODEL_NAMES:
+    if ckpt["arch"] not in ALL_MODELS:
         raise CheckpointError(f"the checkpoint holds an unknown architecture {ckpt['arch']!r}")
     model = load_state(create_flow(ckpt["arch"]), ckpt, arch)
     return model.to(map_location).eval()

@@ -42,7 +42,7 @@ from flowbook.checkpoints import load_model, load_state, read_checkpoint, save_c
 from flowbook.data import ImageDataset, load_mnist, make_loader
 from flowbook.fast import COMPILE_MODES, enable_tf32, speed_up
 from flowbook.layers.checks import check_images, trusted_images
-from flowbook.models import MNIST_SHAPE, MODEL_NAMES, ImageFlow, create_flow, num_parameters
+from flowbook.models import ALL_MODELS, MNIST_SHAPE, ImageFlow, create_flow, num_parameters
 from flowbook.provenance import hardware
 
 # Library chatter that says nothing about the run: Lightning's own deprecation of a torch API, and its note
@@ -532,8 +532,8 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
     loss; left unset, they are chosen for the device (`RunSettings.resolved`). On a GPU the data set is
     held on the device and TF32 is on. The images are checked once as a whole, so that no training step
     waits for the GPU to report their value range."""
-    if arch not in MODEL_NAMES:
-        raise ValueError(f"unknown model {arch!r}; choose one of {MODEL_NAMES}")
+    if arch not in ALL_MODELS:
+        raise ValueError(f"unknown model {arch!r}; choose one of {ALL_MODELS}")
     run = RunSettings(**settings)
     if run.init is not None and resume:
         raise ValueError("--init starts a new stage and --resume continues an old one: pass only one")
@@ -621,7 +621,7 @@ def _optional(kind):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, choices=MODEL_NAMES)
+    parser.add_argument("--model", required=True, choices=ALL_MODELS)
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (after warm-up)")

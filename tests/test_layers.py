@@ -261,6 +261,10 @@ def test_actnorm_initialises_from_the_first_batch_to_zero_mean_and_unit_variance
     before = [p.clone() for p in layer.parameters()]
     layer(z * 10, torch.zeros(16, dtype=torch.float64))  # a second batch: no new initialisation
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+    probe = ActNorm(3)
+    with torch.no_grad():
+        probe(torch.zeros(1, 3, 4, 4), torch.zeros(1))  # a shape probe of zeros must not initialise it
+    assert not probe.initialized and torch.equal(probe.log_scale, torch.zeros_like(probe.log_scale))
 
 
 def test_actnorm_initialisation_survives_saving_and_loading(tmp_path):

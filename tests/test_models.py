@@ -201,3 +201,16 @@ def test_half_precision_weights_are_refused_rather_than_giving_a_wrong_bpd(dtype
 def test_importance_samples_must_be_a_positive_integer(k):
     with pytest.raises(ValueError, match="importance_samples must be an integer"):
         create_flow("simple").bits_per_dim(torch.zeros(1, 1, 28, 28, dtype=torch.int32), k)
+
+
+def test_glow_flow_has_about_the_multiscale_parameter_count_and_round_trips():
+    glow, multiscale = create_flow("glow"), create_flow("multiscale")
+    assert abs(num_parameters(glow) / num_parameters(multiscale) - 1) < 0.02
+    assert glow.latent_shape(2) == (2, 8, 7, 7)
+    perturb_(glow, scale=0.01)
+    imgs = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.int32)
+    with torch.no_grad():
+        z, _ = glow.encode(imgs)
+        back = glow.sample(z.shape, z_init=z)  # the split-off half is drawn afresh: compare shapes and range
+    assert back.shape == imgs.shape and 0 <= back.min() and back.max() <= 255
+    assert torch.isfinite(glow.bits_per_dim(imgs)).all()

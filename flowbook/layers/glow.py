@@ -14,9 +14,10 @@ import torch.nn.functional as F
 class ActNorm(nn.Module):
     """Per-channel affine map z' = (z + b) * exp(log_s), with data-dependent initialisation.
 
-    The first forward call sets b = -mean and log_s = -log(std) per channel, so that the first batch
-    comes out with zero mean and unit variance per channel; after that, b and log_s are trained like any
-    weight. Whether that has happened is the buffer `initialized`, saved in the state dict, so a model
+    The first forward call in training (train mode, gradients on: a real batch, not a shape probe such
+    as `ImageFlow.latent_shape` or an evaluation) sets b = -mean and log_s = -log(std) per channel, so
+    that the first batch comes out with zero mean and unit variance per channel; after that, b and log_s
+    are trained like any weight. Whether that has happened is the buffer `initialized`, saved in the state dict, so a model
     reloaded from a checkpoint is never initialised again by its next batch.
 
     forward:  z' = (z + b) * exp(log_s),  ldj += H * W * sum(log_s)
@@ -39,7 +40,7 @@ class ActNorm(nn.Module):
         self.initialized.fill_(True)
 
     def forward(self, z, ldj, reverse=False):
-        if not reverse and not bool(self.initialized):
+        if not reverse and self.training and torch.is_grad_enabled() and not bool(self.initialized):
             self.initialize(z)
         log_det = z.shape[2] * z.shape[3] * self.log_scale.sum()
         if not reverse:
