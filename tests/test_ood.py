@@ -1,0 +1,31 @@
+"""Out-of-distribution inputs and typicality: the variants, latent norms, scores and the AUC."""
+import torch
+
+from conftest import perturb_
+from flowbook.models import create_flow
+from flowbook.ood import latent_norms, ood_variants, separation_auc, typicality_score
+
+
+def test_variants_are_valid_images_of_the_same_shape():
+    digits = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.int32)
+    variants = ood_variants(digits)
+    assert {"digits", "all black", "inverted", "uniform noise", "shifted", "upside down"} <= set(variants)
+    for name, imgs in variants.items():
+        assert imgs.shape == digits.shape and imgs.dtype == torch.int32, name
+        assert 0 <= imgs.min() and imgs.max() <= 255, name
+    assert torch.equal(variants["inverted"], 255 - digits) and not variants["all black"].any()
+
+
+def test_latent_norms_and_typicality_scores_per_image():
+    model = perturb_(create_flow("multiscale"), scale=0.01).eval()
+    imgs = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.int32)
+    norms = latent_norms(model, imgs, batch_size=4)
+    assert norms.shape == (6,) and (norms > 0).all()
+    scores = typicality_score(model, imgs[:3], imgs[3:])
+    assert scores.shape == (3,) and (scores >= 0).all()
+
+
+def test_separation_auc_is_chance_for_equal_scores_and_one_for_perfect_separation():
+    a = torch.tensor([0.1, 0.2, 0.3])
+    assert separation_auc(a, a + 10) == 1.0 and separation_auc(a + 10, a) == 0.0
+    assert separation_auc(torch.ones(4), torch.ones(4)) == 0.5
