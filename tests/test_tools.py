@@ -102,7 +102,11 @@ def test_load_trained_prefers_a_shipped_checkpoint(tmp_path, monkeypatch):
     assert config.checkpoint_path() == tmp_path
 
 
-def test_evaluation_never_replaces_a_more_thorough_json_of_the_same_weights(tmp_path, mnist):
+def test_evaluation_never_replaces_a_more_thorough_json_of_the_same_weights(tmp_path, mnist, monkeypatch):
+    import flowbook.evaluate as evaluate
+
+    for slow in ("slice_bpd", "inference_time", "sampling_time"):  # not what this test is about
+        monkeypatch.setattr(evaluate, slow, lambda *args, **kwargs: 1.0)
     model = perturb_(create_flow("simple"), scale=0.01)
     save_checkpoint(model, "simple", tmp_path / "simple.pt", epochs=1)
     thorough = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=2, eval_images=16,
