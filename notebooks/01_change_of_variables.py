@@ -261,7 +261,7 @@ assert abs(uniform_bpd - 8) < 1e-12
 # Each implementation exercise has a checker in `flowbook.exercises`; it prints what is wrong if
 # something is.
 #
-# ### Exercise 1: the density of an affine map
+# ### Exercise 1: the density of an affine map (implementation, about 10 minutes)
 #
 # Let $z \sim \mathcal N(0, 1)$ and $x = a z + b$ with $a \neq 0$. Use the change of variables to write
 # `log_prob_affine(x, scale, shift)`, the log-density of $x$ (elementwise). Mind the sign of $a$.
@@ -284,7 +284,7 @@ def log_prob_affine(x, scale, shift):
 assert exercises.check_change_of_variables(log_prob_affine)
 
 # %% [markdown]
-# ### Exercise 2: from nats to bits per dimension
+# ### Exercise 2: from nats to bits per dimension (implementation, about 5 minutes)
 #
 # Write `bits_per_dim(log_likelihood, num_dims)` that turns log-likelihoods in nats (a tensor `[B]`) into
 # bits per dimension.
@@ -305,7 +305,7 @@ def bits_per_dim(log_likelihood, num_dims):
 assert exercises.check_bits_per_dim(bits_per_dim)
 
 # %% [markdown]
-# ### Exercise 3 (conceptual): why the same dimension?
+# ### Exercise 3: why the same dimension? (conceptual, about 10 minutes)
 #
 # A VAE can encode a 784-pixel image into 20 numbers. Why can a normalizing flow not do that, and what does
 # the multi-scale architecture of chapter 4 do instead?
@@ -318,7 +318,7 @@ assert exercises.check_bits_per_dim(bits_per_dim)
 # away and not transformed further, which saves computation while the total dimension stays 784.
 
 # %% [markdown]
-# ### Exercise 4 (conceptual): the volume term
+# ### Exercise 4: the volume term (conceptual, about 15 minutes)
 #
 # In the first figure, the scale $x = 2z + 1$ halved the height of the density. What would happen to the
 # likelihood of training data if a flow could shrink volume without paying the $\log|\det J|$ term?

@@ -353,7 +353,7 @@ print(f"ImageFlow.bits_per_dim with K = 4 on fresh samples: {direct:.4f}")
 #
 # ## Exercises
 #
-# ### Exercise 1: the logit transform and its log-determinant
+# ### Exercise 1: the logit transform and its log-determinant (implementation, about 20 minutes)
 #
 # Write `logit_transform(u, alpha)` for `u` of shape `[B, ...]` in $[0, 1]$: return $y = \mathrm{logit}(p)$
 # with $p = (1-\alpha)u + \alpha/2$, and `ldj` of shape `[B]`, the log-determinant of $u \mapsto y$.
@@ -377,7 +377,7 @@ def logit_transform(u, alpha):
 assert exercises.check_logit_transform(logit_transform)
 
 # %% [markdown]
-# ### Exercise 2: the importance-weighted bits per dimension
+# ### Exercise 2: the importance-weighted bits per dimension (implementation, about 15 minutes)
 #
 # Write `importance_weighted_bpd(log_likelihoods, num_dims)`: `log_likelihoods` has shape `[K, B]` (nats,
 # $K$ samples of $\log p(x + u_k) - \log q(u_k \mid x)$ for $B$ images); return the bpd `[B]` of the
@@ -401,7 +401,7 @@ def importance_weighted_bpd(log_likelihoods, num_dims):
 assert exercises.check_importance_weighted_bpd(importance_weighted_bpd)
 
 # %% [markdown]
-# ### Exercise 3 (conceptual): what does the margin cost?
+# ### Exercise 3: what does the margin cost? (conceptual, about 30 minutes)
 #
 # flowbook squeezes the uniform noise into $[m, 1 - m]$. (a) Show that the result is still a lower bound on
 # $\log P(x)$. (b) Show that the best bound any density $p$ can reach is $\log P(x)$ with and without the
@@ -424,7 +424,7 @@ assert exercises.check_importance_weighted_bpd(importance_weighted_bpd)
 # costs. So the margin's effect on a given model has either sign; "costs at most" would be wrong.
 
 # %% [markdown]
-# ### Exercise 4 (conceptual): sampling with variational dequantization
+# ### Exercise 4: sampling with variational dequantization (conceptual, about 10 minutes)
 #
 # Variational dequantization makes the likelihood slower to compute (it runs extra coupling layers). Why
 # does it not slow down sampling?

@@ -253,7 +253,7 @@ Markdown(f"Each network sees a {rf}x{rf} neighbourhood, and {couplings} stacked 
 #
 # ## Exercises
 #
-# ### Exercise 1: the checkerboard mask
+# ### Exercise 1: the checkerboard mask (implementation, about 5 minutes)
 #
 # Write `checkerboard_mask(h, w, invert=False)` returning a float32 tensor `[1, 1, h, w]` with 0 at the
 # top-left pixel and alternating 0 and 1 along rows and columns; `invert` swaps 0 and 1.
@@ -277,7 +277,7 @@ def checkerboard_mask(h, w, invert=False):
 assert exercises.check_checkerboard_mask(checkerboard_mask)
 
 # %% [markdown]
-# ### Exercise 2: an additive coupling layer
+# ### Exercise 2: an additive coupling layer (implementation, about 20 minutes)
 #
 # NICE (Dinh et al., 2015), RealNVP's predecessor, used *additive* coupling: $z_2' = z_2 + t(z_1)$. Write
 # `AdditiveCoupling(network, mask)`, an `nn.Module` with the flow contract `layer(z, ldj, reverse=False) ->
@@ -312,7 +312,7 @@ class AdditiveCoupling(torch.nn.Module):
 assert exercises.check_additive_coupling(AdditiveCoupling)
 
 # %% [markdown]
-# ### Exercise 3 (conceptual): why alternate the masks?
+# ### Exercise 3: why alternate the masks? (conceptual, about 10 minutes)
 #
 # What would a flow of eight coupling layers that all use the *same* checkerboard mask be able to model?
 
@@ -324,7 +324,7 @@ assert exercises.check_additive_coupling(AdditiveCoupling)
 # structure among them. Alternating the mask lets every pixel be transformed, conditioned on its neighbours.
 
 # %% [markdown]
-# ### Exercise 4 (conceptual): additive versus affine
+# ### Exercise 4: additive versus affine (conceptual, about 15 minutes)
 #
 # Your additive coupling has $\log|\det J| = 0$. Can a flow made only of additive couplings (after the
 # dequantization layer) change the density of the data? What does it lose compared with affine coupling?

@@ -188,7 +188,7 @@ viz.show_imgs(samples, "Samples of the multi-scale flow");
 #
 # ## Exercises
 #
-# ### Exercise 1: squeeze
+# ### Exercise 1: squeeze (implementation, about 20 minutes)
 #
 # Write `squeeze(z, reverse=False)`: `[B, C, H, W] -> [B, 4C, H/2, W/2]` with the channel order of
 # `SqueezeFlow` (channel $4c + 2i + j$ holds pixel $(2y + i, 2x + j)$ of channel $c$), and the inverse with
@@ -215,7 +215,7 @@ def squeeze(z, reverse=False):
 assert exercises.check_squeeze(squeeze)
 
 # %% [markdown]
-# ### Exercise 2 (conceptual): where does the computation go?
+# ### Exercise 2: where does the computation go? (conceptual, about 15 minutes)
 #
 # Count, for the multi-scale flow, how many of the 784 dimensions each group of coupling layers transforms,
 # and explain why the 7x7 layers can afford 64 hidden channels.
@@ -228,7 +228,7 @@ assert exercises.check_squeeze(squeeze)
 # so doubling the hidden width (32 to 64) still costs about a quarter per layer.
 
 # %% [markdown]
-# ### Exercise 3 (conceptual): splitting early
+# ### Exercise 3: splitting early (conceptual, about 15 minutes)
 #
 # Why does the reference flow not split right after the first squeeze, as deeper flows like Glow do?
 

@@ -251,7 +251,7 @@ Markdown(f"Within 0.1 of the borders between neighbouring values lies {edge_shar
 #
 # ## Exercises
 #
-# ### Exercise 1: interpolation
+# ### Exercise 1: interpolation (implementation, about 5 minutes)
 #
 # Write `interpolate(z_a, z_b, num_steps)` for latents of shape `[1, C, H, W]`, returning
 # `[num_steps, C, H, W]` from `z_a` to `z_b` in equal steps, both ends included.
@@ -273,7 +273,7 @@ def interpolate(z_a, z_b, num_steps):
 assert exercises.check_interpolate(interpolate)
 
 # %% [markdown]
-# ### Exercise 2: temperature
+# ### Exercise 2: temperature (implementation, about 10 minutes)
 #
 # Write `temperature_latent(shape, temperature)` returning a float32 latent $z \sim \mathcal N(0, T^2 I)$ of
 # the given shape. Then use it with `models["multiscale"].sample(shape, z_init=...)` to make your own
@@ -295,7 +295,7 @@ def temperature_latent(shape, temperature):
 assert exercises.check_temperature_latent(temperature_latent)
 
 # %% [markdown]
-# ### Exercise 3 (conceptual): bpd and sample quality
+# ### Exercise 3: bpd and sample quality (conceptual, about 15 minutes)
 #
 # In the reference tutorial's results, the multi-scale flow's samples look much more like digits, yet its test
 # bpd (1.026) is only 4% lower than the single-scale flow's with variational dequantization (1.066). Why can a

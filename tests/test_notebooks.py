@@ -39,6 +39,8 @@ def test_chapter_has_learning_goals_summary_exercises_and_references(source):
         assert heading in markdown, f"{source.name} lacks {heading}"
     exercises = re.findall(r"^### Exercise (\d+)", markdown, flags=re.M)
     assert 2 <= len(exercises) <= 4 and exercises == [str(i) for i in range(1, len(exercises) + 1)]
+    for heading in re.findall(r"^### Exercise .*$", markdown, flags=re.M):  # a lecturer picks by kind and size
+        assert re.search(r"\((implementation|conceptual), about \d+ minutes\)$", heading), heading
 
 
 @pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
