@@ -9,11 +9,12 @@
 # %% [markdown]
 # # Chapter 4: Multi-scale flows
 #
-# The single-scale flow of chapter 3 transforms all 784 dimensions in every layer, with a network that sees
-# a small neighbourhood of each pixel. Its samples show local strokes but no digits. The multi-scale
-# architecture of RealNVP changes the shape of the latent as it goes: it trades resolution for channels
-# (squeeze), and factors out half of the variables once they have been transformed enough (split). The result
-# is a flow with three times the parameters that is faster, and better. Chapter 5 analyses the trained models.
+# The single-scale flow of chapter 3 transforms all 784 dimensions in every layer, at full resolution; in
+# the reference tutorial, even after 200 epochs its samples show local strokes but no digits. The
+# multi-scale architecture of RealNVP changes the shape of the latent as it goes: it trades resolution for
+# channels (squeeze), and factors out half of the variables once they have been transformed enough (split).
+# In the reference's results it has three times the parameters, computes a likelihood faster, and reaches a
+# lower bpd; chapter 5 measures all three models shipped here.
 #
 # **You will learn**
 # - the squeeze operation, checked on the 4x4 example, and why its log-determinant is zero;

@@ -45,8 +45,8 @@ for name in MODEL_NAMES:
 # %% [markdown]
 # ## Density modeling: the results table
 #
-# For each model: the bound on $-\log_2 P(x) / D$ on validation and test images, with
-# $K$ importance samples (chapter 2; 8 in full mode, as the reference); the time to compute the likelihood
+# For each model: the bound on $-\log_2 P(x) / D$ on validation and test images, with $K$ importance
+# samples (chapter 2; $K$ and the number of images are printed below); the time to compute the likelihood
 # of a batch of 64 images and to sample 64 images on this machine; and the parameter count.
 
 # %%
