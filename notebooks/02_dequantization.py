@@ -308,7 +308,8 @@ print(f"model: {source}")
 imgs = test_set.images[:settings.bound_images].to(device)
 torch.manual_seed(0)
 with torch.no_grad():
-    lls = torch.stack([model.log_likelihood(imgs).double().cpu() for _ in range(16)])  # [16, B]
+    lls = torch.stack([model.log_likelihood(imgs).double().cpu()
+                       for _ in config.progress_bar(range(16), "dequantization samples")])  # [16, B]
 D = 28 * 28
 bounds = {}
 for K in (1, 2, 4, 8, 16):
@@ -364,7 +365,7 @@ def logit_transform(u, alpha):
     raise NotImplementedError("Exercise 1: implement logit_transform and its log-determinant")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 def logit_transform(u, alpha):
     """u: [B, ...] in [0, 1] -> (y [B, ...], ldj [B])."""
     p = (1 - alpha) * u + alpha / 2
@@ -389,7 +390,7 @@ def importance_weighted_bpd(log_likelihoods, num_dims):
     raise NotImplementedError("Exercise 2: implement importance_weighted_bpd")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 def importance_weighted_bpd(log_likelihoods, num_dims):
     """[K, B] log-likelihood samples in nats -> [B] bits per dimension of the K-sample bound."""
     K = log_likelihoods.shape[0]
@@ -408,7 +409,7 @@ assert exercises.check_importance_weighted_bpd(importance_weighted_bpd)
 # margin. (c) For a density that is constant inside each unit cube, by how many bits per dimension does the
 # margin lower the bound? (d) Can the margin raise the bound of a given model?
 
-# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** (a) The noise is uniform on $[m, 1-m]^D$, a valid $q(u)$ inside the unit cube with density
 # $q = (1-2m)^{-D}$, so $\mathbb{E}_q[\log p(x+u) - \log q(u)] \le \log \int q \, \frac{p(x+u)}{q} \,du \le \log P(x)$
 # (Jensen, then the integral over the shrunk cube is at most the cube's mass). Its $-\log q$ term is
@@ -429,7 +430,7 @@ assert exercises.check_importance_weighted_bpd(importance_weighted_bpd)
 # Variational dequantization makes the likelihood slower to compute (it runs extra coupling layers). Why
 # does it not slow down sampling?
 
-# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** Sampling inverts the flow: from $y$ we only need the integer image, which is
 # $\lfloor 256\,w \rfloor$ whatever noise $u$ produced $y$. The noise model $q(u \mid x)$ is never inverted,
 # so its coupling layers do not run; the reverse of both dequantization layers is the same sigmoid and floor.

@@ -264,7 +264,7 @@ def checkerboard_mask(h, w, invert=False):
     raise NotImplementedError("Exercise 1: implement checkerboard_mask")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 def checkerboard_mask(h, w, invert=False):
     """[1, 1, h, w] float32 mask: 0 at (0, 0), alternating; invert swaps 0 and 1."""
     rows = torch.arange(h).view(h, 1)
@@ -295,7 +295,7 @@ class AdditiveCoupling(torch.nn.Module):
         raise NotImplementedError("Exercise 2: implement AdditiveCoupling.forward")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 class AdditiveCoupling(torch.nn.Module):
     def __init__(self, network, mask):
         super().__init__()
@@ -316,7 +316,7 @@ assert exercises.check_additive_coupling(AdditiveCoupling)
 #
 # What would a flow of eight coupling layers that all use the *same* checkerboard mask be able to model?
 
-# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** The kept half would never change: every layer would keep the same pixels and transform the same
 # others, so the composition is a single coupling layer in disguise (an affine map of the transformed half
 # with parameters depending only on the kept half). The kept pixels would keep the prior's distribution,
@@ -329,7 +329,7 @@ assert exercises.check_additive_coupling(AdditiveCoupling)
 # Your additive coupling has $\log|\det J| = 0$. Can a flow made only of additive couplings (after the
 # dequantization layer) change the density of the data? What does it lose compared with affine coupling?
 
-# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** Volume-preserving layers cannot concentrate or spread probability mass by themselves, but the
 # flow still changes the density: $\log p(x) = \log \mathcal N(f(x)) + \text{ldj}_{\text{dequant}}$, and the
 # map $f$ moves points to regions of higher or lower prior density. NICE added a final diagonal scaling layer

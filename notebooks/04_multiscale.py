@@ -201,7 +201,7 @@ def squeeze(z, reverse=False):
     raise NotImplementedError("Exercise 1: implement squeeze")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 def squeeze(z, reverse=False):
     """[B, C, H, W] -> [B, 4C, H/2, W/2]; reverse=True undoes it."""
     B, C, H, W = z.shape
@@ -221,7 +221,7 @@ assert exercises.check_squeeze(squeeze)
 # Count, for the multi-scale flow, how many of the 784 dimensions each group of coupling layers transforms,
 # and explain why the 7x7 layers can afford 64 hidden channels.
 
-# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** The two 28x28 couplings transform 392 of the 784 values each (checkerboard halves); the two
 # 14x14 couplings see all 784 values as `[4, 14, 14]` and transform 392 each; after the split, the four 7x7
 # couplings see 392 values as `[8, 7, 7]` and transform 196 each. A 3x3 convolution's cost is proportional to
@@ -233,7 +233,7 @@ assert exercises.check_squeeze(squeeze)
 #
 # Why does the reference flow not split right after the first squeeze, as deeper flows like Glow do?
 
-# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** After two checkerboard couplings each variable has been transformed only once. A split at that
 # point would send half of the variables to the prior nearly untransformed, i.e. it would model them as
 # independent of everything that follows, which costs likelihood. With two more channel couplings first,

@@ -262,7 +262,7 @@ def interpolate(z_a, z_b, num_steps):
     raise NotImplementedError("Exercise 1: implement interpolate")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 def interpolate(z_a, z_b, num_steps):
     """[1, C, H, W] x 2 -> [num_steps, C, H, W], from z_a to z_b."""
     lam = torch.linspace(0, 1, num_steps).view(-1, 1, 1, 1)
@@ -285,7 +285,7 @@ def temperature_latent(shape, temperature):
     raise NotImplementedError("Exercise 2: implement temperature_latent")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 def temperature_latent(shape, temperature):
     """A float32 tensor of `shape` with entries drawn from N(0, temperature^2)."""
     return torch.randn(shape) * temperature
@@ -301,7 +301,7 @@ assert exercises.check_temperature_latent(temperature_latent)
 # bpd (1.026) is only 4% lower than the single-scale flow's with variational dequantization (1.066). Why can a
 # small difference in bpd come with a large difference in samples?
 
-# %% [markdown] tags=["answer"] jupyter={"source_hidden": true}
+# %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** bpd averages the log-likelihood over all 784 pixels, and most of it is spent on local detail:
 # the exact grey levels of stroke edges and the (near-deterministic) black background. Global structure, whether
 # the strokes form a digit, is a small number of bits per image, a tiny fraction of the roughly 800 bits an

@@ -99,3 +99,17 @@ def test_html_book_loads_mathjax_from_its_own_folder(tmp_path):
     page = pages[1].read_text()
     assert 'src="mathjax/MathJax.js' in page and "cdnjs" not in page and "https://cdn" not in page
     assert "\\log" in page, "the maths is in the page, for MathJax to render"
+
+
+@pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
+def test_saving_a_chapter_unchanged_leaves_both_files_as_they_are(source):
+    """What JupyterLab does on save: nbformat writes the .ipynb, and Jupytext the paired .py from it."""
+    from jupytext.config import load_jupytext_config
+
+    ipynb = source.with_suffix(".ipynb")
+    text = ipynb.read_text()
+    nb = nbformat.reads(text, as_version=4)
+    assert nbformat.writes(nb) + "\n" == text, f"saving {ipynb.name} would rewrite it"
+    config = load_jupytext_config(str(source.parent))
+    assert jupytext.writes(nb, fmt="py:percent", config=config) == source.read_text(), \
+        f"saving {ipynb.name} would rewrite {source.name}"
