@@ -358,6 +358,10 @@ class BudgetPlanner(pl.Callback):
             self._plan(trainer, module, self._epoch_start_step + epochs * trainer.num_training_batches)
 
     def on_train_epoch_end(self, trainer, module):
+        factor = module.lr_factor
+        if factor.schedule == "cosine" and factor.progress >= 1.0:
+            trainer.should_stop = True  # the schedule has ended: more epochs at a zero learning rate change nothing
+            return
         if self.seconds is None:
             return
         left = self.seconds - (time.monotonic() - self._start)

@@ -219,6 +219,20 @@ def test_budget_planner_plans_the_epochs_that_fit_and_stops_when_the_next_does_n
     assert trainer.should_stop
 
 
+def test_budget_planner_stops_when_the_schedule_has_ended_even_with_time_left():
+    class Stub:
+        global_step, num_training_batches, should_stop = 60, 10, False
+
+    module = types.SimpleNamespace(lr_factor=LRFactor("cosine", 60))
+    for step in range(61):
+        module.lr_factor(step)  # the learning rate has reached zero at step 60
+    planner = BudgetPlanner(planned_steps=10_000, minutes=600, epoch_s=[60.0])
+    trainer = Stub()
+    planner.on_train_start(trainer, module)
+    planner.on_train_epoch_end(trainer, module)
+    assert trainer.should_stop, "an epoch at a zero learning rate was planned"
+
+
 def test_init_starts_a_new_stage_from_weights_and_keeps_the_history(tmp_path):
     _tiny_run(tmp_path / "a", epochs=2)
     _, summary = _tiny_run(tmp_path / "b", epochs=1, init=str(tmp_path / "a" / "simple.pt"), lr=5e-4)
