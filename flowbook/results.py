@@ -37,6 +37,21 @@ def results_table(folder: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def _run_summary(folder: Path) -> dict | None:
+    """A run folder's train_summary.json, or, for a run that ended without writing it (stopped by hand),
+    the summary its best checkpoint carries (the same fields, as of the epoch it was saved)."""
+    summary_file = folder / "train_summary.json"
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text())
+    from flowbook.checkpoints import read_checkpoint
+
+    for path in folder.glob("*.pt"):
+        ckpt = read_checkpoint(path)
+        if "history" in ckpt["meta"]:
+            return {"arch": ckpt["arch"], **ckpt["meta"]}
+    return None
+
+
 def runs_table(folders) -> str:
     """A Markdown row per run folder (its train_summary.json, and <model>.json where evaluated): model,
     hardware, batch, peak lr, minutes, images seen, validation bpd (1 sample, during training) and test
@@ -44,14 +59,13 @@ def runs_table(folders) -> str:
     lines = ["| run | model | hardware | batch | peak lr | minutes | epochs | images seen | val bpd (1 sample) "
              "| test bpd |", "|---|---|---|---|---|---|---|---|---|---|"]
     for folder in map(Path, folders):
-        summary_file = folder / "train_summary.json"
-        if not summary_file.is_file():
+        summary = _run_summary(folder)
+        if summary is None:
             continue
-        summary = json.loads(summary_file.read_text())
         stage = summary["history"][-1]
         results = folder / f"{summary['arch']}.json"
         test = json.loads(results.read_text())["test_bpd"] if results.is_file() else None
-        lines.append(f"| {folder.name} | {summary['arch']} | {stage['hardware']} | {stage['settings']['batch_size']} "
+        lines.append(f"| {folder.parent.name}/{folder.name} | {summary['arch']} | {stage['hardware']} | {stage['settings']['batch_size']} "
                      f"| {stage['settings']['lr']:g} | {stage['wall_s'] / 60:.0f} | {stage['epochs']} "
                      f"| {stage['images_seen']:,} | {summary['best_val_bpd_1sample']:.3f} "
                      f"| {'-' if test is None else f'{test:.3f}'} |")
