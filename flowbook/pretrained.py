@@ -35,7 +35,8 @@ def describe_checkpoint(ckpt: dict, filename: str) -> str:
     total = meta.get("total", {})
     seen = f", {int(total['images_seen']):,} images" if total.get("images_seen") else ""
     where = meta.get("hardware") or meta.get("device", "unknown hardware")
-    return f"the trained checkpoint {filename} ({total.get('epochs', meta.get('epochs', '?'))} epochs{seen}, {where})"
+    epochs = total.get("epochs", meta.get("epochs", "?"))
+    return f"the trained checkpoint {filename} ({epochs} epoch{'' if epochs == 1 else 's'}{seen}, {where})"
 
 
 def train_quick(name: str, retrain: bool = False, device: torch.device | None = None,
