@@ -25,8 +25,9 @@ TEMPERATURES = (1.0, 0.7)
 @torch.no_grad()
 def sample_grid(model: ImageFlow, n: int = 32, temperature: float = 1.0, seed: int = SEED) -> torch.Tensor:
     """int32 images [n, 1, 28, 28] sampled at `temperature` after torch.manual_seed(seed)."""
+    shape = model.latent_shape(n)  # before seeding: its first call runs the flow once and draws noise
     torch.manual_seed(seed)
-    return model.sample(model.latent_shape(n), temperature=temperature)
+    return model.sample(shape, temperature=temperature)
 
 
 def gallery_figure(model: ImageFlow, title: str, n: int = 32, temperatures=TEMPERATURES, seed: int = SEED):
@@ -47,9 +48,8 @@ def gallery_figure(model: ImageFlow, title: str, n: int = 32, temperatures=TEMPE
 
 
 def main(argv=None):
-    from flowbook.checkpoints import load_model
+    from flowbook.checkpoints import load_model, read_checkpoint
     from flowbook.pretrained import checkpoint_file, describe_checkpoint
-    from flowbook.checkpoints import read_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=ALL_MODELS)

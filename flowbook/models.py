@@ -118,7 +118,8 @@ class ImageFlow(nn.Module):
         if self.img_shape is None:
             raise ValueError("latent_shape needs the model's img_shape")
         if getattr(self, "_latent", None) is None:
-            with torch.no_grad():
+            # fork_rng: the probe's dequantization noise must not move the caller's random state
+            with torch.no_grad(), torch.random.fork_rng(devices=[self._param.device] if self._param.is_cuda else []):
                 zeros = torch.zeros((1, *self.img_shape), dtype=torch.int32, device=self._param.device)
                 self._latent = tuple(self.encode(zeros)[0].shape[1:])
         return (batch_size, *self._latent)

@@ -214,3 +214,12 @@ def test_glow_flow_has_about_the_multiscale_parameter_count_and_round_trips():
         back = glow.sample(z.shape, z_init=z)  # the split-off half is drawn afresh: compare shapes and range
     assert back.shape == imgs.shape and 0 <= back.min() and back.max() <= 255
     assert torch.isfinite(glow.bits_per_dim(imgs)).all()
+
+
+def test_latent_shape_does_not_move_the_random_state():
+    model = create_flow("multiscale")
+    torch.manual_seed(3)
+    model.latent_shape(4)  # its first call runs the flow on a zero image, with dequantization noise
+    after = torch.rand(5)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(5)), "sampling right after a seed would depend on a cache"
