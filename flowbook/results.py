@@ -25,13 +25,15 @@ def load_results(folder: Path | None = None) -> dict:
 
 
 def results_table(folder: Path | None = None) -> str:
-    """A Markdown table: test and validation bpd, training (epochs, images, hours, hardware), parameters."""
-    lines = ["| model | test bpd | validation bpd | reference (200 epochs) | epochs | images seen | training time "
-             "| trained on | parameters |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """A Markdown table: test bpd (8 importance samples) and the number of test images it was computed on,
+    validation bpd, training (epochs, images, hours, hardware), parameters."""
+    lines = ["| model | test bpd | test images | validation bpd | reference (200 epochs) | epochs | images seen "
+             "| training time | trained on | parameters |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in load_results(folder).items():
         hours = r["train_wall_s"] / 3600
-        lines.append(f"| {name} | {r['test_bpd']:.3f} | {r['val_bpd']:.3f} | {REFERENCE_TEST_BPD[name]:.3f} | "
+        lines.append(f"| {name} | {r['test_bpd']:.3f} | {r['eval_images']['test']:,} | {r['val_bpd']:.3f} | "
+                     f"{REFERENCE_TEST_BPD[name]:.3f} | "
                      f"{r['epochs']:g} | {int(r['images_seen']):,} | {hours:.1f} h | {'; '.join(r['train_hardware'])} | "
                      f"{r['parameters']:,} |")
     return "\n".join(lines)
@@ -55,7 +57,7 @@ def _run_summary(folder: Path) -> dict | None:
 def runs_table(folders) -> str:
     """A Markdown row per run folder (its train_summary.json, and <model>.json where evaluated): model,
     hardware, batch, peak lr, minutes, images seen, validation bpd (1 sample, during training) and test
-    bpd (8 importance samples, 10,000 images) where evaluated."""
+    bpd (8 importance samples, on the images its results JSON records) where evaluated."""
     lines = ["| run | model | hardware | batch | peak lr | minutes | epochs | images seen | val bpd (1 sample) "
              "| test bpd |", "|---|---|---|---|---|---|---|---|---|---|"]
     for folder in map(Path, folders):
