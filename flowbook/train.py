@@ -581,19 +581,23 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
     history = _init_weights(module, arch, run.init) if run.init and not resume else []
     speed_up(module.flow, channels_last=run.channels_last, compile=None if run.compile == "off" else run.compile)
     saver = RunCheckpoints(out_dir, arch, run, history, device)
-    loggers = [pl.loggers.CSVLogger(out_dir, name="logs")]
-    try:
-        loggers.append(pl.loggers.TensorBoardLogger(out_dir, name="logs"))
-    except (ImportError, ModuleNotFoundError):
-        pass
+    loggers = False
+    if progress is True:
+        loggers = [pl.loggers.CSVLogger(out_dir, name="logs")]
+        try:
+            loggers.append(pl.loggers.TensorBoardLogger(out_dir, name="logs"))
+        except (ImportError, ModuleNotFoundError):
+            pass
     callbacks = [saver, BudgetPlanner(run.planned_steps(len(train_batches)), run.max_minutes, saver.epoch_s),
                  EpochSeeds(run.seed, train_batches if isinstance(train_batches, DeviceBatches) else None)]
-    callbacks += [pl.callbacks.LearningRateMonitor("step")] if progress else []
+    callbacks += [pl.callbacks.LearningRateMonitor("step")] if progress is True else []
     callbacks += [StepProgress()] if progress == "steps" else []
     trainer = pl.Trainer(
         default_root_dir=out_dir, max_epochs=run.epochs, max_steps=run.max_steps,
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=run.precision,
-        gradient_clip_val=GRADIENT_CLIP, callbacks=callbacks, logger=loggers if progress else False,
+        # Logs for runs with Lightning's own progress (the command line); a chapter's short demonstration
+        # run keeps its curve in memory and writes no log files.
+        gradient_clip_val=GRADIENT_CLIP, callbacks=callbacks, logger=loggers,
         enable_checkpointing=False, enable_progress_bar=progress is True, enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=min(50, len(train_batches)),
     )
