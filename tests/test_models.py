@@ -23,8 +23,8 @@ def test_factories_agree_with_create_flow():
     assert num_parameters(create_simple_flow()) == REFERENCE_PARAMETERS["simple"]
     assert num_parameters(create_simple_flow(use_vardeq=True)) == REFERENCE_PARAMETERS["vardeq"]
     assert num_parameters(create_multiscale_flow()) == REFERENCE_PARAMETERS["multiscale"]
-    with pytest.raises(ValueError, match="unknown model 'glow'"):
-        create_flow("glow")
+    with pytest.raises(ValueError, match="unknown model 'realnvp'"):
+        create_flow("realnvp")
 
 
 @pytest.mark.parametrize("name, latent", [("simple", (1, 28, 28)), ("multiscale", (8, 7, 7))])
