@@ -5,7 +5,6 @@ downloads it when it is missing and a network is at hand.
 """
 from __future__ import annotations
 
-import hashlib
 import socket
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from flowbook import config
+from flowbook.provenance import file_sha256
 
 SPLIT_SEED = 42
 NUM_TRAIN, NUM_VAL = 50_000, 10_000
@@ -71,11 +71,7 @@ def verify_mnist_files(raw: Path) -> None:
             raise MNISTCorruptError(f"{path} has {stat.st_size:,} bytes, the official file {size:,}{other}: {fix}")
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in _verified:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-            if digest.hexdigest() != sha256:
+            if file_sha256(path) != sha256:
                 raise MNISTCorruptError(f"{path} is damaged: its sha256 differs from the official file's: {fix}")
             _verified[key] = True
 

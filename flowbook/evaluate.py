@@ -11,7 +11,6 @@ sampling times through compiled calls (one CUDA graph each on a GPU; see flowboo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
 from flowbook.data import load_mnist
 from flowbook.fast import compiled_calls
 from flowbook.models import ImageFlow, num_parameters
-from flowbook.provenance import git_commit, hardware, versions
+from flowbook.provenance import file_sha256, git_commit, hardware, versions
 
 SLICE_IMAGES, SLICE_SEED = 256, 0
 
@@ -93,14 +92,6 @@ def slice_bpd(model: ImageFlow, test_images: torch.Tensor) -> float:
     return mean_bpd(model, test_images[:SLICE_IMAGES], importance_samples=8)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def thoroughness(results: dict) -> tuple:
     """(test images, importance samples) of a results JSON: what `evaluate_checkpoint` compares before it
     replaces one evaluation of the same weights with another."""
@@ -158,7 +149,7 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     _, val, test = load_mnist()
     val_imgs, test_imgs = val.images[:eval_images], test.images[:eval_images]
     val_k = val_importance_samples or importance_samples
-    results = {"arch": ckpt["arch"], "checkpoint": path.name, "checkpoint_sha256": _file_sha256(path),
+    results = {"arch": ckpt["arch"], "checkpoint": path.name, "checkpoint_sha256": file_sha256(path),
                "eval_images": {"val": len(val_imgs), "test": len(test_imgs)},
                "importance_samples": importance_samples}
     if not overwrite:

@@ -18,11 +18,9 @@ as one CUDA graph and replays it with a single launch.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from flowbook.layers.checks import check_images
+from flowbook.layers.checks import check_images, check_temperature
 from flowbook.models import ImageFlow
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -86,8 +84,7 @@ def compiled_calls(model: ImageFlow, mode: str = "reduce-overhead"):
         return ll(imgs).clone()
 
     def sample(latent_shape, temperature: float = 1.0):
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        check_temperature(temperature)
         imgs = draw(tuple(latent_shape), temperature=temperature).clone()
         if imgs.min() < 0:  # a NaN pixel cast to int: checked here, outside the compiled graph
             raise ValueError("the flow's reverse pass produced NaN or infinite values, which are no pixels: "

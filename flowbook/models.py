@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, GlowStep, SplitFlow, SqueezeFlow,
                              VariationalDequantization, create_channel_mask, create_checkerboard_mask)
-from flowbook.layers.checks import check_images, check_latent
+from flowbook.layers.checks import check_images, check_latent, check_temperature
 from flowbook.prior import gaussian_log_prob
 
 MNIST_SHAPE = (1, 28, 28)
@@ -88,9 +88,7 @@ class ImageFlow(nn.Module):
         """
         param = self._param
         self._check_precision()
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
-                or not math.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        check_temperature(temperature)
         if z_init is None and (not isinstance(img_shape, (tuple, list, torch.Size)) or len(img_shape) != 4
                                or not all(isinstance(n, int) and n > 0 for n in img_shape)):
             raise ValueError(f"expected the latent shape as four positive integers [B, C, H, W], got {img_shape!r}; "

@@ -12,7 +12,6 @@ missing or come from an older source. The .py stays the source you edit; this on
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -23,13 +22,14 @@ from nbclient import NotebookClient
 from tqdm import tqdm
 
 from flowbook.editions import chapters
+from flowbook.provenance import file_sha256
 
 TIMEOUT_S = 1800
 
 
 def source_sha256(source: Path) -> str:
     """sha256 of a chapter source's text: what its stored outputs were computed from."""
-    return hashlib.sha256(source.read_bytes()).hexdigest()
+    return file_sha256(source)
 
 
 def run_chapter(source: Path, mode: str = "quick") -> nbformat.NotebookNode:

@@ -1,6 +1,7 @@
 """Where a result comes from: the hardware, the library versions and the git commit it was made with."""
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -8,6 +9,15 @@ import subprocess
 import torch
 
 from flowbook import config
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cpu_name() -> str:

@@ -6,8 +6,9 @@ import torch
 
 from conftest import ROOT, perturb_
 from flowbook.checkpoints import CheckpointError, load_model, read_checkpoint, save_checkpoint
-from flowbook.evaluate import _file_sha256, slice_bpd
+from flowbook.evaluate import slice_bpd
 from flowbook.gallery import SEED, sample_grid
+from flowbook.provenance import file_sha256
 from flowbook.models import create_flow
 
 SHIPPED = sorted((ROOT / "checkpoints").glob("*.pt"))
@@ -60,7 +61,7 @@ def test_all_three_models_are_shipped_with_their_results():
 @shipped
 def test_shipped_results_json_is_complete_and_matches_its_checkpoint(path):
     results = json.loads(path.with_suffix(".json").read_text())
-    assert results["arch"] == path.stem and results["checkpoint_sha256"] == _file_sha256(path)
+    assert results["arch"] == path.stem and results["checkpoint_sha256"] == file_sha256(path)
     # The full evaluation is all 10,000 test images; a shipped JSON may be a smaller one, which the README's
     # table shows (the next `flowbook.evaluate` of the same weights replaces it, never the other way round).
     assert results["eval_images"]["test"] >= 2_000 and results["importance_samples"] >= 8

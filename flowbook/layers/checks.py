@@ -1,6 +1,7 @@
 """Input validation shared by the flow layers and models: clear errors instead of silent wrong numbers."""
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -42,6 +43,13 @@ def check_latent(z: torch.Tensor, name: str = "z") -> None:
     if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.dim() != 4:
         got = _describe(z) if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"expected {name} as a float tensor of shape [B, C, H, W], got {got}")
+
+
+def check_temperature(temperature) -> None:
+    """Raise a ValueError unless `temperature` is a finite number >= 0."""
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
 
 
 @contextmanager
