@@ -4,11 +4,14 @@ In each `notebooks/NN_name.py`, an exercise is three cells side by side:
     # %% tags=["student"]     the stub: raises NotImplementedError("Exercise N: ...")
     # %% tags=["solution"]    the solution (defines the same names, so it wins in the source notebook)
     # %% [markdown] tags=["answer"]   for a conceptual question: the answer (instructor only)
+A cell tagged "spoiler" shows flowbook code that a later exercise asks students to write (say, the source of
+CouplingLayer.forward); the student edition replaces it by a note, so no solution appears before its exercise.
 
     python -m flowbook.editions student     -> student/NN_name.ipynb   (stubs, no solutions, no answers;
                                                the exercise checks are tagged raises-exception)
     python -m flowbook.editions solutions   -> solutions/NN_name.ipynb (solutions, answers, no stubs)
-Both also write answers/answer_key.md, the conceptual answers of every chapter, for the instructor.
+Both also write answers/answer_key.md for the instructor: every exercise, with the answer of each conceptual
+one, and for each implementation exercise where its solution is and the mistakes its checker recognises.
 
 A student's work is never overwritten: each notebook written records a fingerprint of its cells, and a
 notebook whose cells no longer match it (the student edited it) is left alone; the new version is written
@@ -21,6 +24,7 @@ import argparse
 import ast
 import copy
 import hashlib
+import inspect
 import json
 from pathlib import Path
 
@@ -31,8 +35,10 @@ from flowbook.config import PROJECT_ROOT
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 DROP = {"student": {"solution", "answer"}, "solutions": {"student"}}
-KNOWN_TAGS = {"student", "solution", "answer", "raises-exception", "skip-execution", "your-answer"}
+KNOWN_TAGS = {"student", "solution", "answer", "raises-exception", "skip-execution", "your-answer", "spoiler"}
 ANSWER_HERE = "**Your answer.** (double-click to write it here)"
+SPOILER_NOTE = ("*Here the lecturer's edition prints flowbook's own code for this step. You write it yourself in an "
+                "exercise at the end of the chapter, so it is left out of your edition.*")
 
 
 class EditionError(ValueError):
@@ -88,6 +94,8 @@ def make_edition(source: Path, edition: str) -> nbformat.NotebookNode:
     if edition == "student":
         out.cells = _with_answer_cells(out.cells)
     out.cells = [c for c in out.cells if not (_tags(c) & DROP[edition])]
+    if edition == "student":
+        out.cells = [nbformat.v4.new_markdown_cell(SPOILER_NOTE) if "spoiler" in _tags(c) else c for c in out.cells]
     if edition == "student":  # a check of an unsolved exercise raises: nbval and "Run All" expect it and go on
         for cell in out.cells:
             if cell.cell_type == "code" and "exercises.check_" in cell.source:
@@ -97,15 +105,42 @@ def make_edition(source: Path, edition: str) -> nbformat.NotebookNode:
     return out
 
 
+def _exercise_text(cells: list, i: int) -> str:
+    """The markdown cell with the "### Exercise" heading that cells[i] belongs to."""
+    text = next((c.source for c in reversed(cells[:i]) if c.cell_type == "markdown" and "### Exercise" in c.source), "")
+    return text[text.find("### Exercise"):]
+
+
+def _implementation_entry(src: Path, cells: list, i: int) -> str:
+    """The answer key's text for the implementation exercise whose stub is cells[i]: where the solution is,
+    and what the checker called after it recognises."""
+    from flowbook import exercises
+
+    check = next((c.source for c in cells[i + 1:] if "exercises.check_" in c.source), "")
+    name = check.split("exercises.")[1].split("(")[0] if check else None
+    text = f"**Solution.** `solutions/{src.stem}.ipynb`, the cell after the exercise (hidden in `notebooks/`)."
+    if name:
+        doc = inspect.getdoc(getattr(exercises, name)) or ""
+        catches = doc.split("Catches:", 1)[1].strip() if "Catches:" in doc else ""
+        text += f" Checked by `exercises.{name}`, which recognises these mistakes and names each:\n\n{catches}"
+    return text
+
+
 def answer_key(sources) -> str:
-    """Markdown with every conceptual question (the markdown cell before an answer) and its answer."""
+    """Markdown with every exercise (the markdown cell before its stub or answer): the answer of each
+    conceptual question; for each implementation exercise, where its solution is and what its checker catches."""
     parts = ["# flowbook: answer key (instructors only)\n"]
     for src in sources:
         cells = jupytext.read(src).cells
-        answers = [(cells[i - 1].source if i else "", c.source) for i, c in enumerate(cells) if "answer" in _tags(c)]
-        if answers:
+        entries = []
+        for i, cell in enumerate(cells):
+            if "answer" in _tags(cell):
+                entries.append(f"\n{_exercise_text(cells, i)}\n\n{cell.source}\n")
+            elif "student" in _tags(cell):
+                entries.append(f"\n{_exercise_text(cells, i)}\n\n{_implementation_entry(src, cells, i)}\n")
+        if entries:
             parts.append(f"\n## {src.stem}\n")
-            parts += [f"\n{question}\n\n{answer}\n" for question, answer in answers]
+            parts += entries
     return "".join(parts)
 
 

@@ -221,6 +221,10 @@ def _layer_label(layer) -> str:
         kind = "checkerboard" if layer.mask.shape[1] == 1 else "channel"
         width = next(m for m in layer.network.modules() if isinstance(m, torch.nn.Conv2d)).out_channels
         return f"coupling ({kind}, {width} hidden)"
+    if name == "GlowStep":
+        coupling = layer.flows[-1]
+        width = next(m for m in coupling.network.modules() if isinstance(m, torch.nn.Conv2d)).out_channels
+        return f"Glow step: actnorm, 1x1 conv, coupling ({width} hidden)"
     if name == "VariationalDequantization":
         return f"variational dequantization ({len(layer.flows)} couplings)"
     return {"Dequantization": "dequantization (uniform)", "SqueezeFlow": "squeeze", "SplitFlow": "split: half to the prior"}.get(name, name)
@@ -231,7 +235,7 @@ def draw_architectures(models: dict):
     """The layers of each model in {name: ImageFlow} from image (top) to latent (bottom), with the shape each
     layer outputs, traced through the models themselves."""
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 7.2))
-    colors = {"coupling": "#dbe9f6", "variational": "#e8f4e0", "dequantization": "#e8f4e0",
+    colors = {"coupling": "#dbe9f6", "Glow": "#e6def5", "variational": "#e8f4e0", "dequantization": "#e8f4e0",
               "squeeze": "#fff6cc", "split": "#fbe3d6"}
     for ax, (name, model) in zip(np.atleast_1d(axes), models.items()):
         z = torch.zeros(1, *model.img_shape, dtype=torch.int32, device=next(model.parameters()).device)
@@ -250,6 +254,7 @@ def draw_architectures(models: dict):
         ax.set_xlim(-1.7, 1.7), ax.set_ylim(-0.6, top + 0.7)
         ax.axis("off")
         ax.set_title(f"{name}\n{num_parameters(model):,} parameters, latent {list(z.shape[1:])}", fontsize=10)
-    fig.suptitle("The three MNIST flows, from image (top) to latent (bottom)")
+    count = {2: "two", 3: "three", 4: "four"}.get(len(models), str(len(models)))
+    fig.suptitle(f"The {count} MNIST flows, from image (top) to latent (bottom)")
     fig.tight_layout()
     return fig

@@ -258,8 +258,10 @@ assert abs(uniform_bpd - 8) < 1e-12
 #
 # ## Exercises
 #
-# Each implementation exercise has a checker in `flowbook.exercises`; it prints what is wrong if
-# something is.
+# Each implementation exercise has a checker in `flowbook.exercises`. It prints one line when your code
+# passes, and otherwise stops with one message that says what is wrong (for the usual mistakes, which one
+# you made). While it runs, the flowbook code that the exercise asks you to write is switched off, so calling
+# it fails with "implement this yourself".
 #
 # ### Exercise 1: the density of an affine map (implementation, about 10 minutes)
 #
@@ -281,7 +283,7 @@ def log_prob_affine(x, scale, shift):
 
 
 # %%
-assert exercises.check_change_of_variables(log_prob_affine)
+exercises.check_change_of_variables(log_prob_affine)
 
 # %% [markdown]
 # ### Exercise 2: from nats to bits per dimension (implementation, about 5 minutes)
@@ -302,7 +304,7 @@ def bits_per_dim(log_likelihood, num_dims):
 
 
 # %%
-assert exercises.check_bits_per_dim(bits_per_dim)
+exercises.check_bits_per_dim(bits_per_dim)
 
 # %% [markdown]
 # ### Exercise 3: why the same dimension? (conceptual, about 10 minutes)

@@ -139,7 +139,7 @@ assert on_integers[0] > on_integers[-1] + 5 and np.argmax(dequantized) > 0
 # The best achievable bound is the same with and without it (a model can put all of a cube's mass inside
 # the shrunk cube). For a given model the bound moves by how $\log p$ varies inside each cube, in either
 # direction; where $\log p$ is flat inside each cube it is lower by exactly $-\log_2(1 - 2m)$ bits per
-# dimension (printed below, and exercise 3). Here is the code:
+# dimension (printed below, and exercise 4). Here is the code:
 
 # %%
 print(inspect.getsource(Dequantization._to_logits))
@@ -247,7 +247,7 @@ viz.plot_dequantization(quants=8, prior=[0.075, 0.2, 0.4, 0.2, 0.075, 0.025, 0.0
 # $\sigma(e')(1 - \sigma(e'))$, giving $\log\sigma(e') + \log\sigma(-e') = -\mathrm{softplus}(-e') -
 # \mathrm{softplus}(e')$. Then the four steps of the table above run on $u$. The code:
 
-# %%
+# %% tags=["spoiler"]
 print(inspect.getsource(VariationalDequantization.dequant_noise))
 
 # %% [markdown]
@@ -375,7 +375,7 @@ def logit_transform(u, alpha):
 
 
 # %%
-assert exercises.check_logit_transform(logit_transform)
+exercises.check_logit_transform(logit_transform)
 
 # %% [markdown]
 # ### Exercise 2: the importance-weighted bits per dimension (implementation, about 15 minutes)
@@ -399,10 +399,41 @@ def importance_weighted_bpd(log_likelihoods, num_dims):
 
 
 # %%
-assert exercises.check_importance_weighted_bpd(importance_weighted_bpd)
+exercises.check_importance_weighted_bpd(importance_weighted_bpd)
 
 # %% [markdown]
-# ### Exercise 3: what does the margin cost? (conceptual, about 30 minutes)
+# ### Exercise 3: the log-determinant of variational dequantization (implementation, about 30 minutes)
+#
+# Write `vardeq_noise(var_flows, x, u0, alpha)`, the noise model of variational dequantization without
+# flowbook's `VariationalDequantization`: from integer images `x` (`[B, C, H, W]`, 0..255) and uniform noise
+# `u0` (same shape, float), compute $e = \mathrm{logit}$ of the squeezed $u_0$ (use your `logit_transform`),
+# pass $e$ through each coupling layer of `var_flows` as `flow(e, ldj, orig_img=cond)` with the image
+# rescaled to $[-1, 1]$ as `cond`, and end with a sigmoid. Return `u` (`[B, C, H, W]` in $(0, 1)$) and `ldj`
+# (`[B]`), the log-determinant of the whole map $u_0 \mapsto u$: every term of the derivation above. The
+# checker switches off flowbook's `dequant_noise`, `logit_transform` and `sigmoid_transform`.
+
+# %% tags=["student"]
+def vardeq_noise(var_flows, x, u0, alpha):
+    """x: int [B, C, H, W], u0: [B, C, H, W] in (0, 1) -> (u [B, C, H, W] in (0, 1), ldj [B] of u0 -> u)."""
+    raise NotImplementedError("Exercise 3: implement vardeq_noise")
+
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+def vardeq_noise(var_flows, x, u0, alpha):
+    """x: int [B, C, H, W], u0: [B, C, H, W] in (0, 1) -> (u [B, C, H, W] in (0, 1), ldj [B] of u0 -> u)."""
+    cond = x.to(u0.dtype) / 255 * 2 - 1  # the image, in [-1, 1], conditions every coupling
+    e, ldj = logit_transform(u0, alpha)  # log(1 - alpha) - log p0 - log(1 - p0) per pixel
+    for flow in var_flows:
+        e, ldj = flow(e, ldj, orig_img=cond)  # + each coupling's sum of log-scales
+    sigmoid_ldj = (torch.nn.functional.logsigmoid(e) + torch.nn.functional.logsigmoid(-e)).flatten(1).sum(1)
+    return torch.sigmoid(e), ldj + sigmoid_ldj  # + log sigma(e) + log sigma(-e) per pixel
+
+
+# %%
+exercises.check_vardeq_noise(vardeq_noise)
+
+# %% [markdown]
+# ### Exercise 4: what does the margin cost? (conceptual, about 30 minutes)
 #
 # flowbook squeezes the uniform noise into $[m, 1 - m]$. (a) Show that the result is still a lower bound on
 # $\log P(x)$. (b) Show that the best bound any density $p$ can reach is $\log P(x)$ with and without the
@@ -425,7 +456,7 @@ assert exercises.check_importance_weighted_bpd(importance_weighted_bpd)
 # costs. So the margin's effect on a given model has either sign; "costs at most" would be wrong.
 
 # %% [markdown]
-# ### Exercise 4: sampling with variational dequantization (conceptual, about 10 minutes)
+# ### Exercise 5: sampling with variational dequantization (conceptual, about 10 minutes)
 #
 # Variational dequantization makes the likelihood slower to compute (it runs extra coupling layers). Why
 # does it not slow down sampling?

@@ -70,7 +70,7 @@ viz.draw_coupling_layer();
 # %% [markdown]
 # flowbook's implementation:
 
-# %%
+# %% tags=["spoiler"]
 print(inspect.getsource(CouplingLayer.forward))
 
 # %% [markdown]
@@ -274,10 +274,54 @@ def checkerboard_mask(h, w, invert=False):
 
 
 # %%
-assert exercises.check_checkerboard_mask(checkerboard_mask)
+exercises.check_checkerboard_mask(checkerboard_mask)
 
 # %% [markdown]
-# ### Exercise 2: an additive coupling layer (implementation, about 20 minutes)
+# ### Exercise 2: the affine coupling layer (implementation, about 30 minutes)
+#
+# Write the heart of RealNVP yourself: `AffineCoupling(network, mask, c_in)` with the flow contract
+# `layer(z, ldj, reverse=False) -> (z, ldj)`, as derived at the top of this chapter. The network maps
+# `z * mask` (`[B, C, H, W]`) to `[B, 2C, H, W]`: its first $C$ channels are the raw log-scale $s$, the last
+# $C$ the shift $t$. Bound the log-scale with the learnable factor, $s \leftarrow \tanh(s / e^f)\, e^f$, apply
+# both only where `mask == 0`, and return $z' = (z + t) \odot e^{s}$ with `ldj + sum(s)` (and the inverse with
+# `reverse=True`). The checker compares with `CouplingLayer` (switched off while your code runs), checks the
+# inverse, and checks `ldj` against autograd.
+
+# %% tags=["student"]
+class AffineCoupling(torch.nn.Module):
+    def __init__(self, network, mask, c_in):
+        super().__init__()
+        self.network = network
+        self.scaling_factor = torch.nn.Parameter(torch.zeros(c_in))  # f, one per channel
+        self.register_buffer("mask", mask)
+
+    def forward(self, z, ldj, reverse=False):
+        raise NotImplementedError("Exercise 2: implement AffineCoupling.forward")
+
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+class AffineCoupling(torch.nn.Module):
+    def __init__(self, network, mask, c_in):
+        super().__init__()
+        self.network = network
+        self.scaling_factor = torch.nn.Parameter(torch.zeros(c_in))  # f, one per channel
+        self.register_buffer("mask", mask)
+
+    def forward(self, z, ldj, reverse=False):
+        s, t = self.network(z * self.mask).chunk(2, dim=1)
+        f = self.scaling_factor.exp().view(1, -1, 1, 1)
+        s = torch.tanh(s / f) * f * (1 - self.mask)  # bounded, and 0 on the kept half
+        t = t * (1 - self.mask)
+        if not reverse:
+            return (z + t) * torch.exp(s), ldj + s.sum(dim=[1, 2, 3])
+        return z * torch.exp(-s) - t, ldj - s.sum(dim=[1, 2, 3])
+
+
+# %%
+exercises.check_affine_coupling(AffineCoupling)
+
+# %% [markdown]
+# ### Exercise 3: an additive coupling layer (implementation, about 20 minutes)
 #
 # NICE (Dinh et al., 2015), RealNVP's predecessor, used *additive* coupling: $z_2' = z_2 + t(z_1)$. Write
 # `AdditiveCoupling(network, mask)`, an `nn.Module` with the flow contract `layer(z, ldj, reverse=False) ->
@@ -292,7 +336,7 @@ class AdditiveCoupling(torch.nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, z, ldj, reverse=False):
-        raise NotImplementedError("Exercise 2: implement AdditiveCoupling.forward")
+        raise NotImplementedError("Exercise 3: implement AdditiveCoupling.forward")
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
@@ -309,10 +353,53 @@ class AdditiveCoupling(torch.nn.Module):
 
 
 # %%
-assert exercises.check_additive_coupling(AdditiveCoupling)
+exercises.check_additive_coupling(AdditiveCoupling)
 
 # %% [markdown]
-# ### Exercise 3: why alternate the masks? (conceptual, about 10 minutes)
+# ### Exercise 4: train a flow made of your own layers (implementation, about 30 minutes)
+#
+# Write the training loop yourself: `train_flow(model, images, num_steps, batch_size=64, lr=3e-3)` draws
+# `num_steps` random batches from `images` (an int tensor `[N, 1, 28, 28]`), minimises `model(batch)` (the
+# mean bpd, chapter 2's Jensen bound) with Adam, clipping the gradient norm at 1.0, and returns the list of
+# the `num_steps` losses as floats. The checker builds a small flow from *your* `AffineCoupling` and
+# `checkerboard_mask` (uniform dequantization and four couplings with 16 hidden channels), trains it with your
+# loop on 4,096 training images, and asks for a held-out bpd of at most the target below (about half a minute
+# on a laptop CPU). flowbook's own trainers are switched off meanwhile.
+
+# %%
+from flowbook.exercises import ch3 as ch3_checks
+
+Markdown(f"The checker trains for {ch3_checks.TRAIN_STEPS} steps of {ch3_checks.TRAIN_BATCH} images; the target is "
+         f"{ch3_checks.TARGET_BPD} bpd on {ch3_checks.VAL_IMAGES} validation images.")
+
+# %% tags=["student"]
+def train_flow(model, images, num_steps, batch_size=64, lr=3e-3):
+    """Train `model` on random batches of `images` [N, 1, 28, 28]; return the num_steps losses (floats)."""
+    raise NotImplementedError("Exercise 4: implement train_flow")
+
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+def train_flow(model, images, num_steps, batch_size=64, lr=3e-3):
+    """Train `model` on random batches of `images` [N, 1, 28, 28]; return the num_steps losses (floats)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(num_steps):
+        batch = images[torch.randint(len(images), (batch_size,))]
+        loss = model(batch)  # mean bits per dimension, one dequantization sample
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+# %%
+exercises.check_train_flow(train_flow, AffineCoupling, checkerboard_mask)
+
+# %% [markdown]
+# ### Exercise 5: why alternate the masks? (conceptual, about 10 minutes)
 #
 # What would a flow of eight coupling layers that all use the *same* checkerboard mask be able to model?
 
@@ -324,9 +411,9 @@ assert exercises.check_additive_coupling(AdditiveCoupling)
 # structure among them. Alternating the mask lets every pixel be transformed, conditioned on its neighbours.
 
 # %% [markdown]
-# ### Exercise 4: additive versus affine (conceptual, about 15 minutes)
+# ### Exercise 6: additive versus affine (conceptual, about 15 minutes)
 #
-# Your additive coupling has $\log|\det J| = 0$. Can a flow made only of additive couplings (after the
+# Your additive coupling (exercise 3) has $\log|\det J| = 0$. Can a flow made only of additive couplings (after the
 # dequantization layer) change the density of the data? What does it lose compared with affine coupling?
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["answer"]

@@ -24,6 +24,7 @@
 
 # %%
 import inspect
+import math
 
 import torch
 from IPython.display import Markdown
@@ -32,8 +33,9 @@ from tabulate import tabulate
 from flowbook import config, exercises, viz
 from flowbook.data import load_mnist
 from flowbook.evaluate import mean_bpd
-from flowbook.layers import SplitFlow, SqueezeFlow
-from flowbook.models import MODEL_NAMES, create_flow, create_multiscale_flow, num_parameters
+from flowbook.layers import (CouplingLayer, GatedConvNet, SplitFlow, SqueezeFlow, VariationalDequantization,
+                             create_channel_mask, create_checkerboard_mask)
+from flowbook.models import MODEL_NAMES, ImageFlow, create_flow, create_multiscale_flow, num_parameters
 from flowbook.pretrained import load_trained, train_quick
 from flowbook.prior import gaussian_log_prob
 
@@ -61,7 +63,7 @@ print("after reverse:\n", restored[0, 0])
 assert squeezed[0, :, 0, 0].tolist() == [1, 2, 5, 6] and squeezed[0, :, 1, 1].tolist() == [11, 12, 15, 16]
 assert torch.equal(restored, img)
 
-# %%
+# %% tags=["spoiler"]
 print(inspect.getsource(SqueezeFlow.forward))
 
 # %% [markdown]
@@ -80,7 +82,7 @@ print(inspect.getsource(SqueezeFlow.forward))
 # end, while the layers after the split only work on half the variables. In reverse, the split layer draws a
 # fresh $z_s \sim \mathcal N(0, I)$ (or takes a given one), appends it, and subtracts $\log\mathcal N(z_s)$:
 
-# %%
+# %% tags=["spoiler"]
 print(inspect.getsource(SplitFlow.forward))
 
 # %%
@@ -213,10 +215,82 @@ def squeeze(z, reverse=False):
 
 
 # %%
-assert exercises.check_squeeze(squeeze)
+exercises.check_squeeze(squeeze)
 
 # %% [markdown]
-# ### Exercise 2: where does the computation go? (conceptual, about 15 minutes)
+# ### Exercise 2: the split layer and its prior term (implementation, about 20 minutes)
+#
+# Write `Split`, an `nn.Module` with the contract of `SplitFlow`:
+# `forward(z, ldj, reverse=False, z_split=None, temperature=1.0)`. Forward keeps the first half of the
+# channels and adds $\log \mathcal N(z_s; 0, I)$ of the second half $z_s$ to `ldj` (summed per image, with its
+# constant); reverse appends `z_split` (or, when none is given, draws it from $\mathcal N(0, T^2 I)$) and
+# subtracts its log-density. The checker switches off `SplitFlow` and `gaussian_log_prob`.
+
+# %% tags=["student"]
+class Split(torch.nn.Module):
+    def forward(self, z, ldj, reverse=False, z_split=None, temperature=1.0):
+        raise NotImplementedError("Exercise 2: implement Split.forward")
+
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+def log_normal(v):
+    """log N(v; 0, I) per image: [B, ...] -> [B]."""
+    return (-0.5 * (v ** 2 + math.log(2 * math.pi))).flatten(1).sum(dim=1)
+
+
+class Split(torch.nn.Module):
+    def forward(self, z, ldj, reverse=False, z_split=None, temperature=1.0):
+        if not reverse:
+            z, z_split = z.chunk(2, dim=1)
+            return z, ldj + log_normal(z_split)  # z_split leaves the flow: score it now
+        if z_split is None:
+            z_split = torch.randn_like(z) * temperature
+        return torch.cat([z, z_split], dim=1), ldj - log_normal(z_split)
+
+
+# %%
+exercises.check_split(Split)
+
+# %% [markdown]
+# ### Exercise 3: assemble the multi-scale flow (implementation, about 30 minutes)
+#
+# Write `build_multiscale_flow()`, returning the reference's multi-scale flow as an
+# `ImageFlow(layers, img_shape=(1, 28, 28))` made from flowbook's layers (`VariationalDequantization`,
+# `CouplingLayer`, `GatedConvNet`, the two masks, `SqueezeFlow`, `SplitFlow`), following the list and the layer table
+# above: variational dequantization with 4 checkerboard couplings (`GatedConvNet(c_in=2, c_out=2,
+# c_hidden=16)`), 2 checkerboard couplings (32 hidden channels), squeeze, 2 channel couplings (48), split,
+# squeeze, 4 channel couplings (64); consecutive couplings invert their masks. The checker compares it layer
+# by layer, counts the parameters, checks the latent shape and encodes and decodes images exactly;
+# `create_multiscale_flow` and its helpers are switched off.
+
+# %% tags=["student"]
+def build_multiscale_flow():
+    """The multi-scale flow as an ImageFlow, from flowbook's layers."""
+    raise NotImplementedError("Exercise 3: implement build_multiscale_flow")
+
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+def build_multiscale_flow():
+    """The multi-scale flow as an ImageFlow, from flowbook's layers."""
+    def checkerboard(n, c_hidden, c_in=1, c_out=-1):
+        return [CouplingLayer(GatedConvNet(c_in, c_hidden=c_hidden, c_out=c_out),
+                              create_checkerboard_mask(28, 28, invert=i % 2 == 1), c_in=1) for i in range(n)]
+
+    def channel(n, c_in, c_hidden):
+        return [CouplingLayer(GatedConvNet(c_in, c_hidden=c_hidden), create_channel_mask(c_in, invert=i % 2 == 1),
+                              c_in=c_in) for i in range(n)]
+
+    dequant = VariationalDequantization(checkerboard(4, 16, c_in=2, c_out=2))  # sees noise and image
+    layers = [dequant, *checkerboard(2, 32), SqueezeFlow(), *channel(2, 4, 48), SplitFlow(), SqueezeFlow(),
+              *channel(4, 8, 64)]
+    return ImageFlow(layers, img_shape=(1, 28, 28))
+
+
+# %%
+exercises.check_multiscale_flow(build_multiscale_flow)
+
+# %% [markdown]
+# ### Exercise 4: where does the computation go? (conceptual, about 15 minutes)
 #
 # Count, for the multi-scale flow, how many of the 784 dimensions each group of coupling layers transforms,
 # and explain why the 7x7 layers can afford 64 hidden channels.
@@ -229,7 +303,7 @@ assert exercises.check_squeeze(squeeze)
 # so doubling the hidden width (32 to 64) still costs about a quarter per layer.
 
 # %% [markdown]
-# ### Exercise 3: splitting early (conceptual, about 15 minutes)
+# ### Exercise 5: splitting early (conceptual, about 15 minutes)
 #
 # Why does the reference flow not split right after the first squeeze, as deeper flows like Glow do?
 

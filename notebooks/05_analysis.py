@@ -31,6 +31,7 @@ from tabulate import tabulate
 from flowbook import config, exercises, viz
 from flowbook.data import load_mnist
 from flowbook.evaluate import inference_time, mean_bpd, sampling_time
+from flowbook.layers import SplitFlow
 from flowbook.models import MODEL_NAMES, interpolate_latents, num_parameters
 from flowbook.pretrained import load_trained
 
@@ -223,7 +224,7 @@ Markdown(f"Within 0.1 of the borders between neighbouring values lies {edge_shar
 # **Samples.** Unlike a VAE, whose decoder adds independent noise to every pixel and so tends to blur, a flow
 # maps the prior through an exact, invertible function and can represent sharp, multi-modal distributions;
 # samples are as sharp as the model's density. Yet they are far from perfect: not every sample is a digit,
-# and a small difference in bpd can hide a large difference in samples (exercise 3).
+# and a small difference in bpd can hide a large difference in samples (exercise 4).
 #
 # **How big are these differences?** On MNIST the models differ by hundredths of a bit per dimension. That
 # is the scale at which generative models compete: on CIFAR-10, where good models need about three times as
@@ -270,7 +271,7 @@ def interpolate(z_a, z_b, num_steps):
 
 
 # %%
-assert exercises.check_interpolate(interpolate)
+exercises.check_interpolate(interpolate)
 
 # %% [markdown]
 # ### Exercise 2: temperature (implementation, about 10 minutes)
@@ -292,10 +293,42 @@ def temperature_latent(shape, temperature):
 
 
 # %%
-assert exercises.check_temperature_latent(temperature_latent)
+exercises.check_temperature_latent(temperature_latent)
 
 # %% [markdown]
-# ### Exercise 3: bpd and sample quality (conceptual, about 15 minutes)
+# ### Exercise 3: sampling by hand (implementation, about 15 minutes)
+#
+# Write `sample_images(model, num_images, temperature)` without `model.sample` (the checker switches it off):
+# draw $z \sim \mathcal N(0, T^2 I)$ of shape `model.latent_shape(num_images)`, then run every layer of
+# `model.flows` in reverse order with `reverse=True`; split layers draw their half at the same temperature
+# (`temperature=...`). Return the integer images. Drawn in this order, with the same seed, your images equal
+# `model.sample`'s exactly, which is what the checker compares.
+
+# %% tags=["student"]
+def sample_images(model, num_images, temperature):
+    """Integer images [num_images, C, H, W] from `model` at `temperature`."""
+    raise NotImplementedError("Exercise 3: implement sample_images")
+
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+@torch.no_grad()
+def sample_images(model, num_images, temperature):
+    """Integer images [num_images, C, H, W] from `model` at `temperature`."""
+    z = torch.randn(model.latent_shape(num_images)) * temperature
+    ldj = torch.zeros(num_images)
+    for flow in reversed(model.flows):
+        if isinstance(flow, SplitFlow):
+            z, ldj = flow(z, ldj, reverse=True, temperature=temperature)
+        else:
+            z, ldj = flow(z, ldj, reverse=True)
+    return z
+
+
+# %%
+exercises.check_sample_images(sample_images)
+
+# %% [markdown]
+# ### Exercise 4: bpd and sample quality (conceptual, about 15 minutes)
 #
 # In the reference tutorial's results, the multi-scale flow's samples look much more like digits, yet its test
 # bpd (1.026) is only 4% lower than the single-scale flow's with variational dequantization (1.066). Why can a

@@ -10,7 +10,9 @@ from nbclient import NotebookClient
 
 from conftest import ROOT
 from flowbook import editions, exercises
-from flowbook.layers import SqueezeFlow
+from flowbook import ood, pretrained
+from flowbook.layers import ActNorm, SplitFlow, SqueezeFlow, create_checkerboard_mask
+from flowbook.models import create_multiscale_flow, interpolate_latents
 
 CHAPTERS = editions.chapters()
 
@@ -22,6 +24,7 @@ def _tagged_cells(tag):
 def _namespace(tag):
     """Everything the chapters' `tag` cells define, executed with the chapters' imports."""
     ns = {"torch": torch, "math": math}
+    exec("from flowbook.layers import *\nfrom flowbook.models import ImageFlow", ns)
     for _, cell in _tagged_cells(tag):
         exec(cell.source, ns)
     return ns
@@ -32,45 +35,76 @@ STUBS = _namespace("student")
 CHECKS = {  # checker: name defined by the chapter's exercise
     "check_change_of_variables": "log_prob_affine", "check_bits_per_dim": "bits_per_dim",
     "check_logit_transform": "logit_transform", "check_importance_weighted_bpd": "importance_weighted_bpd",
-    "check_checkerboard_mask": "checkerboard_mask", "check_additive_coupling": "AdditiveCoupling",
-    "check_squeeze": "squeeze", "check_interpolate": "interpolate", "check_temperature_latent": "temperature_latent",
+    "check_vardeq_noise": "vardeq_noise", "check_checkerboard_mask": "checkerboard_mask",
+    "check_affine_coupling": "AffineCoupling", "check_additive_coupling": "AdditiveCoupling",
+    "check_train_flow": "train_flow", "check_squeeze": "squeeze", "check_split": "Split",
+    "check_multiscale_flow": "build_multiscale_flow", "check_interpolate": "interpolate",
+    "check_temperature_latent": "temperature_latent", "check_sample_images": "sample_images",
+    "check_lu_weight": "lu_weight_and_logdet", "check_actnorm": "ActNormLayer", "check_separation_auc": "separation_auc",
 }
+QUICK = [c for c in CHECKS if c != "check_train_flow"]  # the training check has its own, shortened tests
+
+
+def _check(checker, fn):
+    if checker == "check_train_flow":
+        return exercises.check_train_flow(fn, SOLUTIONS["AffineCoupling"], SOLUTIONS["checkerboard_mask"])
+    return getattr(exercises, checker)(fn)
 
 
 def test_every_checker_is_used_by_a_chapter():
     used = set(re.findall(r"exercises\.(check_\w+)", " ".join(c.source for src in CHAPTERS
                                                              for c in jupytext.read(src).cells)))
-    assert used == set(CHECKS) == set(exercises.__all__)
+    assert used == set(CHECKS) == set(exercises.__all__) - {"CheckFailed"}
 
 
-@pytest.mark.parametrize("checker, name", CHECKS.items())
-def test_checker_passes_the_chapter_solution(checker, name, capsys):
-    assert getattr(exercises, checker)(SOLUTIONS[name]) is True
-    assert "all" in capsys.readouterr().out
+@pytest.mark.parametrize("checker", QUICK)
+def test_checker_passes_the_chapter_solution(checker, capsys):
+    _check(checker, SOLUTIONS[CHECKS[checker]])
+    assert capsys.readouterr().out.startswith(f"✓ {checker}: all")
 
 
-@pytest.mark.parametrize("checker, name", CHECKS.items())
-def test_checker_lets_the_stub_raise_not_implemented(checker, name):
+@pytest.mark.parametrize("checker", CHECKS)
+def test_checker_lets_the_stub_raise_not_implemented(checker):
     with pytest.raises(NotImplementedError, match=r"^Exercise \d: "):
-        getattr(exercises, checker)(STUBS[name])
+        _check(checker, STUBS[CHECKS[checker]])
 
 
-def _wrong_additive_sign_ldj(network, mask):
-    layer = SOLUTIONS["AdditiveCoupling"](network, mask)
+class _Wrapped(torch.nn.Module):
+    """A correct layer from the chapter whose output `change(z, ldj, reverse, inner)` alters."""
 
+    def __init__(self, inner, change):
+        super().__init__()
+        self.inner, self.change = inner, change
+
+    def forward(self, z, ldj, reverse=False, **kw):
+        return self.change(z, ldj, reverse, self.inner, **kw)
+
+
+def _affine_with(bound=lambda s, f: torch.tanh(s / f) * f, order="shift first", swap=False, mask_s=True, sign=1.0,
+                 mask_all=True):
     class Wrong(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, network, mask, c_in):
             super().__init__()
-            self.inner = layer
+            self.network = network
+            self.scaling_factor = torch.nn.Parameter(torch.zeros(c_in))
+            self.register_buffer("mask", mask)
 
         def forward(self, z, ldj, reverse=False):
-            z, ldj = self.inner(z, ldj, reverse)
-            return z, ldj + (1 if not reverse else -1) * z.sum(dim=[1, 2, 3]) * 0.01  # a bogus log-det
+            s, t = self.network(z * self.mask).chunk(2, dim=1)
+            if swap:
+                s, t = t, s
+            s = bound(s, self.scaling_factor.exp().view(1, -1, 1, 1))
+            keep = (1 - self.mask) if mask_all else 1
+            s_sum = (s * (1 - self.mask) if mask_s else s).sum(dim=[1, 2, 3])
+            s, t = s * keep, t * keep
+            if not reverse:
+                z = (z + t) * torch.exp(s) if order == "shift first" else z * torch.exp(s) + t
+                return z, ldj + sign * s_sum
+            return (z * torch.exp(-s) - t if order == "shift first" else (z - t) * torch.exp(-s)), ldj - sign * s_sum
+    return Wrong
 
-    return Wrong()
 
-
-class _ForgotMask(torch.nn.Module):
+class _AdditiveForgotMask(torch.nn.Module):
     def __init__(self, network, mask):
         super().__init__()
         self.network = network
@@ -81,78 +115,313 @@ class _ForgotMask(torch.nn.Module):
         return (z + t if not reverse else z - t), ldj
 
 
-class _NetworkSeesAll(_ForgotMask):
+class _AdditiveNetworkSeesAll(_AdditiveForgotMask):
     def forward(self, z, ldj, reverse=False):
         t = self.network(z) * (1 - self.mask)  # not invertible: t depends on the half it changes
         return (z + t if not reverse else z - t), ldj
 
 
-def _squeeze_off_by_one(z, reverse=False):  # mixes up rows and columns inside each 2x2 block
-    B, C, H, W = z.shape
-    if not reverse:
-        return z.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 5, 3, 2, 4).reshape(B, 4 * C, H // 2, W // 2)
-    return SqueezeFlow()(z, None, reverse=True)[0]
+class _AdditiveBogusLdj(_AdditiveForgotMask):
+    def forward(self, z, ldj, reverse=False):
+        t = self.network(z * self.mask) * (1 - self.mask)
+        return (z + t, ldj + t.sum(dim=[1, 2, 3])) if not reverse else (z - t, ldj - t.sum(dim=[1, 2, 3]))
 
 
-def _squeeze_channels_last(z, reverse=False):  # block pixels grouped by position, not by channel
-    B, C, H, W = z.shape
-    if not reverse:
-        return z.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(B, 4 * C, H // 2, W // 2)
-    return SqueezeFlow()(z, None, reverse=True)[0]
+def _squeeze_perm(order):
+    def squeeze(z, reverse=False):
+        B, C, H, W = z.shape
+        if not reverse:
+            return z.reshape(B, C, H // 2, 2, W // 2, 2).permute(*order).reshape(B, 4 * C, H // 2, W // 2)
+        return SqueezeFlow()(z, None, reverse=True)[0]
+    return squeeze
 
 
-WRONG = {
+def _log_n(v):
+    return (-0.5 * (v ** 2 + math.log(2 * math.pi))).flatten(1).sum(1)
+
+
+def _split_with(forward=None, draw=None):
+    class Wrong(torch.nn.Module):
+        def forward(self, z, ldj, reverse_=False, z_split=None, temperature=1.0, **kw):
+            raise AssertionError
+
+    def run(self, z, ldj, reverse=False, z_split=None, temperature=1.0):
+        if not reverse:
+            return forward(z, ldj)
+        if z_split is None:
+            z_split = torch.randn_like(z) * (temperature if draw is None else draw(temperature))
+        return torch.cat([z, z_split], dim=1), ldj - _log_n(z_split)
+    Wrong.forward = run
+    return Wrong
+
+
+def _vardeq_with(cond=lambda x: x.double() / 255 * 2 - 1, sigmoid_sign=1.0, logit=True, flows=True):
+    def vardeq_noise(var_flows, x, u0, alpha):
+        e, ldj = SOLUTIONS["logit_transform"](u0, alpha)
+        if not logit:
+            ldj = torch.zeros_like(ldj)
+        for flow in var_flows:
+            e, step = flow(e, torch.zeros_like(ldj), orig_img=cond(x))
+            ldj = ldj + (step if flows else 0)
+        sig = (torch.nn.functional.logsigmoid(e) + torch.nn.functional.logsigmoid(-e)).flatten(1).sum(1)
+        return torch.sigmoid(e), ldj + sigmoid_sign * sig
+    return vardeq_noise
+
+
+def _multiscale_with(change):
+    def build():
+        model = SOLUTIONS["build_multiscale_flow"]()
+        change(model)
+        return model
+    return build
+
+
+def _sample_with(t_latent=lambda t: t, t_split=lambda t: t):
+    @torch.no_grad()
+    def sample_images(model, n, temperature):
+        z = torch.randn(model.latent_shape(n)) * t_latent(temperature)
+        ldj = torch.zeros(n)
+        for flow in reversed(model.flows):
+            z, ldj = flow(z, ldj, reverse=True, temperature=t_split(temperature)) if isinstance(flow, SplitFlow) \
+                else flow(z, ldj, reverse=True)
+        return z
+    return sample_images
+
+
+def _actnorm_with(scale=lambda std: -std.log(), once=True, hw=True, sign=1.0):
+    class Wrong(torch.nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.loc = torch.nn.Parameter(torch.zeros(1, channels, 1, 1))
+            self.log_scale = torch.nn.Parameter(torch.zeros(1, channels, 1, 1))
+            self.register_buffer("initialized", torch.tensor(False))
+
+        def forward(self, z, ldj, reverse=False):
+            if not reverse and (not once or not bool(self.initialized)):
+                with torch.no_grad():
+                    flat = z.transpose(0, 1).flatten(1)
+                    self.loc.copy_(-flat.mean(1).view_as(self.loc))
+                    self.log_scale.copy_(scale(flat.std(1)).view_as(self.log_scale))
+                    self.initialized.fill_(True)
+            log_det = sign * (z.shape[2] * z.shape[3] if hw else 1) * self.log_scale.sum()
+            if not reverse:
+                return (z + self.loc) * torch.exp(self.log_scale), ldj + log_det
+            return z * torch.exp(-self.log_scale) - self.loc, ldj - log_det
+    return Wrong
+
+
+def _no_volume(x, a, b):
+    return torch.distributions.Normal(0.0, 1.0).log_prob((x - b) / a)
+
+
+WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
     "check_change_of_variables": [
-        lambda x, a, b: torch.distributions.Normal(0.0, 1.0).log_prob((x - b) / a),  # no volume term
-        lambda x, a, b: torch.distributions.Normal(0.0, 1.0).log_prob((x - b) / a) - math.log(a),  # log of a < 0
-        lambda x, a, b: torch.distributions.Normal(0.0, 1.0).log_prob((x - b) / a) + math.log(abs(a)),  # sign
+        (_no_volume, "volume term is missing"),
+        (lambda x, a, b: _no_volume(x, a, b) + math.log(abs(a)), "wrong sign"),
+        (lambda x, a, b: _no_volume(x, a, b) - torch.log(torch.tensor(a, dtype=x.dtype)), "log|scale|"),
     ],
     "check_bits_per_dim": [
-        lambda ll, d: -ll / d,  # nats, not bits
-        lambda ll, d: -ll / (d * math.log(10)),
+        (lambda ll, d: -ll / d, "divide by log 2"),
+        (lambda ll, d: ll / (d * math.log(2)), "sign"),
+        (lambda ll, d: -ll / (d * math.log(10)), "off by"),
     ],
     "check_logit_transform": [
-        lambda u, a: (torch.logit((1 - a) * u + a / 2),  # wrong sign of the log-determinant
-                      -(math.log(1 - a) - torch.log((1 - a) * u + a / 2) - torch.log1p(-(1 - a) * u - a / 2))
-                      .flatten(1).sum(1)),
-        lambda u, a: (torch.logit((1 - a) * u + a / 2),  # forgot the alpha term
-                      (-torch.log((1 - a) * u + a / 2) - torch.log1p(-(1 - a) * u - a / 2)).flatten(1).sum(1)),
-        lambda u, a: (torch.logit(u), (-torch.log(u) - torch.log1p(-u)).flatten(1).sum(1)),  # no squeeze
+        (lambda u, a: (torch.logit(u), (-torch.log(u) - torch.log1p(-u)).flatten(1).sum(1)), "first squeeze u"),
+        (lambda u, a: (torch.logit((1 - a) * u + a / 2),
+                       (-torch.log((1 - a) * u + a / 2) - torch.log1p(-(1 - a) * u - a / 2)).flatten(1).sum(1)),
+         "alpha term is missing"),
+        (lambda u, a: (torch.logit((1 - a) * u + a / 2), -SOLUTIONS["logit_transform"](u, a)[1]), "wrong sign"),
+        (lambda u, a: (torch.logit((1 - a) * u + a / 2), SOLUTIONS["logit_transform"](u, a)[1].sum()), "shape [B]"),
     ],
     "check_importance_weighted_bpd": [
-        lambda lls, d: -lls.mean(0) / (d * math.log(2)),  # Jensen, not importance-weighted
-        lambda lls, d: -torch.log(lls.exp().mean(0)) / (d * math.log(2)),  # unstable
-        lambda lls, d: -torch.logsumexp(lls, 0) / (d * math.log(2)),  # forgot - log K
+        (lambda lls, d: -lls.mean(0) / (d * math.log(2)), "averaged the log-likelihoods"),
+        (lambda lls, d: -torch.log(lls.exp().mean(0)) / (d * math.log(2)), "torch.logsumexp"),
+        (lambda lls, d: -torch.logsumexp(lls, 0) / (d * math.log(2)), "- log K is missing"),
+        (lambda lls, d: -(torch.logsumexp(lls, 0) - math.log(len(lls))) / d, "divide by D log 2"),
+    ],
+    "check_vardeq_noise": [
+        (_vardeq_with(cond=lambda x: x.double() / 255), "not x / 255"),
+        (_vardeq_with(cond=lambda x: x.double()), "not the raw integers"),
+        (_vardeq_with(sigmoid_sign=0.0), "sigmoid's log-determinant is missing"),
+        (_vardeq_with(sigmoid_sign=-1.0), "sigmoid's log-determinant has the wrong sign"),
+        (_vardeq_with(logit=False), "logit's log-determinant is missing"),
+        (_vardeq_with(flows=False), "coupling layers' log-determinants are missing"),
     ],
     "check_checkerboard_mask": [
-        lambda h, w, invert=False: 1 - SOLUTIONS["checkerboard_mask"](h, w, invert),  # starts with 1
-        lambda h, w, invert=False: SOLUTIONS["checkerboard_mask"](h, w, False),  # ignores invert
-        lambda h, w, invert=False: SOLUTIONS["checkerboard_mask"](h, w, invert).double(),  # wrong dtype
+        (lambda h, w, invert=False: 1 - SOLUTIONS["checkerboard_mask"](h, w, invert), "starts with 1"),
+        (lambda h, w, invert=False: SOLUTIONS["checkerboard_mask"](h, w, False), "invert=True must swap"),
+        (lambda h, w, invert=False: SOLUTIONS["checkerboard_mask"](h, w, invert).double(), "dtype"),
     ],
-    "check_additive_coupling": [_wrong_additive_sign_ldj, _ForgotMask, _NetworkSeesAll],
-    "check_squeeze": [_squeeze_off_by_one, _squeeze_channels_last,
-                      lambda z, reverse=False: z.reshape(z.shape[0], -1, z.shape[2] // 2, z.shape[3] // 2)],
+    "check_affine_coupling": [
+        (_affine_with(mask_all=False, mask_s=True), "multiply s and t by (1 - mask)"),
+        (_affine_with(bound=lambda s, f: s), "not bounded"),
+        (_affine_with(bound=lambda s, f: torch.tanh(s)), "ignores the learnable factor"),
+        (_affine_with(order="scale first"), "shifts first"),
+        (_affine_with(swap=True), "swapped"),
+        (_affine_with(sign=0.0), "ldj is unchanged"),
+        (_affine_with(sign=-1.0), "wrong sign"),
+        (_affine_with(mask_s=False), "summed s over every pixel".replace("summed s", "sums s")),
+    ],
+    "check_additive_coupling": [
+        (_AdditiveForgotMask, "multiply t by (1 - mask)"),
+        (_AdditiveNetworkSeesAll, "must see z * mask only"),
+        (_AdditiveBogusLdj, "log|det J| = 0"),
+    ],
+    "check_squeeze": [
+        (_squeeze_perm((0, 1, 5, 3, 2, 4)), "row and column are swapped"),
+        (_squeeze_perm((0, 3, 5, 1, 2, 4)), "grouped by position"),
+        (lambda z, reverse=False: z.reshape(z.shape[0], -1, z.shape[2] // 2, z.shape[3] // 2), "channels of the 4x4"),
+        (lambda z, reverse=False: torch.nn.functional.pixel_unshuffle(z, 2) if not reverse else
+         torch.nn.functional.pixel_shuffle(z, 2), "implement this yourself"),
+    ],
+    "check_split": [
+        (_split_with(lambda z, ldj: (z.chunk(2, 1)[1], ldj + _log_n(z.chunk(2, 1)[0]))), "kept the second half"),
+        (_split_with(lambda z, ldj: (z.chunk(2, 1)[0], ldj)), "ldj is unchanged"),
+        (_split_with(lambda z, ldj: (z.chunk(2, 1)[0], ldj - _log_n(z.chunk(2, 1)[1]))), "the sign"),
+        (_split_with(lambda z, ldj: (z.chunk(2, 1)[0], ldj + _log_n(z.chunk(2, 1)[0]))), "scored the kept half"),
+        (_split_with(lambda z, ldj: (z.chunk(2, 1)[0], ldj - 0.5 * (z.chunk(2, 1)[1] ** 2).flatten(1).sum(1))),
+         "-0.5 log(2 pi)"),
+        (_split_with(lambda z, ldj: (z.chunk(2, 1)[0], ldj + _log_n(z.chunk(2, 1)[1])), draw=lambda t: t * t),
+         "temperature^2"),
+    ],
+    "check_multiscale_flow": [
+        (_multiscale_with(lambda m: m.flows.__delitem__(6)), "layer 6 is a SqueezeFlow"),
+        (_multiscale_with(lambda m: m.flows[2].mask.copy_(m.flows[1].mask)), "layer 2's mask"),
+        (_multiscale_with(lambda m: m.flows.__setitem__(4, SOLUTIONS["build_multiscale_flow"]().flows[5])),
+         "layer 4's mask"),
+        (lambda: create_multiscale_flow(), "implement this yourself"),
+        (lambda: torch.nn.Sequential(*SOLUTIONS["build_multiscale_flow"]().flows), "return an ImageFlow"),
+    ],
     "check_interpolate": [
-        lambda a, b, n: (1 - torch.linspace(0, 1, n + 2)[1:-1].view(-1, 1, 1, 1)) * a
-                        + torch.linspace(0, 1, n + 2)[1:-1].view(-1, 1, 1, 1) * b,  # leaves out the ends
-        lambda a, b, n: (1 - torch.arange(n).view(-1, 1, 1, 1) / n) * a
-                        + torch.arange(n).view(-1, 1, 1, 1) / n * b,  # off by one: never reaches z_b
-        lambda a, b, n: torch.linspace(0, 1, n).view(-1, 1, 1, 1) * a
-                        + (1 - torch.linspace(0, 1, n).view(-1, 1, 1, 1)) * b,  # backwards
+        (lambda a, b, n: (1 - torch.linspace(0, 1, n + 2)[1:-1].view(-1, 1, 1, 1)) * a
+         + torch.linspace(0, 1, n + 2)[1:-1].view(-1, 1, 1, 1) * b, "first step must be z_a"),
+        (lambda a, b, n: (1 - torch.arange(n).view(-1, 1, 1, 1) / n) * a + torch.arange(n).view(-1, 1, 1, 1) / n * b,
+         "last step must be z_b"),
+        (lambda a, b, n: torch.linspace(0, 1, n).view(-1, 1, 1, 1) * a
+         + (1 - torch.linspace(0, 1, n).view(-1, 1, 1, 1)) * b, "go backwards"),
+        (lambda a, b, n: interpolate_latents(a, b, n), "implement this yourself"),
     ],
     "check_temperature_latent": [
-        lambda shape, t: torch.randn(shape) * t ** 2,  # variance, not standard deviation
-        lambda shape, t: torch.randn(shape) + t,  # shifts instead of scaling
-        lambda shape, t: torch.randn(shape, dtype=torch.float64) * t,  # dtype
+        (lambda shape, t: torch.randn(shape) * t ** 2, "temperature^2"),
+        (lambda shape, t: torch.randn(shape) + t, "scale, do not shift"),
+        (lambda shape, t: torch.randn(shape, dtype=torch.float64) * t, "expected float32"),
+    ],
+    "check_sample_images": [
+        (_sample_with(t_latent=lambda t: t * t, t_split=lambda t: t * t), "not * T**2"),
+        (_sample_with(t_split=lambda t: 1.0), "split layer must draw its half at the temperature"),
+        (lambda model, n, t: model.sample(model.latent_shape(n), temperature=t), "implement this yourself"),
+    ],
+    "check_lu_weight": [
+        (lambda p, lo, up, sg, ls: (p @ lo @ (torch.triu(up, 1) + torch.diag(sg * ls.exp())), ls.sum()), "unit lower"),
+        (lambda p, lo, up, sg, ls: (p @ torch.tril(lo, -1) @ (torch.triu(up, 1) + torch.diag(sg * ls.exp())), ls.sum()),
+         "ones on its diagonal"),
+        (lambda p, lo, up, sg, ls: (p @ (torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype))
+                                    @ (up + torch.diag(sg * ls.exp())), ls.sum()), "strictly upper part"),
+        (lambda p, lo, up, sg, ls: (p @ (torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype))
+                                    @ (torch.triu(up, 1) + torch.diag(ls.exp())), ls.sum()), "left out the sign"),
+        (lambda p, lo, up, sg, ls: (p @ (torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype))
+                                    @ (torch.triu(up, 1) + torch.diag(sg * ls.exp())), ls.exp().sum()), "not the sum of exp"),
+        (lambda p, lo, up, sg, ls: (lambda w: (w, torch.linalg.slogdet(w)[1]))(
+            p @ (torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype)) @ (torch.triu(up, 1) + torch.diag(sg * ls.exp()))),
+         "implement this yourself"),
+    ],
+    "check_actnorm": [
+        (_actnorm_with(scale=lambda std: std.log()), "wrong sign"),
+        (_actnorm_with(scale=lambda std: -(std * std).log()), "variance"),
+        (_actnorm_with(once=False), "initialise only once"),
+        (_actnorm_with(hw=False), "H * W"),
+        (_actnorm_with(sign=-1.0), "wrong sign"),
+        (lambda c: ActNorm(c), "implement this yourself"),
+    ],
+    "check_separation_auc": [
+        (lambda a, b: ((a.view(-1, 1) - b.view(1, -1)) > 0).float().mean().item()
+         + 0.5 * ((a.view(-1, 1) - b.view(1, -1)) == 0).float().mean().item(), "the other way round".replace(
+            "the other way round", "in-distribution input scores higher")),
+        (lambda a, b: ((b.view(-1, 1) - a.view(1, -1)) > 0).float().mean().item(), "ties count half"),
+        (lambda a, b: ((b.view(-1, 1) - a.view(1, -1)) > 0).float().mean() + 0.5 * (
+            (b.view(-1, 1) - a.view(1, -1)) == 0).float().mean(), "Python float"),
+        (lambda a, b: ood.separation_auc(a, b), "implement this yourself"),
     ],
 }
 
 
 @pytest.mark.parametrize("checker, index", [(c, i) for c, wrongs in WRONG.items() for i in range(len(wrongs))])
-def test_checker_catches_a_plausible_mistake_and_says_what(checker, index, capsys):
-    assert getattr(exercises, checker)(WRONG[checker][index]) is False
-    out = capsys.readouterr().out
-    assert out.startswith("✗") and ("failed" in out or "raised" in out), out
+def test_checker_gives_a_plausible_mistake_its_own_hint(checker, index, capsys):
+    wrong, hint = WRONG[checker][index]
+    with pytest.raises(exercises.CheckFailed) as failed:
+        _check(checker, wrong)
+    message = str(failed.value)
+    assert message.startswith(f"✗ {checker}: check ") and hint in message, message
+    assert capsys.readouterr().out == "", "a failed check says its message once, in the error"
+
+
+def test_every_checker_names_the_mistakes_it_catches():
+    for checker in CHECKS:
+        doc = getattr(exercises, checker).__doc__
+        assert "Catches:" in doc and doc.split("Catches:")[1].count("\n    - ") >= len(WRONG.get(checker, [1, 2])) - 1
+
+
+def test_a_failed_check_is_one_line_in_a_notebook_without_a_traceback():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from flowbook import exercises\nexercises.check_bits_per_dim(lambda ll, d: -ll / d)")])
+    NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True).execute()
+    [error] = [o for o in nb.cells[0].outputs if o.output_type == "error"]
+    assert error.ename == "CheckFailed" and len(error.traceback) == 1, error.traceback
+    assert "divide by log 2" in error.traceback[0] and "exercises" not in error.traceback[0].split("✗")[0]
+    assert not [o for o in nb.cells[0].outputs if o.output_type == "stream"], "the message is shown once"
+
+
+def test_flowbook_works_again_after_a_check_even_a_failed_one():
+    with pytest.raises(exercises.CheckFailed):
+        exercises.check_checkerboard_mask(lambda h, w, invert=False: create_checkerboard_mask(h, w, invert))
+    with pytest.raises(exercises.CheckFailed):
+        exercises.check_squeeze(lambda z, reverse=False: SqueezeFlow()(z, None, reverse)[0])
+    assert create_checkerboard_mask(2, 2).tolist() == [[[[0.0, 1.0], [1.0, 0.0]]]]
+    assert SqueezeFlow()(torch.zeros(1, 1, 2, 2), None)[0].shape == (1, 4, 1, 1)
+    assert torch.nn.functional.pixel_unshuffle(torch.zeros(1, 1, 2, 2), 2).shape == (1, 4, 1, 1)
+
+
+def test_a_crash_in_the_students_code_names_its_line(capsys):
+    def squeeze(z, reverse=False):
+        return z.view(3, -1)  # wrong numel: raises
+
+    with pytest.raises(exercises.CheckFailed, match=r"your code raised RuntimeError \(line \d+ of test_exercises.py\)"):
+        exercises.check_squeeze(squeeze)
+
+
+@pytest.fixture
+def short_training(monkeypatch):
+    from flowbook.exercises import ch3
+
+    for name, value in {"TRAIN_STEPS": 40, "TRAIN_IMAGES": 512, "VAL_IMAGES": 64, "TARGET_BPD": 6.0}.items():
+        monkeypatch.setattr(ch3, name, value)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    ("no_step", "no parameter changed"), ("no_list", "return the list"), ("no_zero_grad", "zero_grad"),
+    ("delegates", "implement this yourself"),
+])
+def test_train_flow_checker_names_the_mistake(short_training, wrong, hint):
+    def train_flow(model, images, num_steps, batch_size=64, lr=3e-3):
+        if wrong == "delegates":
+            return pretrained.train_quick("simple")
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr if wrong != "no_zero_grad" else 1e-7)
+        losses = []
+        for _ in range(num_steps):
+            loss = model(images[torch.randint(len(images), (batch_size,))])
+            loss.backward()
+            if wrong != "no_step":
+                optimizer.step()
+            losses.append(loss.item())
+        return losses if wrong != "no_list" else None
+
+    with pytest.raises(exercises.CheckFailed, match=re.escape(hint)):
+        exercises.check_train_flow(train_flow, SOLUTIONS["AffineCoupling"], SOLUTIONS["checkerboard_mask"])
+
+
+def test_train_flow_checker_passes_the_chapter_solution_on_a_short_run(short_training, capsys):
+    exercises.check_train_flow(SOLUTIONS["train_flow"], SOLUTIONS["AffineCoupling"], SOLUTIONS["checkerboard_mask"])
+    assert "✓ check_train_flow" in capsys.readouterr().out
 
 
 def test_solutions_edition_has_no_stubs_and_keeps_everything_else(tmp_path):
@@ -172,6 +441,23 @@ def test_student_edition_has_stubs_and_neither_solutions_nor_answers_and_key_has
         assert not any("solution" in c.metadata.get("tags", []) for c in nbformat.read(path, 4).cells)
     key = (ROOT / "answers" / "answer_key.md").read_text()
     assert key.count("**Answer.**") == len(_tagged_cells("answer")) >= len(CHAPTERS)
+    assert key.count("**Solution.**") == len(_tagged_cells("student")) >= 14
+    assert key.count("### Exercise") == len(_tagged_cells("answer")) + len(_tagged_cells("student"))
+    for checker in CHECKS:  # each implementation exercise lists the mistakes its checker names
+        assert f"`exercises.{checker}`" in key
+        catches = [line.strip() for line in getattr(exercises, checker).__doc__.split("Catches:")[1].split("\n    - ")[1:]]
+        assert catches and all(f"- {line}" in key for line in catches), checker
+
+
+def test_student_edition_shows_no_solution_before_its_exercise():
+    for src in CHAPTERS:
+        cells = editions.make_edition(src, "student").cells
+        code = "\n".join(c.source for c in cells if c.cell_type == "code")
+        for shown in ("CouplingLayer.forward", "SqueezeFlow.forward", "SplitFlow.forward", "dequant_noise"):
+            assert f"getsource({shown}" not in code and f"getsource(VariationalDequantization.{shown}" not in code
+        assert all(editions.SPOILER_NOTE != c.source or c.cell_type == "markdown" for c in cells)
+    full = [c for src in CHAPTERS for c in jupytext.read(src).cells if "spoiler" in c.metadata.get("tags", [])]
+    assert len(full) == 4 and all("getsource" in c.source for c in full)
 
 
 @pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
@@ -187,8 +473,11 @@ def test_student_edition_runs_and_raises_exactly_the_expected_not_implemented_er
     got = [(o["ename"], o["evalue"].split(":")[0]) for _, o in errors]
     unexpected = "\n\n".join(f"cell {i}:\n{nb.cells[i].source}\n" + "\n".join(o.get("traceback", []))[-3000:]
                              for i, o in errors if o["ename"] != "NotImplementedError")
-    assert got == [("NotImplementedError", s) for s in stubs], \
+    # one per exercise check: its own stub's, or that of an earlier exercise it builds on (ch3's training loop
+    # trains your own coupling layers)
+    assert len(got) == len(stubs) and all(e == "NotImplementedError" for e, _ in got), \
         f"expected one NotImplementedError per stub {stubs}, got {got}\n{unexpected}"
+    assert all(label == own or int(label.split()[1]) < int(own.split()[1]) for (_, label), own in zip(got, stubs)), got
     for i, _ in errors:
         assert "exercises.check_" in nb.cells[i].source, f"cell {i} failed, which is no exercise check"
         assert "raises-exception" in nb.cells[i].metadata.get("tags", []), "nbval would fail on this cell"

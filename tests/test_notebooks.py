@@ -11,14 +11,15 @@ import pytest
 from conftest import ROOT
 
 CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
-EXPECTED = ["01_change_of_variables", "02_dequantization", "03_coupling_layers", "04_multiscale", "05_analysis"]
+EXPECTED = ["01_change_of_variables", "02_dequantization", "03_coupling_layers", "04_multiscale", "05_analysis",
+            "06_beyond_realnvp"]
 
 
 def _cells(nb):
     return [(c.cell_type, c.source.strip(), tuple(c.metadata.get("tags", []))) for c in nb.cells]
 
 
-def test_the_five_chapters_exist_in_order():
+def test_the_six_chapters_exist_in_order():
     assert [p.stem for p in CHAPTERS] == EXPECTED
 
 
@@ -38,9 +39,17 @@ def test_chapter_has_learning_goals_summary_exercises_and_references(source):
     for heading in ("**You will learn**", "## Summary", "## Exercises", "## References"):
         assert heading in markdown, f"{source.name} lacks {heading}"
     exercises = re.findall(r"^### Exercise (\d+)", markdown, flags=re.M)
-    assert 2 <= len(exercises) <= 4 and exercises == [str(i) for i in range(1, len(exercises) + 1)]
+    assert exercises == [str(i) for i in range(1, len(exercises) + 1)]
+    implementation = re.findall(r"^### Exercise .*\(implementation", markdown, flags=re.M)
+    assert len(implementation) >= (2 if source.name.startswith("01_") else 3), "too few implementation exercises"
+    assert len(exercises) > len(implementation), "every chapter has a conceptual question too"
     for heading in re.findall(r"^### Exercise .*$", markdown, flags=re.M):  # a lecturer picks by kind and size
         assert re.search(r"\((implementation|conceptual), about \d+ minutes\)$", heading), heading
+
+
+def test_the_chapters_have_at_least_14_implementation_exercises():
+    markdown = "\n".join(c.source for src in CHAPTERS for c in jupytext.read(src).cells if c.cell_type == "markdown")
+    assert len(re.findall(r"^### Exercise .*\(implementation", markdown, flags=re.M)) >= 14
 
 
 @pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)

@@ -1,0 +1,187 @@
+"""The machinery every checker shares: running labelled checks in order, turning a student's mistake into
+one clear message, naming known mistakes, and switching off the flowbook code an exercise re-implements."""
+from __future__ import annotations
+
+import contextlib
+import traceback
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.autograd.functional import jacobian
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+class CheckFailed(Exception):
+    """A check failed. In a notebook it shows its message only: no traceback into the checker."""
+
+    def _render_traceback_(self):  # IPython shows these lines instead of a traceback
+        return [f"\x1b[31m{self}\x1b[0m"]
+
+
+class Delegated(Exception):
+    """The student's code called the flowbook code the exercise asks them to write."""
+
+
+class _Fail(Exception):
+    pass
+
+
+def expect(cond, message):
+    """Fail the current check with `message` unless `cond`."""
+    if not cond:
+        raise _Fail(message)
+
+
+def max_error(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def close(a, b, what, atol=1e-6):
+    """Fail unless tensor `a` has b's shape and is within `atol` of it."""
+    expect(isinstance(a, torch.Tensor), f"{what}: expected a torch.Tensor, got {type(a).__name__}")
+    expect(a.shape == b.shape, f"{what}: expected shape {list(b.shape)}, got {list(a.shape)}")
+    err = max_error(a, b)
+    expect(err <= atol, f"{what}: off by up to {err:.3g} (tolerance {atol:g})")
+
+
+def is_close(a, b, atol=1e-6) -> bool:
+    return isinstance(a, torch.Tensor) and a.shape == b.shape and max_error(a, b) <= atol
+
+
+def diagnose(got, right, mistakes: dict, atol=1e-6):
+    """Fail with the hint of the first known mistake whose result `got` reproduces (unless `got` is `right`).
+
+    mistakes: {hint: value or zero-argument function returning what that mistake computes}."""
+    if is_close(got, right, atol):
+        return
+    for hint, value in mistakes.items():
+        if callable(value):
+            try:
+                with reference():
+                    value = value()
+            except Exception:  # this mistake cannot even be computed for these inputs
+                continue
+        if is_close(got, value, atol):
+            raise _Fail(hint)
+
+
+def logdet(fn, x):
+    """log|det J| of fn at one example x (no batch dimension), from autograd; fn maps [1, ...] to [1, ...]."""
+    jac = jacobian(lambda v: fn(v.unsqueeze(0)).flatten(), x)
+    return torch.linalg.slogdet(jac.reshape(jac.shape[0], -1))[1]
+
+
+def perturbed(module, scale=0.3, seed=0):
+    """`module` with every parameter moved away from its (often zero) initialisation, in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module
+
+
+# Switching off flowbook's own code ----------------------------------------------------------------------
+
+_ORIGINALS: dict = {}  # key -> original callable, while a block is active
+_REFERENCE = [0]  # > 0 while the checker itself computes reference values
+
+
+@contextlib.contextmanager
+def reference():
+    """Inside, blocked flowbook code works again: the checker computes its expected values."""
+    _REFERENCE[0] += 1
+    try:
+        yield
+    finally:
+        _REFERENCE[0] -= 1
+
+
+def _call(key, args, kwargs):
+    if _REFERENCE[0] or key not in _ORIGINALS:
+        return _ORIGINALS[key](*args, **kwargs)
+    raise Delegated(f"your code called flowbook's {key}, which is switched off while your code is checked: "
+                    "implement this yourself")
+
+
+def _stub_code(name, key):
+    src = (f"def {name}(*args, **kwargs):\n"
+           f"    import flowbook.exercises._harness as _h\n"
+           f"    return _h._call({key!r}, args, kwargs)\n")
+    scope = {}
+    exec(compile(src, "<switched off by flowbook.exercises>", "exec"), scope)
+    return scope[name].__code__
+
+
+@contextlib.contextmanager
+def blocked(targets):
+    """Switch off `targets` (Python functions, or (owner, attribute) pairs for methods and torch functions):
+    calling one raises Delegated, except inside `reference()`. Everything is restored afterwards."""
+    undo = []
+    try:
+        for target in targets:
+            if isinstance(target, types.FunctionType):
+                key = target.__qualname__
+                code = target.__code__
+                _ORIGINALS[key] = types.FunctionType(code, target.__globals__, target.__name__,
+                                                     target.__defaults__, target.__closure__)
+                _ORIGINALS[key].__kwdefaults__ = target.__kwdefaults__
+                target.__code__ = _stub_code(target.__name__, key)
+                undo.append(lambda t=target, c=code, k=key: (setattr(t, "__code__", c), _ORIGINALS.pop(k)))
+            else:
+                owner, attr = target
+                key = f"{getattr(owner, '__name__', owner)}.{attr}"
+                original = owner.__dict__[attr] if attr in getattr(owner, "__dict__", {}) else getattr(owner, attr)
+                _ORIGINALS[key] = getattr(owner, attr)
+
+                def stub(*args, _key=key, **kwargs):
+                    return _call(_key, args, kwargs)
+
+                setattr(owner, attr, stub)
+                undo.append(lambda o=owner, a=attr, v=original, k=key: (setattr(o, a, v), _ORIGINALS.pop(k)))
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+# Running the checks -------------------------------------------------------------------------------------
+
+@dataclass
+class Check:
+    label: str
+    run: callable
+
+
+def _where(err) -> str:
+    """' (line N of your code)' for the innermost frame of the student's code in err's traceback."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if not f.filename.startswith(_PACKAGE) and "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    name = frames[-1].filename
+    place = "your cell" if name.startswith("<") or "ipykernel_" in name else Path(name).name
+    return f" (line {frames[-1].lineno} of {place})"
+
+
+def run_checks(name: str, checks, blocks=()) -> None:
+    """Run `checks` ([(label, function)]) in order with `blocks` switched off. Prints one line when all pass;
+    raises CheckFailed with the first failure's message otherwise. A stub's
+    NotImplementedError passes through unchanged."""
+    checks = [Check(*c) for c in checks]
+    for i, check in enumerate(checks, 1):
+        where = f"{name}: check {i}/{len(checks)} ({check.label})"
+        try:
+            with blocked(blocks):
+                check.run()
+        except NotImplementedError:
+            raise
+        except _Fail as fail:
+            raise CheckFailed(f"✗ {where} failed: {fail}") from None
+        except Delegated as err:
+            raise CheckFailed(f"✗ {where}: {err}") from None
+        except Exception as err:  # the student's code crashed: say where and how
+            raise CheckFailed(f"✗ {where}: your code raised {type(err).__name__}{_where(err)}: {err}") from None
+    print(f"✓ {name}: all {len(checks)} checks passed")

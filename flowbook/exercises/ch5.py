@@ -1,0 +1,135 @@
+"""Chapter 5 checkers: interpolation, temperature, and sampling through the layers by hand."""
+from __future__ import annotations
+
+import torch
+
+from flowbook import models
+from flowbook.exercises._harness import close, diagnose, expect, perturbed, reference, run_checks
+from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, SplitFlow, SqueezeFlow,
+                             create_channel_mask, create_checkerboard_mask)
+from flowbook.models import MNIST_SHAPE, ImageFlow
+
+
+def check_interpolate(interpolate) -> None:
+    """interpolate(z_a, z_b, num_steps) -> [num_steps, ...]: z_a, evenly spaced points, z_b.
+
+    Catches:
+    - the wrong shape
+    - going from z_b to z_a
+    - the ends left out, or z_b never reached
+    - uneven steps
+    """
+    torch.manual_seed(0)
+    za, zb = torch.randn(1, 8, 7, 7), torch.randn(1, 8, 7, 7)
+
+    def ends():
+        out = interpolate(za, zb, 5)
+        expect(isinstance(out, torch.Tensor) and out.shape == (5, 8, 7, 7),
+               f"expected shape [5, 8, 7, 7], got {list(getattr(out, 'shape', []))}")
+        expect(not torch.allclose(out[0], zb[0], atol=1e-6), "the first step is z_b: you go backwards, start at z_a")
+        close(out[0], za[0], "the first step must be z_a", 1e-6)
+        close(out[-1], zb[0], "the last step must be z_b (linspace(0, 1, num_steps) includes both ends)", 1e-6)
+
+    def evenly_spaced():
+        out = interpolate(za, zb, 5)
+        close(out[1:] - out[:-1], (zb - za).expand(4, -1, -1, -1) / 4, "the steps between neighbours must be equal", 1e-5)
+
+    def matches_flowbook():
+        got = interpolate(za, zb, 8)
+        with reference():
+            expected = models.interpolate_latents(za, zb, 8)
+        close(got, expected, "8 steps, against flowbook's version", 1e-5)
+
+    return run_checks("check_interpolate", [("end points", ends), ("even spacing", evenly_spaced),
+                                            ("as flowbook.models.interpolate_latents", matches_flowbook)],
+                      blocks=[models.interpolate_latents])
+
+
+def check_temperature_latent(temperature_latent) -> None:
+    """temperature_latent(shape, temperature) -> z ~ N(0, temperature^2 I), float32, of `shape`.
+
+    Catches:
+    - the wrong dtype or shape
+    - shifting instead of scaling
+    - scaling by temperature^2
+    """
+    def stats(temperature):
+        def check():
+            z = temperature_latent((64, 8, 7, 7), temperature)
+            expect(isinstance(z, torch.Tensor) and z.shape == (64, 8, 7, 7) and z.dtype == torch.float32,
+                   f"expected float32 [64, 8, 7, 7], got {getattr(z, 'dtype', '?')} {list(getattr(z, 'shape', []))}")
+            mean, std = z.mean().item(), z.std().item()
+            expect(abs(mean) < 0.05 * max(temperature, 0.1), f"the mean is {mean:.3f}; it should be 0: scale, do not shift")
+            if temperature not in (0.0, 1.0):
+                expect(abs(std - temperature ** 2) > 0.01, f"the standard deviation is {std:.3f} = temperature^2: "
+                       "the temperature scales the standard deviation, multiply by temperature")
+            expect(abs(std - temperature) < 0.03 * max(temperature, 0.1) + 1e-6,
+                   f"the standard deviation is {std:.3f}; it should equal the temperature {temperature}")
+        return check
+
+    return run_checks("check_temperature_latent", [("T = 1", stats(1.0)), ("T = 0.5", stats(0.5)),
+                                                   ("T = 0", stats(0.0))])
+
+
+def small_multiscale_flow() -> ImageFlow:
+    """A small multi-scale flow with random weights (latent [B, 8, 7, 7]) to test sampling code on."""
+    torch.manual_seed(0)
+    flows = [Dequantization(), CouplingLayer(GatedConvNet(1, c_hidden=8, num_layers=1),
+                                             create_checkerboard_mask(28, 28), 1),
+             SqueezeFlow(), CouplingLayer(GatedConvNet(4, c_hidden=8, num_layers=1), create_channel_mask(4), 4),
+             SplitFlow(), SqueezeFlow(),
+             CouplingLayer(GatedConvNet(8, c_hidden=8, num_layers=1), create_channel_mask(8, invert=True), 8)]
+    return perturbed(ImageFlow(flows, img_shape=MNIST_SHAPE), scale=0.05).eval()
+
+
+def _sample(model, n, t_latent, t_split):
+    """What model.sample computes, with the latent and the split halves drawn at their own temperatures."""
+    z = torch.randn(model.latent_shape(n)) * t_latent
+    ldj = torch.zeros(n)
+    for flow in reversed(model.flows):
+        z, ldj = flow(z, ldj, reverse=True, temperature=t_split) if isinstance(flow, SplitFlow) else \
+            flow(z, ldj, reverse=True)
+    return z
+
+
+def check_sample_images(sample_images) -> None:
+    """sample_images(model, num_images, temperature) -> int images [num_images, 1, 28, 28], drawn as
+    model.sample draws them: z = torch.randn(model.latent_shape(num_images)) * temperature, then every layer
+    in reverse order, the split layers drawing their half at the same temperature.
+
+    Catches:
+    - images that are not integers in 0..255 of shape [n, 1, 28, 28] (layers not all reversed)
+    - the latent scaled by temperature^2
+    - split layers drawing at temperature 1
+    - random numbers drawn in another order than model.sample's
+    """
+    model = small_multiscale_flow()
+
+    def images():
+        torch.manual_seed(0)
+        x = sample_images(model, 4, 0.7)
+        expect(isinstance(x, torch.Tensor) and x.shape == (4, 1, 28, 28),
+               f"expected images [4, 1, 28, 28], got {list(getattr(x, 'shape', [])) or type(x).__name__}: run "
+               "every layer, in reversed(model.flows) order")
+        expect(not x.is_floating_point() and int(x.min()) >= 0 and int(x.max()) <= 255,
+               "expected integer pixels in 0..255: the first layer's reverse (dequantization) returns them")
+
+    def same_as_flowbook():
+        torch.manual_seed(0)
+        got = sample_images(model, 4, 0.7)
+        with reference(), torch.no_grad():
+            torch.manual_seed(0)
+            expected = model.sample(model.latent_shape(4), temperature=0.7)
+        with torch.no_grad():
+            diagnose(got.float(), expected.float(), {
+                "the temperature scales the standard deviation: z = torch.randn(shape) * T, not * T**2":
+                    lambda: (torch.manual_seed(0), _sample(model, 4, 0.49, 0.49))[1].float(),
+                "the split layer must draw its half at the temperature too: "
+                "flow(z, ldj, reverse=True, temperature=temperature)":
+                    lambda: (torch.manual_seed(0), _sample(model, 4, 0.7, 1.0))[1].float(),
+            }, 0)
+        expect(torch.equal(got, expected), "with torch.manual_seed(0), your images differ from model.sample's: draw "
+               "z = torch.randn(model.latent_shape(n)) * temperature first, then reverse each layer in turn")
+
+    return run_checks("check_sample_images", [("images", images), ("as model.sample", same_as_flowbook)],
+                      blocks=[(ImageFlow, "sample")])

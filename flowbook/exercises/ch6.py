@@ -1,0 +1,186 @@
+"""Chapter 6 checkers: the LU-parametrised 1x1 convolution, ActNorm, and an out-of-distribution score."""
+from __future__ import annotations
+
+import torch
+
+from flowbook import ood
+from flowbook.exercises._harness import close, diagnose, expect, logdet, perturbed, reference, run_checks
+from flowbook.layers import ActNorm, InvConv1x1
+
+
+def _lu_parts(channels=5):
+    layer = InvConv1x1(channels, lu=True, generator=torch.Generator().manual_seed(0)).double()
+    perturbed(layer, scale=0.3)  # junk on the diagonals and the wrong triangles, which the mask must remove
+    return layer
+
+
+def check_lu_weight(lu_weight_and_logdet) -> None:
+    """lu_weight_and_logdet(perm, lower, upper, sign_s, log_s) -> (W [C, C], log|det W|), as
+    InvConv1x1(lu=True): W = P L U with L unit lower triangular (from the strictly lower part of `lower`),
+    U upper triangular (the strictly upper part of `upper`, sign_s * exp(log_s) on its diagonal).
+
+    Catches:
+    - `lower` used without masking, or without the unit diagonal
+    - `upper` used without masking
+    - the diagonal without its sign, or exp(log_s) left out
+    - the factors multiplied in another order
+    - a log-determinant other than sum(log_s), e.g. from slogdet (switched off: the point is O(C))
+    """
+    layer = _lu_parts()
+    args = (layer.perm, layer.lower, layer.upper, layer.sign_s, layer.log_s)
+    with reference(), torch.no_grad():
+        w_ref, logdet_ref = layer.weight_and_logdet()
+    p, lo, up, sign, log_s = (a.detach() for a in args)
+    eye, strict_lo = torch.eye(len(sign), dtype=lo.dtype), torch.tril(torch.ones_like(lo), -1)
+    unit_lo, diag = lo * strict_lo + eye, torch.diag(sign * torch.exp(log_s))
+    upper_ok = up * strict_lo.T + diag
+
+    def weight():
+        with torch.no_grad():
+            w, _ = lu_weight_and_logdet(*args)
+        expect(isinstance(w, torch.Tensor) and w.shape == w_ref.shape, f"W must be a [C, C] = {list(w_ref.shape)} "
+               f"tensor, got {list(getattr(w, 'shape', [])) or type(w).__name__}")
+        diagnose(w, w_ref, {
+            "L must be unit lower triangular: keep the strictly lower part of `lower` (torch.tril(lower, -1)) and "
+            "add the identity": p @ lo @ upper_ok,
+            "L needs ones on its diagonal: torch.tril(lower, -1) + I": p @ (lo * strict_lo) @ upper_ok,
+            "keep only the strictly upper part of `upper` (torch.triu(upper, 1)), then add the diagonal":
+                p @ unit_lo @ (up + diag),
+            "the diagonal of U is sign_s * exp(log_s): you left out the sign": p @ unit_lo @ (up * strict_lo.T + torch.diag(torch.exp(log_s))),
+            "the diagonal of U is sign_s * exp(log_s), not log_s": p @ unit_lo @ (up * strict_lo.T + torch.diag(sign * log_s)),
+            "the order: W = P @ L @ U": p @ upper_ok @ unit_lo,
+        }, 1e-10)
+        close(w, w_ref, "W = P L U", 1e-10)
+
+    def log_det():
+        with torch.no_grad():
+            w, got = lu_weight_and_logdet(*args)
+        expect(isinstance(got, torch.Tensor) and got.numel() == 1, "log|det W| must be a scalar tensor")
+        diagnose(got.reshape(()), logdet_ref.reshape(()), {
+            "log|det W| = sum(log_s), not the sum of exp(log_s)": torch.exp(log_s).sum(),
+            "log|det W| = sum(log_s), not their product": log_s.prod(),
+        }, 1e-10)
+        close(got.reshape(()), logdet_ref.reshape(()), "log|det W| = sum(log|s_i|)", 1e-10)
+        with reference():
+            exact = torch.linalg.slogdet(w)[1]
+        close(got.reshape(()), exact, "log|det W| against slogdet of your W", 1e-8)
+
+    def gradient():
+        w, got = lu_weight_and_logdet(*args)
+        (w.sum() + got).backward()
+        expect(layer.log_s.grad is not None and layer.lower.grad is not None and layer.upper.grad is not None,
+               "gradients must reach lower, upper and log_s: build W from them with differentiable operations")
+
+    return run_checks("check_lu_weight", [("W", weight), ("log|det W|", log_det), ("gradients", gradient)],
+                      blocks=[(InvConv1x1, "weight_and_logdet"), (torch.linalg, "slogdet"), (torch.linalg, "det"),
+                              (torch, "slogdet"), (torch, "det"), (torch, "logdet")])
+
+
+def check_actnorm(ActNormLayer) -> None:
+    """ActNormLayer(channels)(z, ldj, reverse=False) -> (z, ldj), as flowbook's ActNorm: on its first forward
+    call in training it sets loc = -mean and log_scale = -log(std) per channel from the batch (over batch,
+    height and width), once; then z' = (z + loc) * exp(log_scale), ldj += H * W * sum(log_scale).
+
+    Catches:
+    - statistics that leave the first batch without zero mean and unit variance per channel
+    - the variance instead of the standard deviation, or log_scale with the wrong sign
+    - an initialisation that runs again on the next batch
+    - ldj without the H * W factor, or with the wrong sign
+    - a reverse that does not invert
+    """
+    torch.manual_seed(0)
+    first = torch.randn(16, 3, 4, 5, dtype=torch.float64) * torch.tensor([2.0, 0.5, 3.0]).view(1, 3, 1, 1).double() \
+        + torch.tensor([1.0, -2.0, 4.0]).view(1, 3, 1, 1).double()
+    second = torch.randn(16, 3, 4, 5, dtype=torch.float64) * 5 + 7
+    zero = torch.zeros(16, dtype=torch.float64)
+    layer = ActNormLayer(3).double().train()
+    result = {}
+
+    def initialises():
+        y, ldj = layer(first, zero)
+        result["first"] = (y.detach(), ldj.detach())
+        flat = y.detach().transpose(0, 1).reshape(3, -1)
+        mean, std = flat.mean(1), flat.std(1)
+        real_std = first.transpose(0, 1).reshape(3, -1).std(1)
+        expect(bool((mean.abs() < 1e-6).all()), f"the first batch must come out with zero mean per channel; got "
+               f"{[round(v, 3) for v in mean.tolist()]}: loc = -(mean over batch, height and width)")
+        expect(not torch.allclose(std, real_std ** 2, atol=1e-3), "log_scale has the wrong sign: it must be "
+               "-log(std), so that exp(log_scale) divides by the standard deviation")
+        expect(not torch.allclose(std, 1 / real_std, atol=1e-3), "you divided by the variance: log_scale = -log(std), "
+               "the standard deviation")
+        expect(bool(((std - 1).abs() < 1e-3).all()), f"the first batch must come out with unit standard deviation per "
+               f"channel; got {[round(v, 3) for v in std.tolist()]}: log_scale = -log(std), the standard deviation "
+               "(not the variance) over batch, height and width")
+
+    def once():
+        params = [p.detach().clone() for p in layer.parameters()]
+        layer(second, zero)
+        expect(all(torch.equal(a, p.detach()) for a, p in zip(params, layer.parameters())),
+               "the second batch changed loc or log_scale: initialise only once (set the `initialized` flag)")
+
+    def ldj():
+        _, got = result["first"]
+        h, w = first.shape[2:]
+        with torch.no_grad():
+            log_scale = [p for n, p in layer.named_parameters() if "scale" in n][0].sum()
+        diagnose(got, zero + h * w * log_scale, {
+            "each of the H * W pixels is scaled: ldj += H * W * sum(log_scale)": zero + log_scale,
+            "ldj has the wrong sign: the forward pass multiplies by exp(log_scale)": zero - h * w * log_scale,
+        }, 1e-8)
+        close(got, zero + h * w * log_scale, "ldj += H * W * sum(log_scale)", 1e-8)
+
+    def inverse():
+        y, ldj_y = layer(second, zero)
+        back, ldj_back = layer(y, ldj_y, reverse=True)
+        close(back, second, "reverse(forward(z)): z = z' * exp(-log_scale) - loc", 1e-10)
+        close(ldj_back, zero, "ldj after forward and reverse", 1e-10)
+
+    def autograd():
+        small = second[:2, :, :2, :2]
+        _, got = layer(small, zero[:2])
+        with reference():
+            expected = torch.stack([logdet(lambda v: layer(v, zero[:1])[0], s) for s in small])
+        close(got, expected, "ldj against log|det J| from autograd", 1e-8)
+
+    return run_checks("check_actnorm", [("first batch normalised", initialises), ("initialised once", once),
+                                        ("ldj", ldj), ("inverse", inverse), ("ldj = log|det J|", autograd)],
+                      blocks=[(ActNorm, "forward"), (ActNorm, "initialize")])
+
+
+def check_separation_auc(separation_auc) -> None:
+    """separation_auc(in_scores [N], out_scores [M]) -> float: the probability that an out-of-distribution
+    input scores higher than an in-distribution one, ties counted half (the area under the ROC curve).
+
+    Catches:
+    - the probability the other way round (1 - AUC)
+    - ties not counted half
+    - a tensor instead of a Python float
+    """
+    torch.manual_seed(0)
+    a, b = torch.randn(50), torch.randn(40) + 1.0
+    ties_in, ties_out = torch.tensor([0.0, 1.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 3.0])
+
+    def ref(x, y):
+        with reference():
+            return ood.separation_auc(x, y)
+
+    def value():
+        got = separation_auc(a, b)
+        expect(isinstance(got, float), f"return a Python float (tensor.item()), got {type(got).__name__}")
+        expect(abs(got - (1 - ref(a, b))) > 1e-9, "that is the probability that an in-distribution input scores "
+               "higher: the AUC counts pairs where the out-of-distribution score is the larger one")
+        expect(abs(got - ref(a, b)) < 1e-9, f"AUC {got:.4f}, expected {ref(a, b):.4f}")
+
+    def ties():
+        got = float(separation_auc(ties_in, ties_out))
+        strict = ((ties_out.view(-1, 1) - ties_in.view(1, -1)) > 0).float().mean().item()
+        expect(abs(got - strict) > 1e-9 or abs(strict - ref(ties_in, ties_out)) < 1e-9,
+               "ties count half: a tie between an in- and an out-of-distribution score is a coin flip")
+        expect(abs(got - ref(ties_in, ties_out)) < 1e-9, f"with ties: AUC {got:.4f}, expected {ref(ties_in, ties_out):.4f}")
+
+    def extremes():
+        expect(float(separation_auc(torch.zeros(5), torch.ones(3))) == 1.0, "all out-of-distribution scores higher: AUC 1")
+        expect(float(separation_auc(torch.ones(5), torch.zeros(3))) == 0.0, "all lower: AUC 0")
+
+    return run_checks("check_separation_auc", [("value", value), ("ties", ties), ("0 and 1", extremes)],
+                      blocks=[ood.separation_auc])
