@@ -56,7 +56,7 @@ bench: setup
 # On a CPU give each run a budget: `make train-all MINUTES=90` (see docs/training.md).
 MINUTES ?=
 train-all: setup
-	for m in simple vardeq multiscale; do \
+	for m in simple vardeq multiscale glow; do \
 	  $(BIN)/python -m flowbook.train --model $$m --out runs/$$m $$([ -f runs/$$m/last.ckpt ] && echo --resume) \
 	    $(if $(MINUTES),--max-minutes $(MINUTES)) && \
 	  $(BIN)/python -m flowbook.evaluate --checkpoint runs/$$m/$$m.pt || exit 1; done

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from flowbook import config
-from flowbook.models import MODEL_NAMES
+from flowbook.models import ALL_MODELS
 
 REFERENCE_TEST_BPD = {"simple": 1.107, "vardeq": 1.066, "multiscale": 1.026}  # 200 epochs on a GPU
 
@@ -21,7 +21,7 @@ def load_results(folder: Path | None = None) -> dict:
     """{model: results JSON} for each shipped checkpoint in `folder` (default: checkpoints/)."""
     folder = folder or config.checkpoint_path()
     return {name: json.loads((folder / f"{name}.json").read_text())
-            for name in MODEL_NAMES if (folder / f"{name}.json").is_file()}
+            for name in ALL_MODELS if (folder / f"{name}.json").is_file()}
 
 
 def results_table(folder: Path | None = None) -> str:
@@ -32,10 +32,10 @@ def results_table(folder: Path | None = None) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in load_results(folder).items():
         hours = r["train_wall_s"] / 3600
+        reference = f"{REFERENCE_TEST_BPD[name]:.3f}" if name in REFERENCE_TEST_BPD else "-"
         lines.append(f"| {name} | {r['test_bpd']:.3f} | {r['eval_images']['test']:,} | {r['val_bpd']:.3f} | "
-                     f"{REFERENCE_TEST_BPD[name]:.3f} | "
-                     f"{r['epochs']:g} | {int(r['images_seen']):,} | {hours:.1f} h | {'; '.join(r['train_hardware'])} | "
-                     f"{r['parameters']:,} |")
+                     f"{reference} | {r['epochs']:g} | {int(r['images_seen']):,} | {hours:.1f} h | "
+                     f"{'; '.join(r['train_hardware'])} | {r['parameters']:,} |")
     return "\n".join(lines)
 
 
