@@ -22,7 +22,8 @@
 #   cheap;
 # - how a Glow-style flow compares with the multi-scale RealNVP flow at the same size;
 # - which out-of-distribution inputs a flow trained on MNIST finds *more* likely than digits, and why;
-# - typicality: why the most likely latent decodes to a blank image, and a test that separates better.
+# - typicality: where real digits' latents lie, what the most likely latent decodes to, and a test that
+#   separates better.
 #
 # Every number and picture below is computed by the cells of this notebook, from the trained checkpoints in
 # `checkpoints/` where they exist, else from quick-mode models (the first cell says which).
@@ -331,16 +332,28 @@ grid = torch.cat(rows)
 viz.show_imgs(grid, "Multi-scale flow, one row per temperature: " + ", ".join(map(str, temperatures)), row_size=8);
 
 # %%
-mode_img = rows[0][0].float()
+mode_img = rows[0][:1]  # every sample at T = 0 is this one image
+torch.manual_seed(0)
+mode_bpd = bpd_per_image(flow, mode_img, importance_samples=1).item()
+black_bpd = bpd["all black"].median().item()
 lit = [(r.float() > 64).float().mean().item() for r in rows]
-Markdown(f"At $T = 0$ the mode decodes to an image with mean pixel value {mode_img.mean():.1f} (of 255) and "
-         f"{lit[0]:.0%} of its pixels above 64. The share of such pixels per row, from $T = 0$ to $1$: "
-         + ", ".join(f"{v:.1%}" for v in lit) + " (test digits: "
-         f"{(test_set.images[:1000].float() > 64).float().mean():.1%}). The most likely latent is a blank or nearly "
-         "blank image, for the same reason that all-black inputs are the most likely: the background is the "
-         "cheapest thing to model. Lowering the temperature pulls samples towards the mode, and strokes fade.")
+digits_lit = (test_set.images[:1000].float() > 64).float().mean().item()
+Markdown(f"At $T = 0$ all eight samples are one image, the decoding of the mode $z = 0$: "
+         + ("a blank or nearly blank image" if lit[0] < 0.02 else "a digit-like image, not a blank one")
+         + f", with {lit[0]:.1%} of its pixels above 64 (test digits: {digits_lit:.1%}). Its bpd is {mode_bpd:.2f}; the "
+         f"all-black image's is {black_bpd:.2f}. "
+         + ("So the most likely latent does not decode to the most likely image. " if mode_bpd > black_bpd else "")
+         + "From $T = 0$ to $1$ the share of pixels above 64 goes "
+         + ", ".join(f"{v:.1%}" for v in lit) + ".")
 
 # %% [markdown]
+# Why is the decoded mode not the most likely image? The density of an image is
+# $\log p(x) = \log \mathcal N(f(x)) + \log|\det J_f(x)|$: the prior term is largest at $f(x) = 0$, but the
+# volume term can be far larger elsewhere. Where the numbers above show the all-black image scoring better
+# than the decoded mode, that is the volume term at work: every pixel of a black image is predictable from its
+# neighbours, and the flow has learned to contract such regions, although their latents are no mode. Density
+# in the latent and density in the image are different things, and neither says which images are *typical*.
+#
 # **A typicality test.** Instead of asking whether an input's bpd is *low*, ask whether it is *typical*:
 # score an input by how far its bpd is from the mean bpd of held-out digits, $|\mathrm{bpd}(x) -
 # \overline{\mathrm{bpd}}_{\text{val}}|$ (a one-sample version of the test of Nalisnick et al., 2019b). We
@@ -386,7 +399,7 @@ Markdown(
 #   table above compares them at this budget.
 # - A flow trained on MNIST finds some inputs that are no digits more likely than digits: its likelihood
 #   measures local smoothness. Latents of real digits lie in the prior's typical shell, far from its mode, and
-#   the mode decodes to a nearly blank image.
+#   the decoded mode is not the most likely image: the volume term decides.
 # - A typicality test (is the bpd near the usual value?) separates some of these cases that the likelihood
 #   ranks the wrong way, and cannot separate inputs whose local statistics are those of digits.
 #
@@ -502,22 +515,22 @@ exercises.check_separation_auc(separation_auc)
 # a permutation never does.
 
 # %% [markdown]
-# ### Exercise 5: why is the mode blank? (conceptual, about 15 minutes)
+# ### Exercise 5: the most likely latent and the most likely image (conceptual, about 15 minutes)
 #
-# The prior's mode $z = 0$ is the most likely latent, yet no test digit's latent is near it. Explain, with the
-# numbers this chapter printed, why the mode decodes to a (nearly) blank image, and why that does not mean
-# the flow thinks blank images are typical MNIST digits.
+# The prior's mode $z = 0$ is the most likely latent, yet no test digit's latent is near it, and this chapter
+# printed the bpd of its decoded image next to that of the all-black image. Explain why the decoded mode
+# need not be the most likely image, and why neither of the two is a typical digit.
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
-# **Answer.** The density at a point and the probability of a region are different things. In $D$
-# dimensions the prior's mass lies in the shell $\|z\| \approx \sqrt D$; the printed latent norms of test
-# digits sit in that shell, and the mode at norm 0 is many units from every one of them. The flow maps high
-# latent density to high image density (up to the volume term), and the highest image density belongs to
-# images whose every pixel is cheap to model: black background next to black background, as the all-black
-# inputs' low bpd showed. So the mode decodes to a nearly blank image. But a blank image has the mode's
-# *density*, not the digits' *typicality*: the probability that a digit drawn from the model looks blank is
-# tiny, just as the probability that a Gaussian sample lies near 0 is tiny. That is exactly why a typicality
-# test compares an input's bpd with the typical bpd instead of asking for a high likelihood.
+# **Answer.** $\log p(x) = \log \mathcal N(f(x)) + \log|\det J_f(x)|$. The decoded mode maximises only the
+# first term; the volume term depends on $x$ and can outweigh it, so the image density peaks elsewhere, where
+# the flow contracts most. For an MNIST flow that is the blank background (every pixel predictable from its
+# neighbours), which is why the all-black image has a far lower bpd than the decoded mode. Neither is typical:
+# in $D$ dimensions the prior's mass lies in the shell $\|z\| \approx \sqrt D$, where the printed latent norms
+# of test digits sit, many units from the mode; and a digit drawn from the model is almost never blank,
+# just as a Gaussian sample almost never lies near 0. High density at a point and high probability of a
+# region are different things, which is why a typicality test compares an input's bpd with the typical bpd
+# instead of asking for a high likelihood.
 
 # %% [markdown]
 # ## References
