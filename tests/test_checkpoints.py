@@ -51,8 +51,8 @@ def shipped(test):
                                    ids=lambda p: p.stem if p else "none")(test)
 
 
-def test_all_three_models_are_shipped_with_their_results():
-    assert sorted(p.stem for p in SHIPPED) == ["multiscale", "simple", "vardeq"]
+def test_all_four_models_are_shipped_with_their_results():
+    assert sorted(p.stem for p in SHIPPED) == ["glow", "multiscale", "simple", "vardeq"]
     for path in SHIPPED:
         assert path.with_suffix(".json").is_file(), f"{path.name} has no results JSON"
         assert (ROOT / "docs" / f"samples_{path.stem}.png").is_file(), f"no sample grid of {path.stem} in docs/"
