@@ -144,7 +144,8 @@ print(tabulate([[n, f"{a:.1e}", f"{b:.1e}"] for n, (a, b) in checks.items()],
 assert all(a < 1e-10 and b < 1e-8 for a, b in checks.values())
 
 # %% [markdown]
-# The LU parametrisation computes the same $W$ and the same log-determinant as the plain one, only cheaper:
+# The LU parametrisation's $\sum_i \log|s_i|$ is the log-determinant of its $W$, which `slogdet` computes the
+# expensive way:
 
 # %%
 lu = InvConv1x1(16, lu=True, generator=torch.Generator().manual_seed(1)).double()
