@@ -14,13 +14,14 @@ steps in quick mode, `Settings.demo_steps` in full mode; it is cached in runs/qu
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import torch
 
 from flowbook import config
 from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
 from flowbook.models import ImageFlow
-from flowbook.train import train
+from flowbook.train import run_lock, train
 
 
 def checkpoint_file(name: str):
@@ -39,6 +40,17 @@ def describe_checkpoint(ckpt: dict, filename: str) -> str:
     return f"the trained checkpoint {filename} ({epochs} epoch{'' if epochs == 1 else 's'}{seen}, {where})"
 
 
+def _clear_run(folder: Path) -> None:
+    """Remove a demonstration run's files, all but the lock file that `run_lock` holds."""
+    for entry in folder.iterdir():
+        if entry.name == ".lock":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def train_quick(name: str, retrain: bool = False, device: torch.device | None = None,
                 progress: bool | None = None) -> tuple[ImageFlow, str, list | None]:
     """(a small model trained now or cached in runs/quick/<name>, a sentence saying so, its training curve
@@ -48,15 +60,18 @@ def train_quick(name: str, retrain: bool = False, device: torch.device | None = 
     progress = s.progress if progress is None else progress
     out = config.PROJECT_ROOT / "runs" / "quick" / name
     cached = out / f"{name}.pt"
-    ckpt = read_checkpoint(cached) if cached.exists() and not retrain else None
-    if ckpt is not None and ckpt["meta"].get("settings", {}).get("max_steps") == s.demo_steps:
-        model, curve = model_from_checkpoint(ckpt, map_location=device, arch=name), None
-    else:
-        shutil.rmtree(out, ignore_errors=True)
-        model, summary = train(name, out, device=str(device), progress="steps" if progress else False,
-                               epochs=1, max_steps=s.demo_steps,
-                               batch_size=s.batch_size, train_images=s.train_images, val_images=s.eval_images)
-        curve = summary["train_curve"]
+    out.mkdir(parents=True, exist_ok=True)
+    # Another notebook training the same demonstration model at this moment: wait for it and use its model.
+    with run_lock(out, wait=True):
+        ckpt = read_checkpoint(cached) if cached.exists() and not retrain else None
+        if ckpt is not None and ckpt["meta"].get("settings", {}).get("max_steps") == s.demo_steps:
+            model, curve = model_from_checkpoint(ckpt, map_location=device, arch=name), None
+        else:
+            _clear_run(out)
+            model, summary = train(name, out, device=str(device), progress="steps" if progress else False,
+                                   epochs=1, max_steps=s.demo_steps,
+                                   batch_size=s.batch_size, train_images=s.train_images, val_images=s.eval_images)
+            curve = summary["train_curve"]
     images = f"{s.train_images} images" if s.train_images else "the training set"
     return model, f"a small model trained here for only {s.demo_steps} steps on {images}", curve
 

@@ -461,10 +461,18 @@ def _loaders(train_set: ImageDataset, val_set: ImageDataset, batch_size: int, de
             make_loader(val_set, 256))
 
 
+_HELD_LOCKS: set[Path] = set()  # run folders whose lock this process holds (run_lock is re-entrant)
+
+
 @contextlib.contextmanager
-def _run_lock(folder: Path):
+def run_lock(folder: Path, wait: bool = False):
     """Hold an exclusive lock on the run folder while training: a second trainer started on the same
-    folder gets a clear error instead of writing over the first one's files."""
+    folder gets a clear error instead of writing over the first one's files, or with `wait`, waits until
+    the first has finished. Re-entrant within a process, so a caller can hold it around `train`."""
+    key = Path(folder).resolve()
+    if key in _HELD_LOCKS:
+        yield
+        return
     try:
         import fcntl
     except ImportError:  # not on Unix: no lock
@@ -475,15 +483,21 @@ def _run_lock(folder: Path):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise FileExistsError(f"another trainer is running in {folder} (process {f.read().strip() or '?'}): "
-                                  "wait for it to end, or choose another --out") from None
+            holder = f.read().strip() or "?"
+            if not wait:
+                raise FileExistsError(f"another trainer is running in {folder} (process {holder}): "
+                                      "wait for it to end, or choose another --out") from None
+            print(f"Waiting for another trainer in {folder} (process {holder}) to finish ...", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
+        _HELD_LOCKS.add(key)
         try:
             yield
         finally:
+            _HELD_LOCKS.discard(key)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -601,7 +615,7 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
         enable_checkpointing=False, enable_progress_bar=progress is True, enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=min(50, len(train_batches)),
     )
-    with _run_lock(out_dir), trusted_images():
+    with run_lock(out_dir), trusted_images():
         try:
             trainer.fit(module, train_batches, val_batches, ckpt_path=str(last) if resume else None)
         except TrainingDiverged as err:

@@ -1,5 +1,8 @@
 """Evaluation, benchmark, plots, the toy flow and the chapters' model loader."""
 import json
+import subprocess
+import sys
+import time
 
 import matplotlib
 import pytest
@@ -143,3 +146,53 @@ def test_without_a_checkpoint_no_chapter_starts_a_long_run(tmp_path, monkeypatch
     model, source, curve = pretrained.load_trained("simple", device=torch.device("cpu"))
     assert len(calls) == 1 and calls[0]["max_steps"] == config.settings().demo_steps <= 1000
     assert calls[0]["epochs"] == 1 and "make train-all" in source and curve == [(1, 5.0)]
+
+
+def _hold_lock_in_another_process(folder, seconds):
+    """Start a process that holds `folder`'s run lock for `seconds`, as a running trainer does; returns it
+    once the lock is held, with the time it was taken as `.held_at`."""
+    code = ("import fcntl, sys, time\n"
+            f"f = open({str(folder / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "print('held', flush=True); time.sleep(float(sys.argv[1]))\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.held_at = time.perf_counter()
+    return holder
+
+
+def test_the_run_lock_is_reentrant_and_can_wait_for_another_trainer(tmp_path):
+    from flowbook.train import run_lock
+
+    with run_lock(tmp_path), run_lock(tmp_path):  # a caller holding it around `train` is no second trainer
+        pass
+    holder = _hold_lock_in_another_process(tmp_path, 1.5)
+    with pytest.raises(FileExistsError, match="another trainer is running"):
+        with run_lock(tmp_path):
+            pass
+    with run_lock(tmp_path, wait=True):
+        assert time.perf_counter() - holder.held_at > 1.4, "the lock was taken while the other trainer held it"
+    holder.wait()
+
+
+def test_two_notebooks_training_the_same_quick_model_do_not_clear_each_others_run(tmp_path, monkeypatch):
+    import flowbook.pretrained as pretrained
+    from flowbook.train import _HELD_LOCKS
+
+    monkeypatch.setattr(pretrained.config, "PROJECT_ROOT", tmp_path)
+    out = tmp_path / "runs" / "quick" / "simple"
+    out.mkdir(parents=True)
+    (out / "stale.txt").write_text("from an older run")
+    seen = {}
+
+    def fake_train(name, folder, **kwargs):
+        seen["other done"] = time.perf_counter() - holder.held_at > 0.9
+        seen["files"] = sorted(p.name for p in folder.iterdir())
+        seen["locked"] = folder.resolve() in _HELD_LOCKS
+        return create_flow(name).eval(), {"train_curve": [(1, 5.0)]}
+
+    monkeypatch.setattr(pretrained, "train", fake_train)
+    holder = _hold_lock_in_another_process(out, 1.0)
+    pretrained.train_quick("simple", device=torch.device("cpu"), progress=False)
+    # it waited for the other trainer, then removed the stale files but kept the lock file, and held it
+    assert seen == {"other done": True, "files": [".lock"], "locked": True}
+    holder.wait()

@@ -74,6 +74,14 @@ def logdet(fn, x):
     return torch.linalg.slogdet(jac.reshape(jac.shape[0], -1))[1]
 
 
+def layer_logdets(layer, z):
+    """[B] log|det J| of a flow layer `layer(z, ldj) -> (z', ldj')` at each example of z [B, ...], from
+    autograd, computed with the switched-off reference code available (see `reference`)."""
+    zero = torch.zeros(1, dtype=z.dtype)
+    with reference():
+        return torch.stack([logdet(lambda v: layer(v, zero)[0], zb) for zb in z])
+
+
 def perturbed(module, scale=0.3, seed=0):
     """`module` with every parameter moved away from its (often zero) initialisation, in place."""
     gen = torch.Generator().manual_seed(seed)
