@@ -315,47 +315,63 @@ class BudgetPlanner(pl.Callback):
     """Plans the cosine schedule's length (`FlowModule.lr_factor.total_steps`) and, with a time budget
     of `minutes` for this run, stops training at the end of the last whole epoch that fits.
 
-    Without a budget the schedule ends after `planned_steps`. With one, the length is first estimated
-    from the speed of this run's steps `skip`..`skip + probe` (the first steps may compile), then
-    re-planned at every epoch end from that epoch's duration (validation included), so the learning rate
+    Without a budget the schedule ends after `planned_steps`. With one, the length is estimated from
+    the speed of this run's steps after the first `skip` (which may compile), first after `probe` steps
+    and again every `probe` steps, so that a run that slows down (another job starts beside it) ends its
+    schedule with the last epoch that still fits rather than half-way down the cosine; at every epoch end
+    it is re-planned from that epoch's measured duration (validation included). The learning rate then
     reaches about zero when the budget ends. A resumed run gets a budget of its own.
 
     epoch_s: the durations of this run's epochs, appended by a callback listed before this one
-    (`RunCheckpoints.epoch_s`)."""
+    (`RunCheckpoints.epoch_s`); clock: the time in seconds (time.monotonic; a test passes its own)."""
 
-    def __init__(self, planned_steps: int, minutes: float | None, epoch_s: list, skip: int = 5, probe: int = 20):
+    VAL_SHARE = 0.1  # validation: forward only, on a fifth of the data, about a tenth of an epoch
+
+    def __init__(self, planned_steps: int, minutes: float | None, epoch_s: list, skip: int = 5, probe: int = 20,
+                 clock=time.monotonic):
         self.planned_steps, self.epoch_s, self.skip, self.probe = planned_steps, epoch_s, skip, probe
         self.seconds = 60 * minutes if minutes else None
-        self._start = self._epoch_start = self._probe_start = time.monotonic()
-        self._run_steps = 0
+        self.clock = clock
+        self._start = self._epoch_start = self._rate_start = clock()
+        self._run_steps = self._rate_steps = 0
+        self._epoch_start_step = 0
         self.plans = []  # (global step, planned total steps) of this run: how the plan evolved
 
     def _plan(self, trainer, module, total: int):
         total = max(trainer.global_step + 1, min(self.planned_steps, total))
+        if not self.plans or self.plans[-1][1] != total:
+            self.plans.append((trainer.global_step, total))
         module.lr_factor.total_steps = total
-        self.plans.append((trainer.global_step, total))
 
     def on_train_start(self, trainer, module):
-        self._start = time.monotonic()
+        self._start = self.clock()
         self._plan(trainer, module, self.planned_steps)
 
     def on_train_epoch_start(self, trainer, module):
-        self._epoch_start = time.monotonic()
+        self._epoch_start = self.clock()
         self._epoch_start_step = trainer.global_step
+        if self._run_steps >= self.skip:  # past the first steps: measure this epoch's speed from its start
+            self._rate_start, self._rate_steps = self._epoch_start, self._run_steps
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self._run_steps += 1
         if self.seconds is None:
             return
         if self._run_steps == self.skip:
-            self._probe_start = time.monotonic()
-        elif self._run_steps == self.skip + self.probe:
-            per_step = (time.monotonic() - self._probe_start) / self.probe
-            val_share = 1 + 0.1  # validation, forward only on a fifth of the data: about a tenth of an epoch
-            epoch_est = trainer.num_training_batches * per_step * val_share
-            left = self.seconds - (self._epoch_start - self._start)
-            epochs = max(1, int(left // epoch_est))
-            self._plan(trainer, module, self._epoch_start_step + epochs * trainer.num_training_batches)
+            self._rate_start, self._rate_steps = self.clock(), self._run_steps
+        measured = self._run_steps - self._rate_steps
+        if self._run_steps > self.skip and measured >= self.probe and measured % self.probe == 0:
+            self._plan_from_speed(trainer, module, (self.clock() - self._rate_start) / measured)
+
+    def _plan_from_speed(self, trainer, module, per_step: float):
+        """Plan this epoch and as many more whole epochs as the budget has room for at `per_step` seconds."""
+        steps = trainer.num_training_batches
+        epoch_est = max(self.epoch_s[-1:] + [steps * per_step * (1 + self.VAL_SHARE)])
+        done = trainer.global_step - self._epoch_start_step
+        this_epoch_left = (steps - done + self.VAL_SHARE * steps) * per_step
+        after = self.seconds - (self.clock() - self._start) - this_epoch_left
+        more = int(max(0.0, after) // epoch_est)
+        self._plan(trainer, module, self._epoch_start_step + (1 + more) * steps)
 
     def on_train_epoch_end(self, trainer, module):
         factor = module.lr_factor
@@ -364,7 +380,7 @@ class BudgetPlanner(pl.Callback):
             return
         if self.seconds is None:
             return
-        left = self.seconds - (time.monotonic() - self._start)
+        left = self.seconds - (self.clock() - self._start)
         more = int(max(0.0, left) // self.epoch_s[-1])
         if more == 0:
             trainer.should_stop = True

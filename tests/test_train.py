@@ -219,6 +219,31 @@ def test_budget_planner_plans_the_epochs_that_fit_and_stops_when_the_next_does_n
     assert trainer.should_stop
 
 
+def test_budget_planner_shortens_the_schedule_when_the_run_slows_down_within_an_epoch():
+    class Stub:
+        global_step, num_training_batches, should_stop = 0, 100, False
+
+    clock = [0.0]
+    module = types.SimpleNamespace(lr_factor=LRFactor("cosine", 1))
+    planner = BudgetPlanner(planned_steps=10_000, minutes=4, epoch_s=[], clock=lambda: clock[0])
+    trainer = Stub()
+    planner.on_train_start(trainer, module)
+    planner.on_train_epoch_start(trainer, module)
+    for step in range(100):
+        clock[0] += 1.0 if step < 25 else 3.0  # 1 s a step: two epochs fit in 4 minutes; then 3 s a step
+        module.lr_factor(step)
+        trainer.global_step = step + 1
+        planner.on_train_batch_end(trainer, module, None, None, step)
+        if step == 30:
+            assert module.lr_factor.total_steps == 200, "at first, two epochs fit the budget"
+    assert module.lr_factor.total_steps == 100, "the slower steps leave room for one epoch only"
+    module.lr_factor(100)
+    clock[0] += 30  # validation
+    planner.on_train_epoch_end(trainer, module)
+    assert module.lr_factor.progress == pytest.approx(1.0) and trainer.should_stop, \
+        "the run stopped with its learning rate half-way down the cosine"
+
+
 def test_budget_planner_stops_when_the_schedule_has_ended_even_with_time_left():
     class Stub:
         global_step, num_training_batches, should_stop = 60, 10, False
