@@ -294,3 +294,17 @@ def test_lu_and_plain_1x1_convolutions_agree_for_the_same_matrix():
 def test_glow_step_needs_an_even_number_of_channels():
     with pytest.raises(ValueError, match="even number of channels"):
         GlowStep(3, c_hidden=8)
+
+
+def test_a_compiled_actnorm_does_not_break_its_graph_once_initialised():
+    step = GlowStep(4, c_hidden=8)  # ActNorm inside a larger module, as in a model
+    step(torch.randn(8, 4, 4, 4) * 5 + 2, torch.zeros(8))  # the data-dependent initialisation, eagerly
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(torch.randn(8, 4, 4, 4), torch.zeros(8))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    layer = step.flows[0]
+    fresh = ActNorm(4)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.is_initialized()
+    fresh.load_state_dict(ActNorm(4).state_dict())  # an uninitialised state: the next batch initialises it
+    assert not fresh.is_initialized()

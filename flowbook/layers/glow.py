@@ -30,6 +30,7 @@ class ActNorm(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.register_buffer("initialized", torch.tensor(False))
         self.eps = eps
+        self._known_initialized = False  # a Python copy of the buffer once it is True (see is_initialized)
 
     @torch.no_grad()
     def initialize(self, z: torch.Tensor) -> None:
@@ -38,9 +39,22 @@ class ActNorm(nn.Module):
         self.loc.copy_(-flat.mean(dim=1).view_as(self.loc))
         self.log_scale.copy_(-torch.log(flat.std(dim=1) + self.eps).view_as(self.log_scale))
         self.initialized.fill_(True)
+        self._known_initialized = True
+
+    def is_initialized(self) -> bool:
+        """Whether the data-dependent initialisation has happened. Once the buffer says so, a Python flag
+        remembers it, so that a compiled forward reads a constant instead of a tensor (reading a tensor's
+        value breaks the compiled graph at every call). Loading a state dict reads the buffer anew."""
+        if not self._known_initialized:
+            self._known_initialized = bool(self.initialized)
+        return self._known_initialized
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = False
 
     def forward(self, z, ldj, reverse=False):
-        if not reverse and self.training and torch.is_grad_enabled() and not bool(self.initialized):
+        if not reverse and self.training and torch.is_grad_enabled() and not self.is_initialized():
             self.initialize(z)
         log_det = z.shape[2] * z.shape[3] * self.log_scale.sum()
         if not reverse:
