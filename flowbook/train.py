@@ -332,26 +332,21 @@ class BudgetPlanner(pl.Callback):
         self.planned_steps, self.epoch_s, self.skip, self.probe = planned_steps, epoch_s, skip, probe
         self.seconds = 60 * minutes if minutes else None
         self.clock = clock
-        self._start = self._epoch_start = self._rate_start = clock()
+        self._start = self._rate_start = clock()
         self._run_steps = self._rate_steps = 0
         self._epoch_start_step = 0
-        self.plans = []  # (global step, planned total steps) of this run: how the plan evolved
 
     def _plan(self, trainer, module, total: int):
-        total = max(trainer.global_step + 1, min(self.planned_steps, total))
-        if not self.plans or self.plans[-1][1] != total:
-            self.plans.append((trainer.global_step, total))
-        module.lr_factor.total_steps = total
+        module.lr_factor.total_steps = max(trainer.global_step + 1, min(self.planned_steps, total))
 
     def on_train_start(self, trainer, module):
         self._start = self.clock()
         self._plan(trainer, module, self.planned_steps)
 
     def on_train_epoch_start(self, trainer, module):
-        self._epoch_start = self.clock()
         self._epoch_start_step = trainer.global_step
         if self._run_steps >= self.skip:  # past the first steps: measure this epoch's speed from its start
-            self._rate_start, self._rate_steps = self._epoch_start, self._run_steps
+            self._rate_start, self._rate_steps = self.clock(), self._run_steps
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self._run_steps += 1

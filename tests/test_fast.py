@@ -121,6 +121,21 @@ def test_compiled_calls_in_their_default_mode_run_on_the_cpu(same_noise):
     assert sample(model.latent_shape(3)).shape == (3, 1, 4, 4)
 
 
+def test_the_benchmarks_fixed_batch_loss_of_a_compiled_model_sees_the_eager_noise():
+    """`bench --compare` computes each configuration's fixed-batch loss through its own (compiled) code,
+    with the noise of fp32 eager: equal losses in float32 (a different draw would differ by far more)."""
+    from flowbook.bench import fixed_batch_bpd
+
+    torch._dynamo.reset()
+    eager, imgs = tiny_flow(), images(b=32)
+    fast = speed_up(copy.deepcopy(eager), channels_last=True, compile="default")
+    reference = fixed_batch_bpd(eager, imgs, bf16=False, seed=3)
+    assert fixed_batch_bpd(fast, imgs, bf16=False, seed=3) == pytest.approx(reference, abs=1e-5)
+    assert fixed_batch_bpd(eager, imgs, bf16=False, seed=4) != pytest.approx(reference, abs=1e-5)
+    assert fixed_batch_bpd(fast, imgs, bf16=True, seed=3) == pytest.approx(reference, abs=0.05)
+    torch._dynamo.reset()
+
+
 def test_unknown_compile_mode_is_an_error():
     with pytest.raises(ValueError, match="unknown compile mode 'fastest'"):
         speed_up(tiny_flow(), compile="fastest")

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 
 from conftest import perturb_  # noqa: E402
 from flowbook import config, viz  # noqa: E402
-from flowbook.bench import bench  # noqa: E402
+from flowbook.bench import bench, compare  # noqa: E402
 from flowbook.checkpoints import save_checkpoint  # noqa: E402
 from flowbook.evaluate import bpd_per_image, evaluate_checkpoint  # noqa: E402
 from flowbook.models import create_flow, interpolate_latents  # noqa: E402
@@ -55,6 +55,14 @@ def test_bench_reports_every_model():
     assert rows[0]["train_img_per_s"] > 0 and rows[0]["likelihood_ms"] > 0 and rows[0]["sampling_ms"] > 0
     fast = bench(models=("simple",), batch_size=4, steps=1, eval_batch=2, bf16=True, channels_last=True)
     assert fast[0]["model"] == "simple" and fast[0]["train_img_per_s"] > 0
+
+
+def test_bench_compare_measures_every_configuration_against_the_first():
+    configs = {"fp32 eager": {}, "fp32 + channels-last": dict(channels_last=True)}
+    rows, what = compare("simple", batch_size=4, steps=1, configs=configs)
+    assert [r["config"] for r in rows] == list(configs) and "256" in what
+    assert rows[0]["speedup"] == 1.0 and rows[0]["bpd_diff"] == 0.0 and rows[1]["train_img_per_s"] > 0
+    assert abs(rows[1]["bpd_diff"]) < 1e-4  # the same weights, images and noise in another memory layout
 
 
 def test_plots_return_figures():
