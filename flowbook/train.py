@@ -54,9 +54,10 @@ SCHEDULES = ("cosine", "exponential")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 # What --resume may change: the budget of the new run, and how fast it computes (not what it computes).
 RESUMABLE_CHANGES = ("epochs", "max_minutes", "max_steps", "channels_last", "compile")
-# The fastest configuration measured on a CPU (`python -m flowbook.bench --device cpu --compare`, README),
-# for runs long enough to repay the minutes torch.compile takes; without compiling, bfloat16 and
-# channels-last do not pay on a CPU, so short runs stay in float32, eager.
+# The fastest configuration measured on a CPU (`python -m flowbook.bench --device cpu --compare`, README:
+# 2.7x fp32 eager for the multi-scale flow), for runs long enough to repay the minute or two torch.compile
+# takes. Short runs (a chapter's demonstration) stay in float32, eager: bfloat16 alone would give them
+# 1.4x to 1.6x, but from untrained weights its loss is further from float32's (README, Speed).
 CPU_FAST = {"precision": "bf16-mixed", "channels_last": True, "compile": "default"}
 COMPILE_PAYS_AFTER_STEPS = 1000
 MAX_BAD_STEPS = int(os.environ.get("FLOWBOOK_MAX_BAD_STEPS", 50))  # non-finite steps in a row that end a run
