@@ -28,6 +28,13 @@ from flowbook.models import ImageFlow, num_parameters
 from flowbook.provenance import file_sha256, git_commit, hardware, versions
 
 SLICE_IMAGES, SLICE_SEED = 256, 0
+ODE_SLICE_IMAGES = 16  # a likelihood through an ODE costs about a second per image on a CPU core
+
+
+def default_importance_samples(model) -> int:
+    """8 for a flow (exact log-likelihood per dequantization sample), 1 for a model whose log-likelihood is
+    an estimate (flow matching: importance sampling over estimates would be biased)."""
+    return 8 if getattr(model, "exact_likelihood", True) else 1
 
 
 @torch.no_grad()
@@ -74,7 +81,7 @@ def inference_time(model: ImageFlow, images: torch.Tensor, repeats: int = 10, gr
     device = next(model.parameters()).device
     images = images.to(device)
     log_likelihood = compiled_calls(model)[0] if graphs else model.log_likelihood
-    return time_call(lambda: log_likelihood(images), device, repeats)
+    return time_call(lambda: log_likelihood(images), device, repeats, warmup=min(2, repeats))
 
 
 def sampling_time(model: ImageFlow, num: int = 64, repeats: int = 10, graphs: bool = False) -> float:
@@ -82,14 +89,24 @@ def sampling_time(model: ImageFlow, num: int = 64, repeats: int = 10, graphs: bo
     device = next(model.parameters()).device
     shape = model.latent_shape(num)
     sample = compiled_calls(model)[1] if graphs else model.sample
-    return time_call(lambda: sample(shape), device, repeats)
+    return time_call(lambda: sample(shape), device, repeats, warmup=min(2, repeats))
+
+
+def slice_spec(model) -> dict:
+    """The test slice that `slice_bpd` evaluates for `model`: 256 images with 8 importance samples for a
+    flow, 16 images with one sample for a model whose likelihood solves an ODE."""
+    exact = getattr(model, "exact_likelihood", True)
+    return {"images": SLICE_IMAGES if exact else ODE_SLICE_IMAGES, "seed": SLICE_SEED,
+            "importance_samples": default_importance_samples(model)}
 
 
 def slice_bpd(model: ImageFlow, test_images: torch.Tensor) -> float:
-    """bpd (8 importance samples) of the first 256 test images with the noise seeded: a fingerprint of
-    the weights that any machine can recompute in seconds."""
-    torch.manual_seed(SLICE_SEED)
-    return mean_bpd(model, test_images[:SLICE_IMAGES], importance_samples=8)
+    """bpd of the first test images of `slice_spec(model)` with the noise seeded: a fingerprint of the
+    weights that any machine can recompute in seconds (a minute for a flow-matching model)."""
+    spec = slice_spec(model)
+    torch.manual_seed(spec["seed"])
+    return mean_bpd(model, test_images[:spec["images"]], importance_samples=spec["importance_samples"],
+                    batch_size=256 if spec["images"] == SLICE_IMAGES else spec["images"])
 
 
 def thoroughness(results: dict) -> tuple:
@@ -128,13 +145,15 @@ def training_totals(meta: dict) -> dict:
             "train_hardware": sorted({str(stage.get("hardware")) for stage in history}), "stages": len(history)}
 
 
-def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_samples: int = 8,
+def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_samples: int | None = None,
                         eval_images: int | None = None, progress: bool = True, graphs: bool = False,
                         val_importance_samples: int | None = None, out: str | Path | None = None,
                         overwrite: bool = False) -> dict:
     """Evaluate the checkpoint at `path` and write the results JSON to `out` (default: beside it, same
     name, .json). The test set gets `importance_samples`, the validation set `val_importance_samples`
-    (default the same). An existing JSON for the same weights is only replaced by an evaluation at
+    (default the same); left as None, 8 for a flow and 1 for a flow-matching model, whose log-likelihood is
+    an estimate (see `default_importance_samples`); its JSON also records the solver and the estimator, and
+    every JSON the standard error of the test bpd over images. An existing JSON for the same weights is only replaced by an evaluation at
     least as thorough (test images, importance samples), unless `overwrite`. With `graphs`, likelihood
     and sampling are also timed through compiled calls (CUDA graphs on a GPU): inference_ms_graphs and
     sampling_ms_graphs."""
@@ -146,6 +165,7 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     device = torch.device(device) if device else config.get_device()
     ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt, map_location=device)
+    importance_samples = importance_samples or default_importance_samples(model)
     _, val, test = load_mnist()
     val_imgs, test_imgs = val.images[:eval_images], test.images[:eval_images]
     val_k = val_importance_samples or importance_samples
@@ -156,14 +176,22 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
         _check_replace(out, results)  # before the minutes of evaluation, not after
     torch.manual_seed(0)
     batch = test.images[:64]
+    ode = not getattr(model, "exact_likelihood", True)
+    repeats = 1 if ode else 10  # an ODE solve takes seconds to minutes: time it once
+    batch_size = 64 if ode else 256
+    test_bpd = bpd_per_image(model, test_imgs, importance_samples, batch_size, progress=progress, desc="test bpd")
+    if ode:
+        results["likelihood"] = {"estimator": "hutchinson", "probe": model.probe, "probes_per_image": 1,
+                                 "method": model.method, "rtol": model.rtol, "atol": model.atol}
     results.update({
-        "test_bpd": mean_bpd(model, test_imgs, importance_samples, progress=progress, desc="test bpd"),
-        "val_bpd": mean_bpd(model, val_imgs, val_k, progress=progress, desc="validation bpd"),
+        "test_bpd": test_bpd.mean().item(),
+        "test_bpd_stderr": (test_bpd.std() / len(test_bpd) ** 0.5).item() if len(test_bpd) > 1 else None,
+        "val_bpd": mean_bpd(model, val_imgs, val_k, batch_size=batch_size, progress=progress, desc="validation bpd"),
         "val_importance_samples": val_k,
         "slice_bpd": slice_bpd(model, test.images),
-        "slice": {"images": SLICE_IMAGES, "seed": SLICE_SEED, "importance_samples": 8},
-        "inference_ms": 1000 * inference_time(model, batch),
-        "sampling_ms": 1000 * sampling_time(model, 64),
+        "slice": slice_spec(model),
+        "inference_ms": 1000 * inference_time(model, batch, repeats=repeats),
+        "sampling_ms": 1000 * sampling_time(model, 64, repeats=repeats),
         **({"inference_ms_graphs": 1000 * inference_time(model, batch, graphs=True),
             "sampling_ms_graphs": 1000 * sampling_time(model, 64, graphs=True)} if graphs else {}),
         "parameters": num_parameters(model),
@@ -183,7 +211,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a flowbook checkpoint and write its results JSON.")
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--importance-samples", type=int, default=8, help="for the test set")
+    parser.add_argument("--importance-samples", type=int, default=None,
+                        help="for the test set (default: 8 for a flow, 1 for a flow-matching model)")
     parser.add_argument("--val-importance-samples", type=int, default=None,
                         help="for the validation set (default: as many as for the test set)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: beside the checkpoint)")

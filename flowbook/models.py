@@ -13,7 +13,7 @@ from flowbook.prior import gaussian_log_prob
 
 MNIST_SHAPE = (1, 28, 28)
 MODEL_NAMES = ("simple", "vardeq", "multiscale")  # the reference tutorial's three models
-ALL_MODELS = (*MODEL_NAMES, "glow")  # and the ones flowbook adds
+ALL_MODELS = (*MODEL_NAMES, "glow", "flowmatch")  # and the ones flowbook adds
 
 
 class ImageFlow(nn.Module):
@@ -24,6 +24,9 @@ class ImageFlow(nn.Module):
         import_samples: default number of importance samples for `bits_per_dim` in evaluation.
         img_shape: (C, H, W) of the images, checked on every call when given.
     """
+
+    loss_name = "bpd"  # what forward returns: the training loss
+    exact_likelihood = True  # log_likelihood is exact for its dequantization sample: importance sampling applies
 
     def __init__(self, flows, import_samples: int = 8, img_shape: tuple | None = None):
         super().__init__()
@@ -177,17 +180,26 @@ def create_glow_flow() -> ImageFlow:
     return ImageFlow(flows, img_shape=MNIST_SHAPE)
 
 
-def create_flow(name: str) -> ImageFlow:
-    """A model by name: the reference's "simple", "vardeq" or "multiscale", or "glow"."""
-    if name == "simple":
-        return create_simple_flow(use_vardeq=False)
-    if name == "vardeq":
-        return create_simple_flow(use_vardeq=True)
-    if name == "multiscale":
-        return create_multiscale_flow()
-    if name == "glow":
-        return create_glow_flow()
-    raise ValueError(f"unknown model {name!r}; choose one of {ALL_MODELS}")
+def _create_flowmatch():
+    from flowbook.flowmatch import create_flowmatch_model  # it builds on this module's layers
+    return create_flowmatch_model()
+
+
+MODEL_FACTORIES = {  # name -> factory: one registry of the models flowbook trains and ships
+    "simple": lambda: create_simple_flow(use_vardeq=False),
+    "vardeq": lambda: create_simple_flow(use_vardeq=True),
+    "multiscale": create_multiscale_flow,
+    "glow": create_glow_flow,
+    "flowmatch": _create_flowmatch,
+}
+
+
+def create_flow(name: str) -> nn.Module:
+    """A model by name: the reference's "simple", "vardeq" or "multiscale", "glow", or "flowmatch" (a
+    `flowbook.flowmatch.FlowMatchingModel`, with the interface of `ImageFlow`)."""
+    if name not in MODEL_FACTORIES:
+        raise ValueError(f"unknown model {name!r}; choose one of {ALL_MODELS}")
+    return MODEL_FACTORIES[name]()
 
 
 def interpolate_latents(z_a: torch.Tensor, z_b: torch.Tensor, num_steps: int = 8) -> torch.Tensor:

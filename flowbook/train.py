@@ -193,7 +193,9 @@ class LRFactor:
 
 
 class FlowModule(pl.LightningModule):
-    """Maximum likelihood training of one of the MNIST flows: the loss is the mean bpd of a batch.
+    """Training of one of the MNIST models: the loss is what the model's forward returns, named by its
+    `loss_name`: the mean bpd of a batch for the flows (maximum likelihood), the flow-matching loss ("cfm")
+    for the flow-matching model. Logged as train_<loss_name> and val_<loss_name>.
 
     Adam(lr) with the learning-rate schedule `LRFactor`. A batch with a non-finite loss is skipped (no
     backward, no step) and counted in `skipped_steps`; MAX_BAD_STEPS in a row raise TrainingDiverged.
@@ -224,13 +226,13 @@ class FlowModule(pl.LightningModule):
                     "add --warmup-steps, and start a new run.")
             return None
         self.bad_in_a_row = 0
-        self.log("train_bpd", loss, prog_bar=True)
+        self.log(f"train_{self.flow.loss_name}", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
         # .forward: eager even when the flow's __call__ is compiled, so that validation batches of other
         # shapes compile nothing.
-        self.log("val_bpd", self.flow.forward(batch[0]), prog_bar=True)
+        self.log(f"val_{self.flow.loss_name}", self.flow.forward(batch[0]), prog_bar=True)
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr,
@@ -243,6 +245,11 @@ class FlowModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+
+
+def _best_key(flow) -> str:
+    """The summary's key for the best validation score: bpd with one dequantization sample for the flows."""
+    return "best_val_bpd_1sample" if flow.loss_name == "bpd" else f"best_val_{flow.loss_name}"
 
 
 def fused_adam(device: torch.device, precision: str) -> bool:
@@ -291,7 +298,7 @@ class StepProgress(pl.Callback):
         self.bar.update(trainer.global_step - self.bar.n)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
-            self.bar.set_postfix(bpd=f"{float(loss):.2f}", refresh=False)
+            self.bar.set_postfix({module.flow.loss_name: f"{float(loss):.3f}"}, refresh=False)
 
     def on_train_end(self, trainer, module):
         self.bar.close()
@@ -423,7 +430,7 @@ class RunCheckpoints(pl.Callback):
 
     def on_train_epoch_end(self, trainer, module):
         self.epoch_s.append(time.monotonic() - self._epoch_start)
-        val = trainer.callback_metrics.get("val_bpd")
+        val = trainer.callback_metrics.get(f"val_{module.flow.loss_name}")
         epoch = trainer.current_epoch
         if val is not None and math.isfinite(float(val)) and float(val) < self.best_val:
             self.best_val, self.best_epoch = float(val), epoch
@@ -449,7 +456,7 @@ class RunCheckpoints(pl.Callback):
     def summary(self, trainer, module, epochs):
         history = [*self.history, self.stage(trainer, epochs)]
         return {"settings": dataclasses.asdict(self.settings), "epochs": epochs,
-                "best_epoch": self.best_epoch + 1, "best_val_bpd_1sample": self.best_val,
+                "best_epoch": self.best_epoch + 1, _best_key(module.flow): self.best_val,
                 "skipped_steps": module.skipped_steps, "wall_s": round(self.wall_s(), 1),
                 "train_img_per_s": self.images_per_s(trainer),
                 "device": self.device, "hardware": self.hardware, "parameters": num_parameters(module.flow),

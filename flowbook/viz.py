@@ -258,3 +258,33 @@ def draw_architectures(models: dict):
     fig.suptitle(f"The {count} MNIST flows, from image (top) to latent (bottom)")
     fig.tight_layout()
     return fig
+
+
+def plot_densities_2d(log_probs: dict, data=None, lim: float = 3.0, title: str = "", grid: int = 120):
+    """The data ([N, 2], first panel where given) beside the density exp(log_prob) of each model, for
+    {name: log_prob function of [M, 2] points -> [M]}, on one colour scale per panel."""
+    n = len(log_probs) + (data is not None)
+    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.3))
+    axes = np.atleast_1d(axes)
+    panels = list(axes)
+    if data is not None:
+        ax = panels.pop(0)
+        pts = data.detach().cpu()
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4)
+        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim)
+        ax.set_title("data")
+    g = torch.linspace(-lim, lim, grid)
+    xx, yy = torch.meshgrid(g, g, indexing="xy")
+    points = torch.stack([xx.flatten(), yy.flatten()], dim=1)
+    for ax, (name, log_prob) in zip(panels, log_probs.items()):
+        dens = log_prob(points).detach().exp().view(grid, grid)
+        ax.imshow(dens.cpu().numpy(), origin="lower", extent=[-lim, lim, -lim, lim], cmap="viridis")
+        ax.set_title(name)
+    for ax in axes:
+        ax.set_aspect("equal")
+        ax.set_xlabel("x1")
+    axes[0].set_ylabel("x2")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

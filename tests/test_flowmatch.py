@@ -1,0 +1,166 @@
+"""Continuous-time flows: the ODE log-determinant, Hutchinson's estimator, the flow-matching loss and model."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import perturb_
+from flowbook.flowmatch import FlowMatchingModel, LinearPath
+from flowbook.models import create_flow
+from flowbook.ode import divergence_exact, divergence_hutchinson, draw_probe, integrate
+from flowbook.unet import VelocityUNet
+
+
+class LinearField(nn.Module):
+    """v(x, t) = A x on [B, D]."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = nn.Parameter(a)
+
+    def forward(self, x, t):
+        return x @ self.a.T
+
+
+def small_model(seed=0):
+    net = VelocityUNet(c_in=1, channels=(8, 8, 8), c_emb=16)
+    return perturb_(FlowMatchingModel(net=net, img_shape=(1, 12, 12)), scale=0.05, seed=seed)
+
+
+def small_images(b=3, seed=0):
+    return torch.randint(0, 256, (b, 1, 12, 12), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_ode_log_determinant_of_a_linear_field_is_t_trace_a(divergence):
+    """dz/dt = A z for time T: z(T) = exp(TA) z(0) and log det = T tr A (the integral of div v = tr A)."""
+    a = torch.randn(3, 3, dtype=torch.float64) * 0.5
+    x = torch.randn(4, 3, dtype=torch.float64)
+    z, logdet = integrate(LinearField(a), x, 0.0, 0.7, divergence="exact", rtol=1e-9, atol=1e-9)
+    assert torch.allclose(z, x @ torch.linalg.matrix_exp(0.7 * a).T, atol=1e-7)
+    assert torch.allclose(logdet, torch.full((4,), 0.7 * a.trace().item(), dtype=torch.float64), atol=1e-7)
+    # and as the flow's ldj: from t = 1 back to 0, a(0) = -int_0^1 tr A dt
+    _, back = integrate(LinearField(a), x, 1.0, 0.0, divergence="exact", rtol=1e-9, atol=1e-9)
+    assert torch.allclose(back, torch.full((4,), -a.trace().item(), dtype=torch.float64), atol=1e-7)
+
+
+def test_exact_divergence_is_the_trace_of_the_autograd_jacobian():
+    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 5)).double()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    div = divergence_exact(net(x), x)
+    jac = torch.stack([torch.autograd.functional.jacobian(net, xb) for xb in x.detach()])
+    assert torch.allclose(div, jac.diagonal(dim1=1, dim2=2).sum(-1), atol=1e-10)
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_hutchinson_estimate_is_unbiased(probe):
+    """The mean of many probes is within 4 standard errors of the exact trace (a biased estimator, e.g.
+    eps^T J eps / D or a probe without unit variance, fails this)."""
+    net = perturb_(nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 6)).double(), scale=0.3)
+    x = torch.randn(1, 6, dtype=torch.float64).repeat(4000, 1).requires_grad_(True)
+    v = net(x)
+    exact = divergence_exact(v, x)[0]
+    est = divergence_hutchinson(v, x, draw_probe(x, probe))
+    stderr = est.std() / math.sqrt(len(est))
+    assert abs(est.mean() - exact) < 4 * stderr, (est.mean().item(), exact.item(), stderr.item())
+    assert est.std() > 0  # a real estimate, not the exact trace
+
+
+def test_rademacher_probes_have_lower_variance_than_gaussian_ones():
+    net = perturb_(nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 6)).double(), scale=0.3)
+    x = torch.randn(1, 6, dtype=torch.float64).repeat(4000, 1).requires_grad_(True)
+    var = {p: divergence_hutchinson(net(x), x, draw_probe(x, p)).var() for p in ("rademacher", "gaussian")}
+    assert var["rademacher"] < var["gaussian"]
+
+
+def test_flow_matching_loss_is_zero_for_the_true_velocity_of_a_linear_path():
+    """x1 = x0 + c for a fixed shift c: every path is a straight line with velocity c, so v = c has zero
+    loss and any other constant does not."""
+    path = LinearPath()
+    x0 = torch.randn(64, 2, dtype=torch.float64)
+    c = torch.tensor([1.5, -0.5], dtype=torch.float64)
+    assert path.loss(lambda x, t: c.expand_as(x), x0 + c, x0=x0) == 0
+    assert path.loss(lambda x, t: -c.expand_as(x), x0 + c, x0=x0) > 1
+    xt, ut = path.interpolate(x0, x0 + c, torch.zeros(64))
+    assert torch.equal(xt, x0) and torch.allclose(ut, c.expand_as(x0))
+
+
+def test_flowmatch_model_bpd_is_finite_and_every_parameter_gets_a_gradient():
+    model = small_model()
+    imgs = small_images()
+    loss = model(imgs)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    bpd = model.bits_per_dim(imgs, rtol=1e-4, atol=1e-4)
+    assert bpd.shape == (3,) and torch.isfinite(bpd).all()
+
+
+def test_flowmatch_bpd_counts_the_log_256_term():
+    """An untrained network (v = 0) leaves z = x1 = logits / 4 and an ODE log-determinant of 0: the bpd is
+    then the dequantization's terms (log 256 per pixel included) and a Gaussian on x1."""
+    net = VelocityUNet(c_in=1, channels=(8, 8, 8), c_emb=16)  # zero-initialised output: v = 0
+    model = FlowMatchingModel(net=net, img_shape=(1, 12, 12))
+    imgs = small_images()
+    torch.manual_seed(1)
+    got = model.bits_per_dim(imgs)
+    torch.manual_seed(1)
+    x1, ldj = model.to_data_space(imgs)
+    continuous = -0.5 * (x1 ** 2 + math.log(2 * math.pi)).flatten(1).sum(1) + ldj + 144 * math.log(256)
+    assert torch.allclose(got, -continuous / (math.log(2) * 144) + 8, atol=1e-4)
+
+
+def test_flowmatch_ldj_with_exact_divergence_matches_hutchinson_on_average():
+    model = small_model().double()
+    x1, _ = model.to_data_space(small_images(b=1))
+    _, exact = integrate(model.net, x1, 1.0, 0.0, divergence="exact", rtol=1e-6, atol=1e-6)
+    _, est = integrate(model.net, x1.repeat(64, 1, 1, 1), 1.0, 0.0, divergence="hutchinson", rtol=1e-6, atol=1e-6)
+    assert est.std() > 0
+    assert abs(est.mean() - exact[0]) < 4 * est.std() / 8
+
+
+def test_flowmatch_refuses_importance_sampling_over_estimates():
+    with pytest.raises(ValueError, match="importance_samples must be 1"):
+        small_model().bits_per_dim(small_images(), importance_samples=8)
+
+
+def test_flowmatch_encode_then_decode_returns_the_images():
+    model = small_model().double()
+    imgs = small_images()
+    z, _ = model.encode(imgs, rtol=1e-8, atol=1e-8)
+    assert torch.equal(model.decode(z, rtol=1e-8, atol=1e-8), imgs)
+
+
+def test_flowmatch_sampling_is_reproducible_from_a_seed_and_in_range():
+    model = small_model()
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        draws.append(model.sample(model.latent_shape(2), steps=4))
+    assert torch.equal(*draws)
+    assert draws[0].dtype == torch.int32 and draws[0].min() >= 0 and draws[0].max() <= 255
+    with pytest.raises(ValueError, match="latent shape"):
+        model.sample((2, 1, 28, 28))
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(model.latent_shape(2), temperature=-1)
+
+
+def test_euler_sampler_converges_to_the_adaptive_solution():
+    model = small_model().double()
+    z = torch.randn(2, 1, 12, 12, dtype=torch.float64)
+    exact = integrate(model.net, z, 0.0, 1.0, rtol=1e-9, atol=1e-9)
+    errors = [(integrate(model.net, z, 0.0, 1.0, steps=n) - exact).abs().max().item() for n in (4, 16, 64)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < errors[0] / 8  # first order: 16x the steps, about 1/16 of the error
+
+
+def test_flowmatch_is_registered_and_saves_and_loads(tmp_path):
+    from flowbook.checkpoints import load_model, save_checkpoint
+
+    model = perturb_(create_flow("flowmatch"), scale=0.01)
+    save_checkpoint(model, "flowmatch", tmp_path / "fm.pt")
+    loaded = load_model(tmp_path / "fm.pt", arch="flowmatch")
+    x = torch.randn(2, 1, 28, 28)
+    t = torch.rand(2)
+    assert torch.equal(model.net(x, t), loaded.net(x, t))
