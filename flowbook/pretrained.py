@@ -10,6 +10,7 @@ trains the real models). `train_quick` trains a small model now, apart from the 
 steps in quick mode, `Settings.demo_steps` in full mode; it is cached in runs/quick/<name>/.
 `source` is a sentence saying which model it is, so that a chapter can say so next to every number;
 `curve` is the list of (step, training bpd) where the model was trained just now, else None.
+`training_history(name)` lists how the shipped checkpoint was trained, one row per stage.
 """
 from __future__ import annotations
 
@@ -38,6 +39,41 @@ def describe_checkpoint(ckpt: dict, filename: str) -> str:
     where = meta.get("hardware") or meta.get("device", "unknown hardware")
     epochs = total.get("epochs", meta.get("epochs", "?"))
     return f"the trained checkpoint {filename} ({epochs} epoch{'' if epochs == 1 else 's'}{seen}, {where})"
+
+
+def training_history(name: str) -> list[dict]:
+    """How the shipped checkpoint `name` was trained: one row per stage (a run of `flowbook.train`; a later
+    stage continues the previous one's weights with `--init`), read from the checkpoint's own metadata.
+
+    Each row is a dict with
+        stage (1, 2, ...), start ("random initialisation", "stage N's weights", or for a first stage that
+        started from other weights "the weights of <path>"),
+        epochs, steps, images_seen, batch_size, peak_lr, schedule ("cosine" or "exponential"),
+        warmup_steps, budget_minutes (the --max-minutes budget, or None), minutes (wall time of the stage),
+        precision (e.g. "bf16-mixed"), hardware (e.g. "AMD EPYC, 2 cores").
+    A checkpoint from before stages were recorded gives one row from its run summary. No shipped
+    checkpoint `name`: an empty list.
+    """
+    path = checkpoint_file(name)
+    if path is None:
+        return []
+    meta = read_checkpoint(path)["meta"]
+    history = meta.get("history") or [{**meta, "init": meta.get("settings", {}).get("init")}]
+    rows = []
+    for i, stage in enumerate(history, start=1):
+        run = stage.get("settings", {})
+        wall = stage.get("wall_s")
+        rows.append({
+            "stage": i,
+            "start": (f"stage {i - 1}'s weights" if i > 1 else
+                      f"the weights of {stage['init']}" if stage.get("init") else "random initialisation"),
+            "epochs": stage.get("epochs"), "steps": stage.get("steps"), "images_seen": stage.get("images_seen"),
+            "batch_size": run.get("batch_size"), "peak_lr": run.get("lr"), "schedule": run.get("schedule"),
+            "warmup_steps": run.get("warmup_steps"), "budget_minutes": run.get("max_minutes"),
+            "minutes": None if wall is None else round(wall / 60, 1),
+            "precision": run.get("precision"), "hardware": stage.get("hardware") or stage.get("device"),
+        })
+    return rows
 
 
 def _clear_run(folder: Path) -> None:
