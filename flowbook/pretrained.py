@@ -10,10 +10,13 @@ trains the real models). `train_quick` trains a small model now, apart from the 
 steps in quick mode, `Settings.demo_steps` in full mode; it is cached in runs/quick/<name>/.
 `source` is a sentence saying which model it is, so that a chapter can say so next to every number;
 `curve` is the list of (step, training bpd) where the model was trained just now, else None.
-`training_history(name)` lists how the shipped checkpoint was trained, one row per stage.
+`training_history(name)` lists how the shipped checkpoint was trained, one row per stage;
+`shipped_results(name)` is its results JSON (test bpd on the full test set), the numbers a chapter compares
+with the reference tutorial's.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import torch
 from flowbook import config
 from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
 from flowbook.models import ImageFlow
+from flowbook.provenance import file_sha256
 from flowbook.train import run_lock, train
 
 
@@ -74,6 +78,21 @@ def training_history(name: str) -> list[dict]:
             "precision": run.get("precision"), "hardware": stage.get("hardware") or stage.get("device"),
         })
     return rows
+
+
+def shipped_results(name: str) -> dict | None:
+    """The results JSON `<name>.json` of the shipped checkpoint `name` (written by `flowbook.evaluate`:
+    test_bpd on eval_images["test"] images with importance_samples samples, val_bpd, slice_bpd, training
+    totals), or None where there is no shipped checkpoint, no JSON, or the JSON belongs to other weights
+    (its checkpoint_sha256 differs from the checkpoint's)."""
+    path = checkpoint_file(name)
+    results_path = config.checkpoint_path() / f"{name}.json"
+    if path is None or not results_path.is_file():
+        return None
+    results = json.loads(results_path.read_text())
+    if results.get("checkpoint_sha256") not in (None, file_sha256(path)):
+        return None
+    return results
 
 
 def _clear_run(folder: Path) -> None:
