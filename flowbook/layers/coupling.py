@@ -16,7 +16,7 @@ class CouplingLayer(nn.Module):
     forward(z, ldj, reverse=False, orig_img=None):
         z: [B, C, H, W], ldj: [B]; orig_img: optional conditioning [B, C_cond, H, W], concatenated to the
         network's input (variational dequantization uses it).
-        s = tanh(s_raw / exp(f)) * exp(f) bounds the log-scale by exp(f), f = `scaling_factor`.
+        s = tanh(s_raw / exp(c)) * exp(c) bounds the log-scale by exp(c), c = `scaling_factor` (one per channel).
         forward: z' = (z + t) * exp(s), ldj += sum(s)
         reverse: z = z' * exp(-s) - t,   ldj -= sum(s)
         The kept half has s = t = 0, so its part of the Jacobian is the identity.
