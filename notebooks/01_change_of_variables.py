@@ -256,7 +256,7 @@ Markdown(f"Trained flows on MNIST need about one bit per pixel: the reference tu
 # %% [markdown]
 # ## Notation
 #
-# Every chapter uses these symbols, each with one meaning.
+# Every chapter uses these symbols with these meanings.
 #
 # | symbol | meaning | first in |
 # |---|---|---|
