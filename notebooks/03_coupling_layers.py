@@ -217,8 +217,8 @@ print("The reference tutorial's recipe, for comparison (not how the checkpoints 
 print(training_recipe(reference_recipe))
 
 # %% [markdown]
-# We evaluate both with the importance-weighted bound (chapter 2), here on a slice of the test set that a
-# laptop evaluates in seconds:
+# We evaluate both with the importance-weighted bound (chapter 2). In quick mode this runs on a slice of the
+# test set, its first images, which a laptop evaluates in a minute or less; in full mode, on the whole test set:
 
 # %%
 eval_images = test_set.images[:settings.eval_images]

@@ -167,8 +167,8 @@ model, source, _ = load_trained("multiscale", device=device)
 print(f"multiscale: {source}")
 
 # %% [markdown]
-# A quick evaluation, on a slice of the test set that a laptop evaluates in seconds (in full mode, the whole
-# test set):
+# An evaluation with the importance-weighted bound: in quick mode on a slice of the test set, its first
+# images, which a laptop evaluates in a minute or less; in full mode on the whole test set:
 
 # %%
 eval_images = test_set.images[:settings.eval_images]
