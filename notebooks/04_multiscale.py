@@ -212,6 +212,13 @@ samples = model.sample([16, 8, 7, 7])
 assert samples.dtype == torch.int32 and samples.shape == (16, 1, 28, 28)
 viz.show_imgs(samples, "Samples of the multi-scale flow");
 
+# %%
+ink_samples = (samples > 127).flatten(1).sum(dim=1)  # pixels brighter than mid-grey, per image
+ink_digits = (test_set.images[:1000] > 127).flatten(1).sum(dim=1)
+Markdown(f"These are samples of {source}. As in chapter 3, count the pixels brighter than mid-grey: a median of "
+         f"{int(ink_samples.median())} per sample, against {int(ink_digits.median())} for a test digit (median of the "
+         f"first 1,000), and {int((ink_samples < 10).sum())} of the {len(samples)} samples have fewer than 10.")
+
 # %% [markdown]
 # ## Summary
 #
