@@ -297,10 +297,11 @@ assert torch.allclose(ldj, ldj_autograd.reshape(1), atol=1e-8)
 # $\log \frac1M \sum_j \rho_j \ge \mathbb{E}_I\big[\log \frac1K \sum_{k \in I} \rho_k\big]$, and taking the expectation
 # over the samples (each subset's $K$ samples are $K$ independent draws) gives $\mathcal{L}_M \ge \mathcal{L}_K$.
 # Numerically, the terms are
-# log-likelihoods of about $-10^3$ nats, so we average in log space with `logsumexp`:
+# log-likelihoods of hundreds of nats below zero, whose exponentials underflow, so we average in log space
+# with `logsumexp`:
 # $\log\frac1K\sum_k e^{\ell_k} = \mathrm{logsumexp}_k(\ell_k) - \log K$. `ImageFlow.bits_per_dim(imgs,
-# importance_samples=K)` does exactly that; the evaluation of the shipped checkpoints uses $K = 8$, and the
-# chapters use the mode's `importance_samples` (printed in chapter 5).
+# importance_samples=K)` does exactly that; the evaluation of the shipped checkpoints uses $K = 8$ (their
+# results JSONs record it), and the chapters use the mode's `importance_samples`, printed next to each number.
 #
 # Could we train with the tighter bound too? We can, at $K$ times the cost of every step, and it can pay:
 # Hoogeboom et al. (2020) train flows with this importance-weighted objective (and with one built on the
