@@ -269,7 +269,7 @@ Markdown(f"Trained flows on MNIST need about one bit per pixel: the reference tu
 # | $P(x)$ | the probability of a discrete image $x$ | ch. 1 |
 # | $J_f$ | the Jacobian $\partial f(x) / \partial x$; `ldj` in code is the running sum of $\log\lvert\det J\rvert$ | ch. 1 |
 # | $D$; $B, C, H, W$ | dimensions per image, $D = C \cdot H \cdot W$; batch, channels, height, width of a tensor | ch. 1 |
-# | $i, j, k$ | indices | ch. 1 |
+# | $i, j, k$ | indices (a channel index is written $c$, as in $b_c$ or the squeeze's channel $4c + 2i + j$ of chapter 4, whose pixel position is $(y, x)$) | ch. 1 |
 # | $u$, $q(u \mid x)$ | dequantization noise in $[0, 1)^D$, and its distribution ($u_0$: uniform noise before a learned noise flow) | ch. 2 |
 # | $v$ | a dequantized image, $v = x + u$ | ch. 2 |
 # | $m$ | the noise margin: the noise is kept in $[m, 1 - m]$ | ch. 2 |
