@@ -10,8 +10,9 @@ class CouplingLayer(nn.Module):
 
     Args:
         network: maps [B, C (+ C_cond), H, W] to [B, 2C, H, W], split into (s, t).
-        mask: [1, C or 1, H, W], 1 where z is kept (and fed to the network), 0 where it is transformed.
-        c_in: number of channels C of z (one learnable scaling factor per channel).
+        mask: the binary mask b of the chapters, [1, C or 1, H, W]: 1 where z is kept (and fed to the
+            network), 0 where it is transformed.
+        c_in: number of channels C of z (one learnable scale bound c, `scaling_factor`, per channel).
 
     forward(z, ldj, reverse=False, orig_img=None):
         z: [B, C, H, W], ldj: [B]; orig_img: optional conditioning [B, C_cond, H, W], concatenated to the
