@@ -288,10 +288,10 @@ viz.show_imgs(samples, "Samples of the single-scale flow with variational dequan
 # %%
 ink_samples = (samples > 127).flatten(1).sum(dim=1)  # pixels brighter than mid-grey, per image
 ink_digits = (test_set.images[:1000] > 127).flatten(1).sum(dim=1)
-Markdown(f"These are samples of {sources['vardeq']}. Set them beside the MNIST digits of chapter 2: a sample has "
-         f"a median of {int(ink_samples.median())} pixels brighter than mid-grey, a test digit "
-         f"{int(ink_digits.median())} (median of the first 1,000), and {int((ink_samples < 10).sum())} of the "
-         f"{len(samples)} samples have fewer than 10.")
+Markdown(f"These are samples of {sources['vardeq']}. Set them beside the MNIST digits of chapter 2 by counting the "
+         f"pixels brighter than mid-grey: a median of {int(ink_samples.median())} per sample, against "
+         f"{int(ink_digits.median())} per test digit (median of the first 1,000), and "
+         f"{int((ink_samples < 10).sum())} of the {len(samples)} samples have fewer than 10.")
 
 # %% [markdown]
 # How far can one pixel influence another in this flow? Each coupling's network is a stack of convolutions;
