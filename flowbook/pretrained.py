@@ -10,9 +10,13 @@ trains the real models). `train_quick` trains a small model now, apart from the 
 steps in quick mode, `Settings.demo_steps` in full mode; it is cached in runs/quick/<name>/.
 `source` is a sentence saying which model it is, so that a chapter can say so next to every number;
 `curve` is the list of (step, training bpd) where the model was trained just now, else None.
+`training_history(name)` lists how the shipped checkpoint was trained, one row per stage;
+`shipped_results(name)` is its results JSON (test bpd on the full test set), the numbers a chapter compares
+with the reference tutorial's.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import torch
 from flowbook import config
 from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
 from flowbook.models import ImageFlow
+from flowbook.provenance import file_sha256
 from flowbook.train import run_lock, train
 
 
@@ -38,6 +43,56 @@ def describe_checkpoint(ckpt: dict, filename: str) -> str:
     where = meta.get("hardware") or meta.get("device", "unknown hardware")
     epochs = total.get("epochs", meta.get("epochs", "?"))
     return f"the trained checkpoint {filename} ({epochs} epoch{'' if epochs == 1 else 's'}{seen}, {where})"
+
+
+def training_history(name: str) -> list[dict]:
+    """How the shipped checkpoint `name` was trained: one row per stage (a run of `flowbook.train`; a later
+    stage continues the previous one's weights with `--init`), read from the checkpoint's own metadata.
+
+    Each row is a dict with
+        stage (1, 2, ...), start ("random initialisation", "stage N's weights", or for a first stage that
+        started from other weights "the weights of <path>"),
+        epochs, steps, images_seen, batch_size, peak_lr, schedule ("cosine" or "exponential"),
+        warmup_steps, budget_minutes (the --max-minutes budget, or None), minutes (wall time of the stage),
+        precision (e.g. "bf16-mixed"), hardware (e.g. "AMD EPYC, 2 cores").
+    A checkpoint from before stages were recorded gives one row from its run summary. No shipped
+    checkpoint `name`: an empty list.
+    """
+    path = checkpoint_file(name)
+    if path is None:
+        return []
+    meta = read_checkpoint(path)["meta"]
+    history = meta.get("history") or [{**meta, "init": meta.get("settings", {}).get("init")}]
+    rows = []
+    for i, stage in enumerate(history, start=1):
+        run = stage.get("settings", {})
+        wall = stage.get("wall_s")
+        rows.append({
+            "stage": i,
+            "start": (f"stage {i - 1}'s weights" if i > 1 else
+                      f"the weights of {stage['init']}" if stage.get("init") else "random initialisation"),
+            "epochs": stage.get("epochs"), "steps": stage.get("steps"), "images_seen": stage.get("images_seen"),
+            "batch_size": run.get("batch_size"), "peak_lr": run.get("lr"), "schedule": run.get("schedule"),
+            "warmup_steps": run.get("warmup_steps"), "budget_minutes": run.get("max_minutes"),
+            "minutes": None if wall is None else round(wall / 60, 1),
+            "precision": run.get("precision"), "hardware": stage.get("hardware") or stage.get("device"),
+        })
+    return rows
+
+
+def shipped_results(name: str) -> dict | None:
+    """The results JSON `<name>.json` of the shipped checkpoint `name` (written by `flowbook.evaluate`:
+    test_bpd on eval_images["test"] images with importance_samples samples, val_bpd, slice_bpd, training
+    totals), or None where there is no shipped checkpoint, no JSON, or the JSON belongs to other weights
+    (its checkpoint_sha256 differs from the checkpoint's)."""
+    path = checkpoint_file(name)
+    results_path = config.checkpoint_path() / f"{name}.json"
+    if path is None or not results_path.is_file():
+        return None
+    results = json.loads(results_path.read_text())
+    if results.get("checkpoint_sha256") not in (None, file_sha256(path)):
+        return None
+    return results
 
 
 def _clear_run(folder: Path) -> None:

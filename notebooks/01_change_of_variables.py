@@ -9,10 +9,12 @@
 # %% [markdown]
 # # Chapter 1: The change of variables
 #
-# This is the first of five chapters on normalizing flows for image modeling. Here we build the one
-# formula everything else rests on, the change of variables, and watch it work on a two-dimensional toy
-# density. Chapter 2 then faces the first problem of images (pixels are integers), chapter 3 builds the
-# coupling layers, chapter 4 the multi-scale architecture, and chapter 5 analyses trained models on MNIST.
+# This is the first chapter of flowbook, a course on normalizing flows for image modeling (the README lists
+# all the chapters). Here we build the one formula everything else rests on, the change of variables, and
+# watch it work on a two-dimensional toy density. Chapter 2 then faces the first problem of images (pixels
+# are integers), chapter 3 builds the coupling layers and chapter 4 the multi-scale architecture; the
+# chapters after them analyse the trained models on MNIST and go beyond them. The symbols used in every
+# chapter are collected in a table at the end of this one.
 #
 # **You will learn**
 # - where flows sit next to VAEs and GANs, and what "exact likelihood" buys;
@@ -31,6 +33,7 @@ from IPython.display import Markdown
 from torch.autograd.functional import jacobian
 
 from flowbook import config, exercises, toy, viz
+from flowbook.results import REFERENCE_TEST_BPD
 
 settings = config.settings()
 print(f"flowbook runs in {settings.mode} mode (set FLOWBOOK_MODE=quick or full to change it)")
@@ -139,11 +142,11 @@ assert torch.allclose(J, A)
 #
 # ## Stacking invertible maps
 #
-# One invertible layer is rarely expressive enough, but a composition $f = f_K \circ \dots \circ f_1$ of
-# invertible maps is invertible, and by the chain rule its Jacobian is the product of the layers'
+# One invertible layer is rarely expressive enough, but a composition $f = f_L \circ \dots \circ f_1$ of
+# $L$ invertible maps is invertible, and by the chain rule its Jacobian is the product of the layers'
 # Jacobians, so the log-determinants add:
 #
-# $$\log\big|\det J_f(x)\big| = \sum_{k=1}^{K} \log\big|\det J_{f_k}(h_{k-1})\big|, \qquad h_0 = x,\; h_k = f_k(h_{k-1}).$$
+# $$\log\big|\det J_f(x)\big| = \sum_{k=1}^{L} \log\big|\det J_{f_k}(h_{k-1})\big|, \qquad h_0 = x,\; h_k = f_k(h_{k-1}).$$
 #
 # That is why every flowbook layer takes the running `ldj` and adds its own term:
 # `z, ldj = layer(z, ldj)`. A quick check on two non-linear maps:
@@ -170,9 +173,10 @@ assert torch.allclose(composed, summed)
 # ## A flow in two dimensions, trained in seconds
 #
 # Before images, a flow we can look at. `flowbook.toy` has an affine coupling layer for points in
-# $\mathbb{R}^2$: it keeps one coordinate, and uses it to shift and scale the other,
-# $x_o' = (x_o + t(x_k)) \cdot e^{s(x_k)}$. The Jacobian is triangular with diagonal $(1, e^{s})$, so the
-# layer adds $s$ to `ldj`. Here is the code that runs:
+# $\mathbb{R}^2$: it keeps one coordinate $x_1$, and uses it to shift and scale the other,
+# $x_2' = (x_2 + t(x_1)) \cdot e^{s(x_1)}$, where $s$ and $t$ come from a small network and $s$ is bounded
+# to $(-1, 1)$ by a tanh. The Jacobian is triangular with diagonal $(1, e^{s})$, so the layer adds $s$ to
+# `ldj`. Here is the code that runs (`kept` is $x_1$, `other` is $x_2$):
 
 # %%
 print(inspect.getsource(toy.ToyCoupling.forward))
@@ -230,10 +234,9 @@ flow = flow.float()
 #
 # $$\text{bpd} = \frac{-\log_2 256^{-D}}{D} = \log_2 256 = 8 \text{ bits}.$$
 #
-# Trained flows on MNIST need about one bit per pixel (the reference tutorial reports 1.03 to 1.11), a
-# compression of about 8:1; chapter 5 measures ours. Note that
-# $p(x)$ here is the probability of a *discrete* image; chapter 2 shows how a density over continuous
-# values turns into one, and where the $\log 256$ that makes the uniform model cost 8 bits enters the code.
+# Note that $p(x)$ here is the probability of a *discrete* image; chapter 2 shows how a density over
+# continuous values turns into one, and where the $\log 256$ that makes the uniform model cost 8 bits
+# enters the code.
 
 # %%
 D = 28 * 28
@@ -241,6 +244,53 @@ uniform_ll = -D * math.log(256)  # log-likelihood (nats) of any image under the 
 uniform_bpd = -uniform_ll / (D * math.log(2))
 print(f"uniform model of 8-bit MNIST pixels: {uniform_bpd:.3f} bits per dimension")
 assert abs(uniform_bpd - 8) < 1e-12
+
+# %%
+reference = REFERENCE_TEST_BPD  # the reference tutorial's three flows, 200 epochs, full MNIST test set
+Markdown(f"Trained flows on MNIST need about one bit per pixel: the reference tutorial reports "
+         f"{min(reference.values()):.3f} to {max(reference.values()):.3f} bits per dimension for its three flows, "
+         f"{uniform_bpd / max(reference.values()):.1f} to {uniform_bpd / min(reference.values()):.1f} times fewer bits "
+         "than the uniform model; "
+         "chapter 3 and the chapters after it compare the models shipped with flowbook.")
+
+# %% [markdown]
+# ## Notation
+#
+# Every chapter uses these symbols with these meanings.
+#
+# | symbol | meaning | first in |
+# |---|---|---|
+# | $x$ | a data point: an image of integer pixels (a point of $\mathbb{R}^2$ in this chapter's toy flow) | ch. 1 |
+# | $z$ | the latent, $z = f(x)$; in code also the running value between layers, `z, ldj = layer(z, ldj)` | ch. 1 |
+# | $f$ | **the flow**, always from data to latent: $z = f(x)$; sampling computes $x = f^{-1}(z)$ | ch. 1 |
+# | $f_k$, $L$ | the $k$-th of the $L$ layers of a flow, $f = f_L \circ \dots \circ f_1$ | ch. 1 |
+# | $g$ | $f^{-1}$, the direction from latent to data (only in the 1-D derivation) | ch. 1 |
+# | $p$, $p_x$, $p_z$ | a probability **density** (of $x$, of $z$); $p$ means nothing else | ch. 1 |
+# | $P(x)$ | the probability of a discrete image $x$ | ch. 1 |
+# | $J_f$ | the Jacobian $\partial f(x) / \partial x$; `ldj` in code is the running sum of $\log\lvert\det J\rvert$ | ch. 1 |
+# | $D$; $B, C, H, W$ | dimensions per image, $D = C \cdot H \cdot W$; batch, channels, height, width of a tensor | ch. 1 |
+# | $i, j, k$ | indices (a channel index is written $c$, as in $b_c$ or the squeeze's channel $4c + 2i + j$ of chapter 4, whose pixel position is $(y, x)$) | ch. 1 |
+# | $u$, $q(u \mid x)$ | dequantization noise in $[0, 1)^D$, and its distribution ($u_0$: uniform noise before a learned noise flow) | ch. 2 |
+# | $v$ | a dequantized image, $v = x + u$ | ch. 2 |
+# | $m$ | the noise margin: the noise is kept in $[m, 1 - m]$ | ch. 2 |
+# | $\alpha$ | the logit margin: $[0, 1]$ is squeezed into $[\alpha/2, 1 - \alpha/2]$ before the logit | ch. 2 |
+# | $w$, $r$, $y$ | a pixel in $[0, 1]$, the same pixel squeezed by $\alpha$, and its logit | ch. 2 |
+# | $K$ | the number of importance samples (dequantization samples per image), $\rho_k$ their importance weights | ch. 2 |
+# | $\sigma$ | a standard deviation (the sigmoid is written $\mathrm{sigmoid}$) | ch. 2 |
+# | $s$, $t$ | the log-scale and the shift of a coupling layer | ch. 1, 3 |
+# | $c$ | a coupling layer's learned scale bound, one per channel: $s \leftarrow \tanh(s / e^c)\, e^c$ | ch. 3 |
+# | $b$ | the binary mask of a coupling layer: 1 where the input is kept (RealNVP's notation); with a channel index, $b_c$ is ActNorm's shift (chapter 6, Glow's notation) | ch. 3 |
+# | $z_k$, $z_s$ | the half of the channels a split layer keeps, and the half it scores under the prior | ch. 4 |
+# | $T$ | the sampling temperature: latents are drawn from $\mathcal N(0, T^2 I)$ | ch. 4 |
+#
+# Two formulas are written differently in papers. flowbook's affine coupling shifts first and then scales,
+# $z_2' = (z_2 + t) \odot e^{s}$, where RealNVP (Dinh et al., 2017) writes $x_2 \odot e^{s} + t$; flowbook's
+# ActNorm (chapter 6, with per-channel parameters $b_c$ and $\log s_c$) computes $(z + b) \odot e^{\log s}$, where
+# Glow (Kingma and Dhariwal, 2018) writes $s \odot x + b$. Each pair describes the same maps: a shift $t$
+# before the scale is the shift $t \odot e^{s}$ after it. And the log-determinants agree, because a shift adds
+# something that does not depend on the values being scaled (in a coupling layer, $t$ depends only on the
+# kept half), so in both orders the Jacobian's diagonal holds only the scales, $e^{s_j}$ or $s_c$:
+# $\log\lvert\det J\rvert = \sum_j s_j$ for the coupling layer and $H \cdot W \sum_c \log s_c$ for ActNorm.
 
 # %% [markdown]
 # ## Summary
@@ -339,5 +389,6 @@ exercises.check_bits_per_dim(bits_per_dim)
 # - L. Dinh, J. Sohl-Dickstein, S. Bengio. *Density estimation using Real NVP.* ICLR 2017.
 # - G. Papamakarios, E. Nalisnick, D. Rezende, S. Mohamed, B. Lakshminarayanan. *Normalizing Flows for
 #   Probabilistic Modeling and Inference.* JMLR 2021.
+# - D. P. Kingma, P. Dhariwal. *Glow: Generative flow with invertible 1x1 convolutions.* NeurIPS 2018.
 # - P. Lippe. *Normalizing Flows for Image Modeling*, UvA Deep Learning Tutorial 11 (CC BY-SA), the
 #   tutorial this collection starts from.

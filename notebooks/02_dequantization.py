@@ -95,7 +95,7 @@ assert on_integers[0] > on_integers[-1] + 5 and np.argmax(dequantized) > 0
 # $$P(x) = \int_{[0,1)^D} p(x + u)\,du \;=\; \mathbb{E}_{u \sim U}\big[p(x + u)\big].$$
 #
 # We cannot compute this integral, but the log is concave, so Jensen's inequality gives a bound we can
-# estimate with one sample of $u$ per image:
+# estimate with one sample of $u$ per image (Theis et al., 2016, derive it in this form):
 #
 # $$\log P(x) = \log \mathbb{E}_{u}\big[p(x + u)\big] \;\ge\; \mathbb{E}_{u}\big[\log p(x + u)\big].$$
 #
@@ -110,10 +110,11 @@ assert on_integers[0] > on_integers[-1] + 5 and np.argmax(dequantized) > 0
 #
 # ## The logit transform, term by term
 #
-# Flows work best on unbounded inputs that look roughly Gaussian, not on $[0, 256)$, for two reasons. The
-# prior is $\mathcal N(0, I)$, and the coupling layers act on the whole real line, so a bounded input wastes
-# their freedom. And at initialisation every coupling layer is the identity (chapter 3), so the latent is the
-# input itself: a pixel of value 255 would be a standard normal value 255 standard deviations from the mean,
+# Flows work best on unbounded inputs that look roughly Gaussian, not on $[0, 256)$, for two reasons. First,
+# the prior is $\mathcal N(0, I)$, and the coupling layers act on the whole real line, so a bounded input wastes
+# their freedom (an argument, which this chapter does not measure). Second, at initialisation every coupling
+# layer is the identity (chapter 3), so the latent is the input itself: a pixel of value 255 would be a
+# standard normal value 255 standard deviations from the mean,
 # with a log-density of about $-255^2/2 \approx -32{,}500$ nats per pixel, and gradients to match: training
 # from there diverges at once. After the logit, the same untrained flow starts at tens of bits per dimension
 # instead of thousands (measured below), and training brings it down to about one.
@@ -124,17 +125,22 @@ assert on_integers[0] > on_integers[-1] + 5 and np.argmax(dequantized) > 0
 # |---|---|---|
 # | 1. noise margin | $u' = m + (1 - 2m)\,u$ | $\log(1 - 2m)$ |
 # | 2. to the unit interval | $w = (x + u') / 256$ | $-\log 256$ |
-# | 3. squeeze away from 0 and 1 | $p = (1 - \alpha)\,w + \alpha/2$ | $\log(1 - \alpha)$ |
-# | 4. logit | $y = \log p - \log(1 - p)$ | $-\log p - \log(1 - p)$ |
+# | 3. squeeze away from 0 and 1 | $r = (1 - \alpha)\,w + \alpha/2$ | $\log(1 - \alpha)$ |
+# | 4. logit | $y = \log r - \log(1 - r)$ | $-\log r - \log(1 - r)$ |
 #
-# Step 4's derivative: $\frac{dy}{dp} = \frac1p + \frac1{1-p} = \frac{1}{p(1-p)}$, so
-# $\log\frac{dy}{dp} = -\log p - \log(1-p)$. Step 2 is the term that turns a density over $[0, 1)^D$ into one
+# Step 4's derivative: $\frac{dy}{dr} = \frac1r + \frac1{1-r} = \frac{1}{r(1-r)}$, so
+# $\log\frac{dy}{dr} = -\log r - \log(1-r)$. Step 2 is the term that turns a density over $[0, 1)^D$ into one
 # over $[0, 256)^D$, where each integer's cube has volume one: the $\log 256$ that makes bpd honest.
-# A small $\alpha$ (flowbook's value is printed below) keeps the logit finite at $w = 0$ and $w = 1$.
+# The logit margin $\alpha$, small (flowbook's value is printed below), keeps the logit finite at $w = 0$ and
+# $w = 1$.
 #
-# Step 1 is flowbook's addition. Without it, a noise value very close to 1 puts $x + u$ on the border of the
-# next integer's cube, and float32 rounding can push it over (the reference tutorial's test fails on exactly
-# such a pixel). The margin $m$ keeps every value $m$ inside its cube. It is a legitimate dequantization
+# Step 1 is flowbook's addition, the noise margin $m$. The way back (below) takes the floor of $256\,w$, and
+# $y$ is stored in float32, whose rounding moves $w$ by a hair. Without the margin, a value can sit on either
+# face of its cube, and the hair decides which cube it comes back in: $u = 0$ puts $x + u$ exactly on the
+# lower face, and rounding down takes it into the cube of $x - 1$; a noise value very close to 1 puts it just
+# under the upper face, and rounding up takes it into the cube of $x + 1$ (the reference tutorial's test
+# fails on such a pixel: a 0 comes back as a 1). The margin keeps every value at least $m$ inside its cube,
+# far more than the rounding moves it. It is a legitimate dequantization
 # distribution: uniform on $[m, 1 - m]$, with density $1/(1 - 2m)$, hence the term. What does it change?
 # The best achievable bound is the same with and without it (a model can put all of a cube's mass inside
 # the shrunk cube). For a given model the bound moves by how $\log p$ varies inside each cube, in either
@@ -144,12 +150,13 @@ assert on_integers[0] > on_integers[-1] + 5 and np.argmax(dequantized) > 0
 # %%
 print(inspect.getsource(Dequantization._to_logits))
 alpha, m = Dequantization().alpha, Dequantization().margin
-print(f"alpha = {alpha:g}; margin m = {m:g}: where log p is flat in each cube, the bound is lower by "
-      f"{-math.log2(1 - 2 * m):.5f} bits per dimension")
+print(f"logit margin alpha = {alpha:g}; noise margin m = {m:g}: where log p is flat in each cube, the bound is "
+      f"lower by {-math.log2(1 - 2 * m):.5f} bits per dimension")
 
 # %% [markdown]
-# The first reason for the logit, measured: an untrained single-scale flow (every coupling layer the
-# identity) scored on 64 test images, once on $x + u$ directly and once after the logit transform.
+# The second reason for the logit, measured: an untrained single-scale flow (every coupling layer the
+# identity, so its latent is its input) scored on 64 test images, once on $x + u$ directly and once after the
+# logit transform.
 
 # %%
 imgs = test_set.images[:64]
@@ -198,8 +205,11 @@ for name in noises:
     print(f"{name:15s}: {wrong[name]} wrong pixels with the margin, {wrong_without_margin[name]:,} without")
 assert all(v == 0 for v in wrong.values()), "dequantization must invert exactly"
 Markdown(f"With the margin, every one of the {test_images.numel():,} test pixels comes back, for each of the "
-         f"{len(noises)} noises. Without it, {wrong_without_margin['u = 1 - 2^-24']:,} pixels come back wrong for "
-         "the largest noise: the values land on the borders of the cubes and round into the next integer.")
+         f"{len(noises)} noises. Without it, {wrong_without_margin['u = 0']:,} pixels come back wrong for $u = 0$ "
+         "(on the lower face of their cube, they round down into the integer below) and "
+         f"{wrong_without_margin['u = 1 - 2^-24']:,} for the largest noise (just under the upper face, they round "
+         f"up into the next integer); with random noise, {wrong_without_margin['uniform random']:,} of them, the "
+         "few noise values that happen to fall that close to a face.")
 
 # %% [markdown]
 # ## The volumes of the dequantization, drawn
@@ -242,10 +252,11 @@ viz.plot_dequantization(quants=8, prior=[0.075, 0.2, 0.4, 0.2, 0.075, 0.025, 0.0
 #
 # By the change of variables, $\log q(u \mid x) = \log 1 - \log|\det \partial u / \partial u_0|$, so the
 # bound needs $-\log q(u \mid x) = \log|\det \partial u / \partial u_0|$: exactly the `ldj` this chain adds.
-# Its terms, per pixel: the logit of $u_0$ ($\log(1-\alpha) - \log p_0 - \log(1 - p_0)$, as above), the
-# coupling layers' log-scales (chapter 3), and the sigmoid, whose derivative is
-# $\sigma(e')(1 - \sigma(e'))$, giving $\log\sigma(e') + \log\sigma(-e') = -\mathrm{softplus}(-e') -
-# \mathrm{softplus}(e')$. Then the four steps of the table above run on $u$. The code:
+# Its terms, per pixel: the logit of $u_0$ ($\log(1-\alpha) - \log r_0 - \log(1 - r_0)$ with
+# $r_0 = (1 - \alpha)\,u_0 + \alpha/2$, as above), the coupling layers' log-scales (chapter 3), and the
+# sigmoid, whose derivative is $\mathrm{sigmoid}(e')\,(1 - \mathrm{sigmoid}(e'))$, giving
+# $\log\mathrm{sigmoid}(e') + \log\mathrm{sigmoid}(-e') = -\mathrm{softplus}(-e') - \mathrm{softplus}(e')$.
+# Then the four steps of the table above run on $u$. The code:
 
 # %% tags=["spoiler"]
 print(inspect.getsource(VariationalDequantization.dequant_noise))
@@ -279,28 +290,32 @@ assert torch.allclose(ldj, ldj_autograd.reshape(1), atol=1e-8)
 # $$\log P(x) \;\ge\; \mathcal{L}_K = \mathbb{E}\left[\log \frac1K \sum_{k=1}^K \frac{p(x + u_k)}{q(u_k \mid x)}\right],
 # \qquad \mathcal{L}_1 \le \mathcal{L}_2 \le \dots \le \log P(x).$$
 #
-# Why the bounds increase, for any $K < M$: write $w_k = p(x + u_k) / q(u_k \mid x)$. The mean of $M$ ratios
-# is the average, over all subsets $I$ of $K$ of the $M$ samples, of the subsets' means:
-# $\frac1M \sum_{m=1}^M w_m = \mathbb{E}_I\big[\frac1K \sum_{k \in I} w_k\big]$ (each sample lies in the same
-# fraction $K/M$ of the subsets). The log is concave, so by Jensen
-# $\log \frac1M \sum_m w_m \ge \mathbb{E}_I\big[\log \frac1K \sum_{k \in I} w_k\big]$, and taking the expectation
+# Why the bounds increase, for any $K < M$: write $\rho_k = p(x + u_k) / q(u_k \mid x)$ for the importance
+# weights. The mean of $M$ weights is the average, over all subsets $I$ of $K$ of the $M$ samples, of the
+# subsets' means: $\frac1M \sum_{j=1}^M \rho_j = \mathbb{E}_I\big[\frac1K \sum_{k \in I} \rho_k\big]$ (each
+# sample lies in the same fraction $K/M$ of the subsets). The log is concave, so by Jensen
+# $\log \frac1M \sum_j \rho_j \ge \mathbb{E}_I\big[\log \frac1K \sum_{k \in I} \rho_k\big]$, and taking the expectation
 # over the samples (each subset's $K$ samples are $K$ independent draws) gives $\mathcal{L}_M \ge \mathcal{L}_K$.
 # Numerically, the terms are
-# log-likelihoods of about $-10^3$ nats, so we average in log space with `logsumexp`:
+# log-likelihoods of hundreds of nats below zero, whose exponentials underflow, so we average in log space
+# with `logsumexp`:
 # $\log\frac1K\sum_k e^{\ell_k} = \mathrm{logsumexp}_k(\ell_k) - \log K$. `ImageFlow.bits_per_dim(imgs,
-# importance_samples=K)` does exactly that; the evaluation of the shipped checkpoints uses $K = 8$, and the
-# chapters use the mode's `importance_samples` (printed in chapter 5).
+# importance_samples=K)` does exactly that; the evaluation of the shipped checkpoints uses $K = 8$ (their
+# results JSONs record it), and the chapters use the mode's `importance_samples`, printed next to each number.
 #
-# Could we train with the tighter bound too? We could, at $K$ times the cost of every step, but related work
-# found that it does not pay for its cost, and a single sample per step remains the standard (Hoogeboom et
-# al., 2020). The tighter bound is for evaluation.
+# Could we train with the tighter bound too? We can, at $K$ times the cost of every step, and it can pay:
+# Hoogeboom et al. (2020) train flows with this importance-weighted objective (and with one built on the
+# Rényi divergence) and report that both considerably improve on training with the plain Jensen bound
+# when the dequantization noise is uniform. flowbook, like the reference tutorial, trains with one sample
+# per step, to keep each step cheap on a CPU, and uses the tighter bound for evaluation.
 #
 # Let us watch the bound tighten on a variational-dequantization model (the trained checkpoint where one is
 # shipped, else a quick-mode model):
 
 # %%
-Markdown(f"This run uses {settings.bound_images} test images ({config.QUICK.bound_images} in quick mode, "
-         f"{config.FULL.bound_images} in full mode) and 16 dequantization samples per image.")
+Markdown(f"This run uses a slice of the test set, its first {settings.bound_images} images "
+         f"({config.QUICK.bound_images} in quick mode, {config.FULL.bound_images} in full mode), and 16 "
+         "dequantization samples per image.")
 
 # %%
 model, source, _ = load_trained("vardeq", device=device)

@@ -10,13 +10,14 @@ class CouplingLayer(nn.Module):
 
     Args:
         network: maps [B, C (+ C_cond), H, W] to [B, 2C, H, W], split into (s, t).
-        mask: [1, C or 1, H, W], 1 where z is kept (and fed to the network), 0 where it is transformed.
-        c_in: number of channels C of z (one learnable scaling factor per channel).
+        mask: the binary mask b of the chapters, [1, C or 1, H, W]: 1 where z is kept (and fed to the
+            network), 0 where it is transformed.
+        c_in: number of channels C of z (one learnable scale bound c, `scaling_factor`, per channel).
 
     forward(z, ldj, reverse=False, orig_img=None):
         z: [B, C, H, W], ldj: [B]; orig_img: optional conditioning [B, C_cond, H, W], concatenated to the
         network's input (variational dequantization uses it).
-        s = tanh(s_raw / exp(f)) * exp(f) bounds the log-scale by exp(f), f = `scaling_factor`.
+        s = tanh(s_raw / exp(c)) * exp(c) bounds the log-scale by exp(c), c = `scaling_factor` (one per channel).
         forward: z' = (z + t) * exp(s), ldj += sum(s)
         reverse: z = z' * exp(-s) - t,   ldj -= sum(s)
         The kept half has s = t = 0, so its part of the Jacobian is the identity.

@@ -1,9 +1,9 @@
 """Dequantization: from integer pixels to a continuous density, as flow layers.
 
 Both layers map integer images x in 0..quants-1 to continuous y in R, through
-    x  --(add noise u in [0, 1))-->  x + u  --(/quants, squeeze by alpha)-->  p in (0, 1)  --(logit)-->  y
+    x  --(add noise u in [0, 1))-->  x + u  --(/quants: w in [0, 1], squeeze by alpha)-->  r in (0, 1)  --(logit)-->  y
 and back by the sigmoid and a floor. Every term they add to `ldj` is listed in the docstrings; chapter 2
-derives them one by one.
+derives them one by one, with the same letters (alpha: the logit margin; margin: the noise margin m).
 
 Exactness. Quantizing the dequantized image returns the original pixels for every noise value in [0, 1),
 in float32. Two details make it so (the reference implementation misses one pixel of MNIST):
@@ -24,14 +24,14 @@ from flowbook.layers.checks import check_images
 
 
 def logit_transform(u: torch.Tensor, alpha: float):
-    """y = logit((1 - alpha) u + alpha / 2) for u in [0, 1], elementwise.
+    """y = logit((1 - alpha) u + alpha / 2) for u in [0, 1], elementwise; alpha is the logit margin.
 
     u: [B, ...] -> y: [B, ...] and log_det: [B], the log-determinant of du -> dy:
-        sum over elements of  log(1 - alpha) - log p - log(1 - p),  p = (1 - alpha) u + alpha / 2.
+        sum over elements of  log(1 - alpha) - log r - log(1 - r),  r = (1 - alpha) u + alpha / 2.
     """
-    p = u * (1 - alpha) + 0.5 * alpha
-    y = torch.log(p) - torch.log1p(-p)
-    per_dim = math.log(1 - alpha) - torch.log(p) - torch.log1p(-p)
+    r = u * (1 - alpha) + 0.5 * alpha
+    y = torch.log(r) - torch.log1p(-r)
+    per_dim = math.log(1 - alpha) - torch.log(r) - torch.log1p(-r)
     return y, per_dim.flatten(1).sum(dim=1)
 
 
@@ -49,19 +49,19 @@ class Dequantization(nn.Module):
     """Uniform dequantization and the logit transform.
 
     Args:
-        alpha: squeeze of [0, 1] to [alpha/2, 1 - alpha/2], so that the logit stays finite.
+        alpha: the logit margin, a squeeze of [0, 1] to [alpha/2, 1 - alpha/2], so that the logit stays finite.
         quants: number of integer values (256 for 8-bit images).
-        margin: the noise u is squeezed to [margin, 1 - margin] so that quantizing is exact in float32.
+        margin: the noise margin m: u is squeezed to [m, 1 - m] so that quantizing is exact in float32.
 
     forward(z, ldj, reverse=False, noise=None):
         z: int images [B, C, H, W] in 0..quants-1 -> y: [B, C, H, W] in ldj's dtype.
         noise: optional [B, C, H, W] in [0, 1) (default: torch.rand).
         ldj [B] gains, summed over the D = C*H*W pixels,
             D log(1 - 2 margin)        u' = margin + (1 - 2 margin) u
-          - D log(quants)              v = (x + u') / quants, in [0, 1]
-          + D log(1 - alpha) - sum(log p + log(1 - p))   y = logit(p), p = (1 - alpha) v + alpha / 2
+          - D log(quants)              w = (x + u') / quants, in [0, 1]
+          + D log(1 - alpha) - sum(log r + log(1 - r))   y = logit(r), r = (1 - alpha) w + alpha / 2
     forward(y, ldj, reverse=True):
-        y: [B, C, H, W] float -> int32 images floor(quants * v), clamped to 0..quants-1.
+        y: [B, C, H, W] float -> int32 images floor(quants * w), clamped to 0..quants-1.
         ldj [B] loses the quants, alpha and logit terms (the inverse of y -> x + u').
     """
 
@@ -89,8 +89,8 @@ class Dequantization(nn.Module):
     def _to_logits(self, x, u, ldj):
         num_dims = x[0].numel()
         u = self.margin + (1 - 2 * self.margin) * u
-        v = (x.to(torch.float64) + u) / self.quants
-        y, log_det = logit_transform(v, self.alpha)
+        w = (x.to(torch.float64) + u) / self.quants
+        y, log_det = logit_transform(w, self.alpha)
         log_det = log_det + num_dims * (math.log(1 - 2 * self.margin) - math.log(self.quants))
         return y.to(ldj.dtype), ldj + log_det.to(ldj.dtype)
 
@@ -98,11 +98,11 @@ class Dequantization(nn.Module):
         if not torch.compiler.is_compiling() and not torch.isfinite(y).all():
             raise ValueError("the flow's reverse pass produced NaN or infinite values, which are no pixels: "
                              "the latent was too large for the trained model (lower the temperature)")
-        p, log_det = sigmoid_transform(y.to(torch.float64))
-        v = (p - 0.5 * self.alpha) / (1 - self.alpha)
+        r, log_det = sigmoid_transform(y.to(torch.float64))
+        w = (r - 0.5 * self.alpha) / (1 - self.alpha)
         num_dims = y[0].numel()
         log_det = log_det + num_dims * (math.log(self.quants) - math.log(1 - self.alpha))
-        x = torch.floor(v * self.quants).clamp(0, self.quants - 1).to(torch.int32)
+        x = torch.floor(w * self.quants).clamp(0, self.quants - 1).to(torch.int32)
         return x, ldj + log_det.to(ldj.dtype)
 
 
@@ -113,10 +113,10 @@ class VariationalDequantization(Dequantization):
     the image, rescaled to [-1, 1]) and back to (0, 1) by a sigmoid:
         u0 ~ U[0, 1)  --logit_transform-->  e  --var_flows(orig_img=x)-->  e'  --sigmoid-->  u
     Then as in `Dequantization`. On top of its terms, ldj [B] gains the log-determinant of u0 -> u:
-        D log(1 - alpha) - sum(log p0 + log(1 - p0))   (logit of the uniform noise)
+        D log(1 - alpha) - sum(log r0 + log(1 - r0))   (logit of the uniform noise, r0 = (1 - alpha) u0 + alpha / 2)
       + the var_flows' log-determinants
       - sum(softplus(e') + softplus(-e'))             (sigmoid)
-    so that ldj - log q(u | x) is what the bound needs: log q(u | x) = -(log-det of u0 -> u).
+    that is, ldj gains -log q(u | x), the term the bound needs: log q(u | x) = -(log-det of u0 -> u).
     With `noise` given, u0 = noise, which makes the layer a deterministic function of the noise.
     """
 

@@ -1,0 +1,44 @@
+"""flowbook.pretrained: the training history and the results JSON of a shipped checkpoint, as the chapters print them."""
+import json
+import shutil
+
+import pytest
+
+from flowbook import config
+from flowbook.pretrained import shipped_results, training_history
+
+SHIPPED = sorted(p.stem for p in config.checkpoint_path().glob("*.pt"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_training_history_matches_the_results_json(name):
+    rows = training_history(name)
+    results = json.loads((config.checkpoint_path() / f"{name}.json").read_text())
+    assert len(rows) == results["stages"], "one row per training stage"
+    assert [r["stage"] for r in rows] == list(range(1, len(rows) + 1))
+    assert rows[0]["start"] == "random initialisation"
+    assert all(r["start"] == f"stage {r['stage'] - 1}'s weights" for r in rows[1:])
+    assert sum(r["epochs"] for r in rows) == results["epochs"], "the stages' epochs must add up to the total"
+    assert sum(r["images_seen"] for r in rows) == results["images_seen"]
+    assert all(r["batch_size"] > 0 and r["peak_lr"] > 0 and r["schedule"] for r in rows)
+
+
+def test_training_history_without_a_shipped_checkpoint_is_empty(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH_CHECKPOINT", str(tmp_path))
+    assert training_history("multiscale") == []
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_results_are_the_json_of_the_shipped_weights(name):
+    results = shipped_results(name)
+    assert results is not None and results["arch"] == name
+    assert results["eval_images"]["test"] == 10_000, "the shipped results are on the full test set"
+
+
+def test_shipped_results_refuses_a_json_of_other_weights(tmp_path, monkeypatch):
+    name = SHIPPED[0]
+    shutil.copy(config.checkpoint_path() / f"{name}.pt", tmp_path / f"{name}.pt")
+    results = json.loads((config.checkpoint_path() / f"{name}.json").read_text())
+    (tmp_path / f"{name}.json").write_text(json.dumps({**results, "checkpoint_sha256": "0" * 64}))
+    monkeypatch.setenv("PATH_CHECKPOINT", str(tmp_path))
+    assert shipped_results(name) is None
