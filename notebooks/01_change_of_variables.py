@@ -282,6 +282,8 @@ Markdown(f"Trained flows on MNIST need about one bit per pixel: the reference tu
 # | $b$ | the binary mask of a coupling layer: 1 where the input is kept (RealNVP's notation); with a channel index, $b_c$ is ActNorm's shift (chapter 6, Glow's notation) | ch. 3 |
 # | $z_k$, $z_s$ | the half of the channels a split layer keeps, and the half it scores under the prior | ch. 4 |
 # | $T$ | the sampling temperature: latents are drawn from $\mathcal N(0, T^2 I)$ | ch. 4 |
+# | $t$; $v(x, t)$, $u_t$ | in chapter 7, time along an ODE ($t = 1$ data, $t = 0$ latent); the learned velocity field and a probability path's velocity (chapter 7 uses neither the coupling's shift $t$ nor the dequantized image $v$) | ch. 7 |
+# | $a$, $\epsilon$ | in chapter 7, the accumulated divergence $a(t)$ ($a(0) = \log\lvert\det J_f\rvert$) and a probe of Hutchinson's estimator | ch. 7 |
 #
 # Two formulas are written differently in papers. flowbook's affine coupling shifts first and then scales,
 # $z_2' = (z_2 + t) \odot e^{s}$, where RealNVP (Dinh et al., 2017) writes $x_2 \odot e^{s} + t$; flowbook's

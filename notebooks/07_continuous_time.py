@@ -20,9 +20,11 @@
 #
 # **Convention.** As in every chapter, $f$ maps data to latent. Here the data sit at time $t = 1$ and the
 # latent at $t = 0$: $f$ solves the ODE backwards, from $t = 1$ to $t = 0$, and sampling solves it forwards.
+# In this chapter $t$ is time (not a coupling layer's shift) and $v(x, t)$ is the learned velocity field
+# (not chapter 2's dequantized image); chapter 1's table of symbols lists both.
 #
 # **You will learn**
-# - how a residual step $z + h\,g(z)$ turns into an ODE, and its log-determinant into $\int \operatorname{tr}
+# - how a residual step $z + h\,v(z)$ turns into an ODE, and its log-determinant into $\int \operatorname{tr}
 #   (\partial v / \partial x)\, dt$, derived and checked numerically;
 # - a continuous flow trained by maximum likelihood, and what the ODE solver costs as it trains;
 # - Hutchinson's trace estimator: unbiased, one vector-Jacobian product, and its variance;
@@ -62,14 +64,14 @@ print(f"mode: {settings.mode}")
 # %% [markdown]
 # ## 1. From steps to an ODE
 #
-# Take a residual layer, $z_{k+1} = z_k + h\, g(z_k)$, with a small step $h$. Its Jacobian is $I + h J$ with
-# $J = \partial g / \partial z$. With the eigenvalues $\lambda_i$ of $J$,
+# Take a residual layer, $z_{k+1} = z_k + h\, v(z_k)$, with a small step $h$ and any smooth network $v$. Its
+# Jacobian is $I + h J$ with $J = \partial v / \partial z$. With the eigenvalues $\lambda_i$ of $J$,
 #
 # $$\log\left|\det(I + hJ)\right| = \sum_i \log|1 + h\lambda_i| = h \sum_i \lambda_i + O(h^2)
 #   = h \operatorname{tr} J + O(h^2).$$
 #
-# Stack $N = 1/h$ such layers, the $k$-th at time $t_k = k h$ with its own $g(\cdot, t_k) = v(\cdot, t_k)$.
-# The chain rule of chapter 1 adds their log-determinants:
+# Stack $N = 1/h$ such layers, the $k$-th at time $t_k = k h$ with its own network $v(\cdot, t_k)$. The chain
+# rule of chapter 1 adds their log-determinants:
 #
 # $$\sum_{k=0}^{N-1} \log\left|\det\left(I + h\, \frac{\partial v}{\partial z}(z_k, t_k)\right)\right|
 #   = \sum_k h \operatorname{tr} \frac{\partial v}{\partial z}(z_k, t_k) + N \cdot O(h^2)
@@ -296,8 +298,9 @@ Markdown(f"A flow-matching step costs **{ml_ms / fm_ms:.0f} times** less than a 
 #   \;\xrightarrow{\text{ODE from } t=1 \text{ to } t=0}\; z,$$
 #
 # and `encode` adds to `ldj`, per image with $D = 784$ pixels:
-# - chapter 2's dequantization terms: $D\log(1 - 2m) - D \log 256 + D\log(1-\alpha) - \sum_i \log p_i(1-p_i)$
-#   (the margin $m$, the $\log 256$ of the discrete pixels, and the logit);
+# - chapter 2's dequantization terms: $D\log(1 - 2m) - D \log 256 + D\log(1-\alpha) - \sum_i \log r_i(1-r_i)$
+#   (the noise margin $m$, the $\log 256$ of the discrete pixels, the logit margin $\alpha$ and the logit of
+#   each squeezed pixel $r_i$);
 # - $-D \log 4$ for the fixed scaling (dividing by 4 brings the logits, which span about $\pm 12$, to the
 #   scale of the noise);
 # - $a(0) = -\int_0^1 \operatorname{div} v(x(t), t)\, dt$ from the ODE, with Hutchinson's estimate.
