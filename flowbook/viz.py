@@ -97,16 +97,22 @@ def plot_scaling_factors(factors=(0.5, 1.0, 2.0)):
     return fig
 
 
-def plot_histogram(values: dict, bins: int = 128, xlabel: str = "", title: str = ""):
-    """Overlaid density histograms of {label: 1-D array} (seaborn's histplot, one colour per label)."""
+def plot_histogram(values: dict, bins: int = 128, xlabel: str = "", title: str = "", ymax: float | None = None,
+                   vline: float | None = None):
+    """Overlaid density histograms of {label: 1-D array} (seaborn's histplot, one colour per label).
+    ymax: cut the density axis there, so that one narrow peak does not flatten the others; vline: an x to mark."""
     import seaborn as sns
 
     fig, ax = plt.subplots(figsize=(8, 3))
     for label, v in values.items():
         v = np.asarray(torch.as_tensor(v).detach().cpu().flatten(), dtype=float)
         sns.histplot(v, bins=bins, stat="density", alpha=0.45, element="step", label=label, ax=ax)
+    if ymax is not None:
+        ax.set_ylim(0, ymax)
+    if vline is not None:
+        ax.axvline(vline, color="black", linestyle="--", linewidth=1)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
+    ax.set_ylabel("density" + (f" (cut at {ymax:g})" if ymax is not None else ""))
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
