@@ -64,20 +64,22 @@ for name in ("multiscale", "glow"):
 # In training, though, each example is normalised with the statistics of its batch, and their noise grows as
 # the batch on each device shrinks; Glow, whose large images left room for small batches per device only,
 # replaced it (Kingma and Dhariwal, 2018, section 3.1) with **activation normalisation**, a per-channel affine
-# map with learned parameters $\beta_c$ and $\log s_c$ that does not look at the batch after its first one:
+# map with learned parameters $\beta_i$ and $\log s_i$ that does not look at the batch after its first one:
 #
-# $$z'_{c,h,w} = (z_{c,h,w} + \beta_c)\, e^{\log s_c}.$$
+# $$z'_{i,j,k} = (z_{i,j,k} + \beta_i)\, e^{\log s_i}$$
 #
-# Its Jacobian is diagonal; the entry for channel $c$ is $e^{\log s_c}$ and appears once for each of the
+# for channel $i$ at row $j$ and column $k$.
+#
+# Its Jacobian is diagonal; the entry for channel $i$ is $e^{\log s_i}$ and appears once for each of the
 # $H \cdot W$ pixels, so
 #
-# $$\log|\det J| = H \cdot W \sum_c \log s_c,$$
+# $$\log|\det J| = H \cdot W \sum_i \log s_i,$$
 #
-# the one term ActNorm adds to `ldj` (and subtracts in reverse, $z = z' e^{-\log s} - b$). What makes it a
-# normalisation is the **data-dependent initialisation**: on the first training batch, $\beta_c$ is set to minus
-# the channel's mean and $\log s_c$ to minus the log of its standard deviation (both over batch, height and
-# width), so that the first batch leaves the layer with zero mean and unit variance per channel. After that
-# they are trained like any other weight.
+# the one term ActNorm adds to `ldj` (and subtracts in reverse, $z_{i,j,k} = z'_{i,j,k}\, e^{-\log s_i} -
+# \beta_i$). What makes it a normalisation is the **data-dependent initialisation**: on the first training
+# batch, $\beta_i$ is set to minus the channel's mean and $\log s_i$ to minus the log of its standard deviation
+# (both over batch, height and width), so that the first batch leaves the layer with zero mean and unit variance
+# per channel. After that they are trained like any other weight.
 
 # %%
 torch.manual_seed(0)
@@ -254,7 +256,8 @@ def verdict(curves, results):
     ahead = all(glow[i] < ms[i] for i in both)
     final = max(glow)
     caught_up = min((i for i in ms if ms[i] <= glow[final]), default=None)
-    return ((f"At equal training images the Glow-style flow's validation bpd was {'lower' if ahead else 'not always lower'}"
+    return ((f"At equal training images the Glow-style flow's validation bpd was "
+             f"{'lower' if ahead else 'not always lower'}"
              f" at every point both runs have ({at}). ")
             + (f"The multi-scale flow first reached the Glow-style flow's final {glow[final]:.3f} after "
                f"{caught_up:,} images, {caught_up / final:.1f} times as many. " if caught_up else "")
@@ -380,7 +383,8 @@ Markdown(f"Knowing only the frequencies of the grey levels already charges {hist
          "for the grey image, the neighbours make each pixel less predictable, not more. In MNIST a mid-grey pixel "
          "is the edge of a stroke, between black and white; a mid-grey pixel among four mid-grey neighbours is a "
          f"context the training images {'never' if n_mid_neighbours == 0 else 'almost never'} show "
-         f"({n_mid_neighbours:,} of {n_mid:,} mid-grey pixels in 10,000 of them). The inverted digits have the digits' shapes but the wrong grey levels in most "
+         f"({n_mid_neighbours:,} of {n_mid:,} mid-grey pixels in 10,000 of them). The inverted digits have the "
+         "digits' shapes but the wrong grey levels in most "
          f"pixels: {bpd['inverted'].median():.2f} bpd. Smoothness is not what this flow rewards; the grey levels "
          "and the neighbourhoods of its training images are.")
 
@@ -459,8 +463,8 @@ lit = [(r.float() > 64).float().mean().item() for r in rows]
 digits_lit = (test_set.images[:1000].float() > 64).float().mean().item()
 Markdown(f"At $T = 0$ all eight samples are one image, the decoding of the mode $z = 0$: "
          + ("a blank or nearly blank image" if lit[0] < 0.02 else "a digit-like image, not a blank one")
-         + f", with {lit[0]:.1%} of its pixels above 64 (test digits: {digits_lit:.1%}). Its bpd is {mode_bpd:.2f}; the "
-         f"all-black image's is {black_bpd:.2f}. "
+         + f", with {lit[0]:.1%} of its pixels above 64 (test digits: {digits_lit:.1%}). Its bpd is {mode_bpd:.2f}; "
+         f"the all-black image's is {black_bpd:.2f}. "
          + ("So the most likely latent does not decode to the most likely image: the all-black image, at least, is "
             "more likely (which image is the most likely, this chapter does not find). " if mode_bpd > black_bpd
             else "")
@@ -524,7 +528,7 @@ Markdown(
 # %% [markdown]
 # ## Summary
 #
-# - ActNorm is a per-channel affine flow layer, $\log|\det J| = H W \sum_c \log s_c$, initialised from the
+# - ActNorm is a per-channel affine flow layer, $\log|\det J| = H W \sum_i \log s_i$, initialised from the
 #   first batch to zero mean and unit variance; the initialisation is part of the saved state, so it happens
 #   once.
 # - The invertible 1x1 convolution learns how to mix channels before each coupling; its log-determinant is
