@@ -46,18 +46,24 @@ class ImageFlow(nn.Module):
                              "weights in float32 (model.float()) and use autocast for speed (training: "
                              "--precision bf16-mixed)")
 
-    def encode(self, imgs):
+    def encode(self, imgs, return_splits: bool = False):
         """imgs: int [B, C, H, W] in 0..255 -> (z, ldj): latent [B, C', H', W'] and ldj [B] in nats.
 
         ldj is the sum of every layer's log|det J|, with the split layers' log N(z_split) folded in.
+        With `return_splits=True`, returns (z, ldj, splits): `splits` lists the halves that the split layers
+        factored out, in the order of the layers (empty for a single-scale flow). Together with z they are the
+        whole latent: `sample(z.shape, z_init=z, z_splits=splits)` gives back `imgs` exactly.
         """
         self._check_precision()
         check_images(imgs, img_shape=self.img_shape)
         z = imgs
         ldj = torch.zeros(imgs.shape[0], device=imgs.device, dtype=self._param.dtype)
+        splits = []
         for flow in self.flows:
+            if return_splits and isinstance(flow, SplitFlow):
+                splits.append(z.chunk(2, dim=1)[1])  # the half SplitFlow scores and drops
             z, ldj = flow(z, ldj, reverse=False)
-        return z, ldj
+        return (z, ldj, splits) if return_splits else (z, ldj)
 
     def log_likelihood(self, imgs):
         """[B]: log p(x + u) + (bound terms) for one dequantization sample u, in nats."""
@@ -84,10 +90,11 @@ class ImageFlow(nn.Module):
         return self.bits_per_dim(imgs).mean()
 
     @torch.no_grad()
-    def sample(self, img_shape, z_init=None, temperature: float = 1.0):
+    def sample(self, img_shape, z_init=None, temperature: float = 1.0, z_splits=None):
         """Draw images: z ~ N(0, temperature^2 I) of shape `img_shape` (the latent's [B, C', H', W']),
         or z = z_init, then every layer in reverse. Returns int32 images [B, C, H, W] in 0..255.
-        Split layers draw their factored-out half at the same temperature.
+        Split layers draw their factored-out half at the same temperature, or take it from `z_splits`: a
+        list with one tensor per split layer, in the order `encode(..., return_splits=True)` returns them.
         """
         param = self._param
         self._check_precision()
@@ -106,13 +113,31 @@ class ImageFlow(nn.Module):
             if not torch.isfinite(z_init).all():
                 raise ValueError("z_init holds NaN or infinite values: a latent must be finite")
             z = z_init.to(device=param.device, dtype=param.dtype)
+        splits = self._check_splits(z_splits, z.shape[0])
         ldj = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
         for flow in reversed(self.flows):
             if isinstance(flow, SplitFlow):
-                z, ldj = flow(z, ldj, reverse=True, temperature=temperature)
+                z_split = splits.pop().to(device=z.device, dtype=z.dtype) if splits is not None else None
+                z, ldj = flow(z, ldj, reverse=True, temperature=temperature, z_split=z_split)
             else:
                 z, ldj = flow(z, ldj, reverse=True)
         return z
+
+    def _check_splits(self, z_splits, batch_size: int):
+        """A copy of `z_splits` as a list (None stays None), checked against this model's split layers."""
+        if z_splits is None:
+            return None
+        n_splits = sum(isinstance(flow, SplitFlow) for flow in self.flows)
+        if not isinstance(z_splits, (list, tuple)) or len(z_splits) != n_splits:
+            got = f"{len(z_splits)} tensors" if isinstance(z_splits, (list, tuple)) else type(z_splits).__name__
+            raise ValueError(f"z_splits must be a list of {n_splits} tensor(s), one per split layer of this model, "
+                             f"got {got}; pass the splits returned by encode(imgs, return_splits=True)")
+        for i, z_split in enumerate(z_splits):
+            check_latent(z_split, f"z_splits[{i}]")
+            if z_split.shape[0] != batch_size or not torch.isfinite(z_split).all():
+                raise ValueError(f"z_splits[{i}] must hold {batch_size} finite latents (one per image of z_init), "
+                                 f"got shape {list(z_split.shape)}")
+        return list(z_splits)
 
     def latent_shape(self, batch_size: int = 1):
         """The shape of z for `batch_size` images of `img_shape` (runs one zero image through the flow)."""

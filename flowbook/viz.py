@@ -16,6 +16,9 @@ from flowbook.layers import Dequantization
 from flowbook.models import num_parameters
 
 
+_FRAME_RGB = [0.35, 0.55, 0.85]  # the frame between images in `show_imgs`: a blue that no grey image has
+
+
 def _to_display(imgs) -> torch.Tensor:
     imgs = torch.stack(list(imgs)) if not isinstance(imgs, torch.Tensor) else imgs
     imgs = imgs.detach().cpu()
@@ -29,7 +32,10 @@ def show_imgs(imgs, title: str | None = None, row_size: int = 8, scale: float = 
     imgs = _to_display(imgs)
     nrow = min(len(imgs), row_size)
     ncol = math.ceil(len(imgs) / nrow)
-    grid = torchvision.utils.make_grid(imgs, nrow=nrow, pad_value=0.5, padding=2)
+    # The frame between images is coloured (no grey level), so that a constant grey image stays visible.
+    grid = torchvision.utils.make_grid(imgs, nrow=nrow, pad_value=-1.0, padding=2)
+    frame = (grid == -1.0).all(dim=0)
+    grid[:, frame] = torch.tensor(_FRAME_RGB[:grid.shape[0]] if grid.shape[0] == 3 else [0.5]).view(-1, 1)
     fig, ax = plt.subplots(figsize=(scale * nrow, scale * ncol + (0.4 if title else 0)))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest", vmin=0, vmax=1)
     ax.axis("off")
@@ -91,16 +97,22 @@ def plot_scaling_factors(factors=(0.5, 1.0, 2.0)):
     return fig
 
 
-def plot_histogram(values: dict, bins: int = 128, xlabel: str = "", title: str = ""):
-    """Overlaid density histograms of {label: 1-D array} (seaborn's histplot, one colour per label)."""
+def plot_histogram(values: dict, bins: int = 128, xlabel: str = "", title: str = "", ymax: float | None = None,
+                   vline: float | None = None):
+    """Overlaid density histograms of {label: 1-D array} (seaborn's histplot, one colour per label).
+    ymax: cut the density axis there, so that one narrow peak does not flatten the others; vline: an x to mark."""
     import seaborn as sns
 
     fig, ax = plt.subplots(figsize=(8, 3))
     for label, v in values.items():
         v = np.asarray(torch.as_tensor(v).detach().cpu().flatten(), dtype=float)
         sns.histplot(v, bins=bins, stat="density", alpha=0.45, element="step", label=label, ax=ax)
+    if ymax is not None:
+        ax.set_ylim(0, ymax)
+    if vline is not None:
+        ax.axvline(vline, color="black", linestyle="--", linewidth=1)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
+    ax.set_ylabel("density" + (f" (cut at {ymax:g})" if ymax is not None else ""))
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()

@@ -10,20 +10,23 @@
 # # Chapter 6: Beyond RealNVP: Glow's layers, and what a likelihood does not tell you
 #
 # The reference tutorial stops at RealNVP. This chapter goes two steps further. First, Glow (Kingma and
-# Dhariwal, 2018) replaced RealNVP's fixed alternation of masks with two learned layers, activation
-# normalisation and an invertible 1x1 convolution; we build them, check them like every other layer, and
-# compare a Glow-style flow, trained with the same recipe, with the multi-scale flow. Second, a flow gives exact
-# likelihoods, and it is tempting to use them to tell digits from anything else. We test that on inputs made
-# from MNIST itself and find where it fails, and why a test for *typical* likelihoods works better.
+# Dhariwal, 2018) replaced two of RealNVP's layers: batch normalisation by activation normalisation (ActNorm),
+# and the fixed permutation of the channels between couplings by a learned, invertible 1x1 convolution. We
+# build both, check them like every other layer, and compare a Glow-style flow with the multi-scale flow, each
+# trained with the recipe and budget its checkpoint records, and after the same number of training images.
+# Second, a flow gives exact likelihoods, and it is tempting to use them to tell digits from anything else. We
+# test that on inputs made from MNIST itself, find where it fails and why, and try a test for *typical*
+# likelihoods instead.
 #
 # **You will learn**
 # - ActNorm: a per-channel affine layer with a data-dependent initialisation, and its log-determinant;
 # - the invertible 1x1 convolution, its log-determinant $H W \log|\det W|$, and the LU trick that makes it
 #   cheap;
-# - how a Glow-style flow compares with the multi-scale RealNVP flow at the same size;
+# - how a Glow-style flow compares with the multi-scale RealNVP flow at the same size and the same number of
+#   training images;
 # - which out-of-distribution inputs a flow trained on MNIST finds *more* likely than digits, and why;
-# - typicality: where real digits' latents lie, what the most likely latent decodes to, and a test that
-#   separates better.
+# - typicality: where the latents of digits and of the other inputs lie, how the prior term and the volume
+#   term make up a bpd, what the most likely latent decodes to, and a test for typical likelihoods.
 #
 # Every number and picture below is computed by the cells of this notebook, from the trained checkpoints in
 # `checkpoints/` where they exist, else from quick-mode models (the first cell says which).
@@ -39,7 +42,7 @@ from torch.autograd.functional import jacobian
 
 from flowbook import config, exercises, ood, viz
 from flowbook.data import load_mnist
-from flowbook.evaluate import bpd_per_image, inference_time
+from flowbook.evaluate import bpd_per_image
 from flowbook.layers import ActNorm, GlowStep, InvConv1x1
 from flowbook.models import ALL_MODELS, create_flow, num_parameters
 from flowbook.pretrained import checkpoint_file, load_trained
@@ -55,22 +58,28 @@ for name in ("multiscale", "glow"):
 # %% [markdown]
 # ## ActNorm: a normalisation that is a flow layer
 #
-# Batch normalisation is not a fixed function of one input: its output depends on the rest of the batch, so
-# it has no per-example inverse and log-determinant. Glow's **activation normalisation** is a plain
-# per-channel affine map with learned parameters $b_c$ and $\log s_c$:
+# RealNVP already had a normalisation layer: batch normalisation, used as a flow layer with its Jacobian
+# (Dinh et al., 2017, section 3.7). With its statistics held fixed (the batch's in training, running averages
+# at test time) it is an affine map of each dimension, and its log-determinant is the sum of the log scales.
+# In training, though, each example is normalised with the statistics of its batch, and their noise grows as
+# the batch on each device shrinks; Glow, whose large images left room for small batches per device only,
+# replaced it (Kingma and Dhariwal, 2018, section 3.1) with **activation normalisation**, a per-channel affine
+# map with learned parameters $\beta_i$ and $\log s_i$ that does not look at the batch after its first one:
 #
-# $$z'_{c,h,w} = (z_{c,h,w} + b_c)\, e^{\log s_c}.$$
+# $$z'_{i,j,k} = (z_{i,j,k} + \beta_i)\, e^{\log s_i}$$
 #
-# Its Jacobian is diagonal; the entry for channel $c$ is $e^{\log s_c}$ and appears once for each of the
+# for channel $i$ at row $j$ and column $k$.
+#
+# Its Jacobian is diagonal; the entry for channel $i$ is $e^{\log s_i}$ and appears once for each of the
 # $H \cdot W$ pixels, so
 #
-# $$\log|\det J| = H \cdot W \sum_c \log s_c,$$
+# $$\log|\det J| = H \cdot W \sum_i \log s_i,$$
 #
-# the one term ActNorm adds to `ldj` (and subtracts in reverse, $z = z' e^{-\log s} - b$). What makes it a
-# normalisation is the **data-dependent initialisation**: on the first training batch, $b_c$ is set to minus
-# the channel's mean and $\log s_c$ to minus the log of its standard deviation (both over batch, height and
-# width), so that the first batch leaves the layer with zero mean and unit variance per channel. After that
-# they are trained like any other weight.
+# the one term ActNorm adds to `ldj` (and subtracts in reverse, $z_{i,j,k} = z'_{i,j,k}\, e^{-\log s_i} -
+# \beta_i$). What makes it a normalisation is the **data-dependent initialisation**: on the first training
+# batch, $\beta_i$ is set to minus the channel's mean and $\log s_i$ to minus the log of its standard deviation
+# (both over batch, height and width), so that the first batch leaves the layer with zero mean and unit variance
+# per channel. After that they are trained like any other weight.
 
 # %%
 torch.manual_seed(0)
@@ -86,9 +95,10 @@ assert torch.allclose(ldj, torch.full((32,), 7 * 7 * actnorm.log_scale.sum().ite
 
 # %% [markdown]
 # The initialisation must happen exactly once. flowbook keeps a buffer `initialized` in the layer's state,
-# so a model saved after training and loaded again is not re-initialised by the next batch it sees (a bug
-# that other libraries have had: a reloaded model that silently forgets its trained ActNorm parameters). A
-# second, very different batch leaves the parameters alone, and so does a reloaded copy:
+# so a model saved after training and loaded again is not re-initialised by the next batch it sees (an
+# implementation that keeps this flag outside the saved state would overwrite the trained ActNorm parameters
+# of a reloaded model with the statistics of the first batch it is shown). A second, very different batch
+# leaves the parameters alone, and so does a reloaded copy:
 
 # %%
 loc_before = actnorm.loc.detach().clone()
@@ -172,17 +182,27 @@ viz.draw_architectures(fresh);
 
 # %%
 extra = num_parameters(fresh["glow"]) - num_parameters(fresh["multiscale"])
+glow_layers = [m for m in fresh["glow"].modules() if isinstance(m, (ActNorm, InvConv1x1))]
+n_actnorm = sum(num_parameters(m) for m in glow_layers if isinstance(m, ActNorm))
+n_conv = sum(num_parameters(m) for m in glow_layers if isinstance(m, InvConv1x1))
+n_conv_free = sum(m.log_s.numel() ** 2 for m in glow_layers if isinstance(m, InvConv1x1))  # C^2 per convolution
+assert extra == n_actnorm + n_conv, "the Glow steps' couplings must have as many parameters as the channel couplings"
 Markdown(f"The Glow-style flow has {num_parameters(fresh['glow']):,} parameters, {extra:,} more than the multi-scale "
-         f"flow's {num_parameters(fresh['multiscale']):,}: the ActNorm parameters and the 1x1 convolutions' "
-         "matrices. Both have the latent shape printed above each graph.")
+         f"flow's {num_parameters(fresh['multiscale']):,}; its couplings have as many as the multi-scale flow's. "
+         f"The extra ones are {n_actnorm:,} ActNorm parameters ($2C$ per step) and {n_conv:,} in the LU 1x1 "
+         f"convolutions: each stores `lower` and `upper` as full $C \\times C$ matrices and `log_s` ($2C^2 + C$), "
+         f"but uses only their strict triangles and the diagonal, $C^2$ numbers per convolution ({n_conv_free:,} in "
+         f"all, as many as the plain $W$); the other {n_conv - n_conv_free:,} are masked out and get no gradient. Both "
+         "flows have the latent shape printed above each graph.")
 
 # %% [markdown]
 # ## Did the Glow layers help?
 #
-# All four models were trained by `python -m flowbook.train` with the same recipe (the commands and budgets
-# are in `docs/training.md`). The table reads each shipped model's results JSON, written by
-# `python -m flowbook.evaluate`: test bpd with importance sampling on the test images it lists, the epochs
-# and images the model was trained on, and the time for the likelihood of 64 images measured here.
+# All four models were trained by `python -m flowbook.train` (Adam, a linear warm-up, then half a cosine down to
+# zero at the end of each stage), but each with its own stages, peak learning rates, budgets and numbers of
+# training images (`docs/training.md` has the commands). Each shipped checkpoint's results JSON, written by
+# `python -m flowbook.evaluate`, records its test bpd (importance sampling on the test images it lists) and its
+# history, one row per training stage:
 
 # %%
 def shipped_results(name):
@@ -191,47 +211,74 @@ def shipped_results(name):
     return json.loads(path.with_suffix(".json").read_text()) if path and path.with_suffix(".json").exists() else None
 
 
-table, results = [], {}
-probe = test_set.images[:64]
-for name in ALL_MODELS:
-    model, source, _ = (models[name], sources[name], None) if name in models else load_trained(name, device=device)
-    res = results[name] = shipped_results(name)
-    ms = 1000 * inference_time(model, probe.to(device), repeats=3)
+results = {name: shipped_results(name) for name in ALL_MODELS}
+table, history = [], []
+for name, res in results.items():
     if res is None:
-        table.append([name, "no results JSON", "", "", "", f"{num_parameters(model):,}", f"{ms:.0f}"])
+        table.append([name, "no results JSON", "", "", "", ""])
         continue
-    test_images = (res.get("eval_images") or {}).get("test", len(test_set))
-    table.append([name, f"{res['test_bpd']:.3f}", f"{test_images:,}", res["importance_samples"],
-                  f"{res['epochs']} / {res['images_seen']:,}", f"{num_parameters(model):,}", f"{ms:.0f}"])
-print(tabulate(table, headers=["model", "test bpd", "test images", "K", "epochs / images seen", "parameters",
-                               "likelihood of 64 (ms)"]))
+    table.append([name, f"{res['test_bpd']:.3f}", f"{res['eval_images']['test']:,}", res["importance_samples"],
+                  f"{res['epochs']} / {res['images_seen']:,}", f"{res['parameters']:,}"])
+    for i, stage in enumerate(res["training"]["history"], 1):
+        st = stage["settings"]
+        history.append([name, i, "from the previous stage" if stage["init"] else "from scratch", st["batch_size"],
+                        f"{st['lr']:g}", st["warmup_steps"], f"{st['max_minutes']:g}", stage["epochs"],
+                        f"{stage['images_seen']:,}", f"{stage['wall_s'] / 60:.0f}", stage["hardware"]])
+print(tabulate(table, headers=["model", "test bpd", "test images", "K", "epochs / images seen", "parameters"],
+               disable_numparse=True))
+print("\nTraining history of each shipped checkpoint (from its results JSON):")
+print(tabulate(history, headers=["model", "stage", "start", "batch", "peak lr", "warm-up steps", "budget (min)",
+                                 "epochs", "images", "wall (min)", "hardware"], disable_numparse=True))
+print("\nThe reference tutorial's recipe (not used for these checkpoints): 200 epochs, batch 128, Adam at 1e-3 "
+      "decayed by 0.99 per epoch, on a GPU.")
+
+# %% [markdown]
+# The test bpd above mixes the architecture with the training budget. The fair question is which flow is
+# better after the *same* number of training images. The runs' logs hold the one-sample validation bpd on the
+# 10,000 validation images after every epoch (copied into `docs/validation_curves.csv`; the multi-scale flow's
+# first epoch was not recorded):
 
 # %%
-def verdict(results):
-    glow, ms = results.get("glow"), results.get("multiscale")
-    if glow is None or ms is None:
-        return ("Without results for both the Glow-style and the multi-scale flow, this notebook cannot compare them: "
-                "train and evaluate both (`docs/training.md`).")
-    diff = ms["test_bpd"] - glow["test_bpd"]
-    better = "lower (better)" if diff > 0 else "higher (worse)"
-    same_budget = glow["images_seen"] == ms["images_seen"]
-    budget = ("the same number of training images" if same_budget else
-              f"{glow['images_seen']:,} training images against the multi-scale flow's {ms['images_seen']:,}")
-    if not same_budget:
-        judged = (("The two are about level. " if abs(diff) <= 0.005 else "")
-                  + "The budgets differ, so this comparison mixes the layers with the training time; "
-                  "`docs/training.md` compares the two runs after the same number of images. ")
-    else:
-        judged = ("At this budget the Glow layers helped. " if diff > 0.005 else
-                  "At this budget the Glow layers made no clear difference. " if abs(diff) <= 0.005 else
-                  "At this budget the Glow layers did not help. ")
-    return (f"The Glow-style flow's test bpd, {glow['test_bpd']:.3f}, is {abs(diff):.3f} {better} than the multi-scale "
-            f"flow's {ms['test_bpd']:.3f}, after {budget}. " + judged
-            + "Budgets this short say little about the architectures at convergence: Glow's advantage in the paper "
-            "came from much deeper flows (32 steps per scale) trained far longer.")
+curves = {}
+for line in (config.PROJECT_ROOT / "docs" / "validation_curves.csv").read_text().splitlines()[1:]:
+    model, run, stage, _, images, val = line.split(",")[:6]
+    curves.setdefault(model, []).append((int(images), float(val), int(stage)))
+fig = viz.plot_curves({f"{m} (stages: {max(c[2] for c in pts)})": ([c[0] for c in pts], [c[1] for c in pts])
+                       for m, pts in curves.items()},
+                      "training images seen", "validation bpd (1 sample)",
+                      "Validation bpd against training images (each stage restarts its schedule)")
+
+# %%
+def verdict(curves, results):
+    ms, glow = dict((i, v) for i, v, _ in curves["multiscale"]), dict((i, v) for i, v, _ in curves["glow"])
+    both = sorted(set(ms) & set(glow))
+    at = "; ".join(f"after {i:,} images, {glow[i]:.3f} against {ms[i]:.3f}" for i in both)
+    ahead = all(glow[i] < ms[i] for i in both)
+    final = max(glow)
+    caught_up = min((i for i in ms if ms[i] <= glow[final]), default=None)
+    return ((f"At equal training images the Glow-style flow's validation bpd was "
+             f"{'lower' if ahead else 'not always lower'}"
+             f" at every point both runs have ({at}). ")
+            + (f"The multi-scale flow first reached the Glow-style flow's final {glow[final]:.3f} after "
+               f"{caught_up:,} images, {caught_up / final:.1f} times as many. " if caught_up else "")
+            + "This is one run of each, with different schedules: the multi-scale flow's first stage ended its cosine "
+            f"at {results['multiscale']['training']['history'][0]['images_seen']:,} images, and each later stage "
+            "restarted from its peak learning rate (the bumps in its curve), while the Glow run's single cosine "
+            f"ended at {results['glow']['images_seen']:,}. "
+            + ("So, at equal budgets in these runs, the Glow layers helped. " if ahead else "So these runs do not "
+               "show the Glow layers helping at equal budgets. ")
+            + (f"With {results['multiscale']['images_seen'] / results['glow']['images_seen']:.1f} times as many "
+               f"images, the multi-scale flow's test bpd ({results['multiscale']['test_bpd']:.3f}) ended below the "
+               f"Glow run's ({results['glow']['test_bpd']:.3f}), which has had one stage only. "
+               if results['multiscale']['test_bpd'] < results['glow']['test_bpd'] else "")
+            + "In the Glow paper, the 1x1 convolution beat both a fixed reversal and a random permutation of the "
+            "channels at the same depth, with additive and with affine couplings (Kingma and Dhariwal, 2018, "
+            "figure 3, CIFAR-10); its full models were also far deeper (32 steps per scale) and trained far longer "
+            "than these.")
 
 
-Markdown(verdict(results))
+Markdown(verdict(curves, results) if results["glow"] and results["multiscale"] else
+         "Without results JSONs for both flows this notebook cannot compare them (`docs/training.md`).")
 
 # %% [markdown]
 # Samples of both at temperature 0.7, from the same seed:
@@ -246,7 +293,7 @@ for name in ("multiscale", "glow"):
 # ## What the likelihood does not tell you
 #
 # A flow gives every input an exact (bound on its) likelihood. So, one might hope, an input that looks nothing
-# like a digit gets a low likelihood, and we could flag it. Nalisnick et al. (2019) found the opposite for
+# like a digit gets a low likelihood, and we could flag it. Nalisnick et al. (2019a) found the opposite for
 # flows trained on natural images: a flow trained on CIFAR-10 gives the digits of SVHN a *higher* likelihood
 # than CIFAR's own test images. We can test the same on MNIST with inputs made from MNIST itself:
 
@@ -258,71 +305,140 @@ viz.show_imgs(torch.cat([v[:1] for v in variants.values()]),
 
 # %% [markdown]
 # We score each under the trained multi-scale flow (bpd with one dequantization sample; lower bpd means a
-# higher likelihood):
+# higher likelihood). `ood.bpd_terms` also splits each bpd into two terms and measures each input's latent,
+# which the typicality section below uses:
 
 # %%
 flow = models["multiscale"]
 torch.manual_seed(0)
-bpd = {name: bpd_per_image(flow, imgs, importance_samples=1, progress=settings.progress, desc=name)
-       for name, imgs in variants.items()}
+terms = {name: ood.bpd_terms(flow, imgs) for name, imgs in config.progress_bar(variants.items(), "scoring",
+                                                                                total=len(variants))}
+bpd = {name: t["bpd"] for name, t in terms.items()}
 digits_median = bpd["digits"].median().item()
 rows = [[name, f"{b.mean():.2f}", f"{b.median():.2f}", f"{(b < digits_median).float().mean():.0%}"]
         for name, b in bpd.items()]
-print(tabulate(rows, headers=["input", "mean bpd", "median bpd", "below the digits' median"]))
+print(tabulate(rows, headers=["input", "mean bpd", "median bpd", "below the digits' median"], disable_numparse=True))
 assert all(torch.isfinite(b).all() for b in bpd.values()), "no NaN is dropped: every input has a finite bpd"
 
 # %%
 likelier = [n for n, b in bpd.items() if n != "digits" and b.median() < digits_median]
-viz.plot_histogram({n: b.clamp(max=8) for n, b in bpd.items() if n in ("digits", *likelier, "inverted", "shifted")},
-                   bins=80, xlabel="bits per dimension (clipped at 8)",
-                   title="bpd under the multi-scale flow: real digits against inputs made from them");
+viz.plot_histogram({n: b.clamp(max=12) for n, b in bpd.items()
+                    if n in ("digits", *likelier, "inverted", "constant grey", "uniform noise")},
+                   bins=120, xlabel="bits per dimension (clipped at 12; dashed: 8, the uniform model of 8-bit pixels)",
+                   title="bpd under the multi-scale flow: real digits against inputs made from them", ymax=3, vline=8);
 
 # %%
-def ood_sentence(bpd, likelier):
+def ood_sentence(bpd):
     med = {n: b.median().item() for n, b in bpd.items()}
-    if not likelier:
-        return (f"Under this model no variant has a lower median bpd than the digits' {med['digits']:.2f}; the "
-                "model on screen is not the trained one, or it separates these inputs by likelihood alone.")
-    names = " and ".join(f"{n} ({med[n]:.2f})" for n in likelier)
-    return (f"Under the multi-scale flow on screen, the {names} inputs get a *lower* median bpd, i.e. a higher "
-            f"likelihood, than the real test digits ({med['digits']:.2f}), while noise ({med['uniform noise']:.2f}) "
-            f"and inverted digits ({med['inverted']:.2f}) are far less likely.")
+    ranking = " < ".join(f"{n} ({med[n]:.2f})" for n in sorted(med, key=med.get))
+    above_uniform = [n for n in med if med[n] > 8]
+    grey_vs_noise = (bpd["uniform noise"] < med["constant grey"]).float().mean().item()
+    return (f"Ranked by median bpd under the multi-scale flow on screen: {ranking}. "
+            + (f"Only {', '.join(likelier)} {'is' if len(likelier) == 1 else 'are'} *more* likely than the digits. "
+               if likelier else "No input is more likely than the digits. ")
+            + (f"The {' and '.join(above_uniform)} images cost more than 8 bpd, more than under a model that knows "
+               "nothing and gives every 8-bit image the same probability. " if above_uniform else "")
+            + f"{grey_vs_noise:.0%} of the uniform-noise images have a lower bpd than the constant grey image.")
 
 
-Markdown(ood_sentence(bpd, likelier))
+Markdown(ood_sentence(bpd))
 
 # %% [markdown]
-# **Why.** A coupling flow's likelihood is dominated by local pixel statistics, not by what the image shows
-# (Kirichenko et al., 2020, show that coupling layers learn to predict each pixel from its neighbours). On
-# MNIST, most of the 784 pixels of a digit are black background, and the flow has learned that a black pixel
-# next to black pixels is nearly certain: its dequantized value is squeezed into a tiny interval, which costs
-# almost nothing. An image that is *all* background is the extreme case: every pixel is cheap. A smooth or
-# constant image contains no strokes, the expensive part of a digit. So "high likelihood" means "locally
-# smooth like MNIST's background", not "a digit". Inverted digits fail the other way: a white background is
-# the costliest thing this model knows.
+# **Why.** Kirichenko et al. (2020) show that coupling layers learn to predict each pixel from its neighbours,
+# so that a coupling flow's likelihood is dominated by local pixel statistics, not by what the image shows. The
+# table says *which* statistics. The cheap input is not a smooth one: the constant grey image is as smooth as an
+# image can be, and it is among the most expensive. The cheap input is the *black* one, because black is what
+# most training pixels are. A black pixel among black neighbours costs about 0 bits: the model's conditional
+# for it puts almost all its mass inside that pixel's unit interval $[0, 1)$ of dequantized values. A flow is a
+# normalised density: the mass it puts on black backgrounds and strokes is missing elsewhere, and inputs made of
+# grey levels that MNIST rarely shows can cost more than the 8 bpd of the uniform model.
 #
+# Why does a constant grey image cost more than most noise images? Compare the flow with the simplest model of
+# local statistics, one that knows only how often each grey level occurs in the training images (every pixel
+# independent), and count how often a mid-grey training pixel has mid-grey neighbours:
+
+# %%
+pixels = train_set.images.flatten().long()
+freq = torch.bincount(pixels, minlength=256).double() / len(pixels)
+cost = -torch.log2(freq.clamp(min=1 / len(pixels)))  # bits per pixel of each grey level (never-seen levels: 1 count)
+hist_bpd = {n: cost[v.long()].flatten(1).mean(1) for n, v in variants.items()}
+print(tabulate([[n, f"{bpd[n].median():.2f}", f"{hist_bpd[n].median():.2f}"] for n in variants],
+               headers=["input", "flow: median bpd", "grey-level frequencies only: median bpd"],
+               disable_numparse=True))
+imgs = train_set.images[:10000, 0].long()
+mid = (imgs >= 100) & (imgs <= 155)  # mid grey, around the constant image's 128
+inner = mid[:, 1:-1, 1:-1]
+mid_neighbours = inner & mid[:, :-2, 1:-1] & mid[:, 2:, 1:-1] & mid[:, 1:-1, :-2] & mid[:, 1:-1, 2:]
+share = {"black (0)": freq[0].item(), "128": freq[128].item(), "mid grey (100..155)": freq[100:156].sum().item()}
+print("share of training pixels: " + ", ".join(f"{k} {v:.2%}" for k, v in share.items()))
+n_mid, n_mid_neighbours = int(inner.sum()), int(mid_neighbours.sum())
+print(f"mid-grey pixels (10,000 training images, borders left out): {n_mid:,}; with four mid-grey neighbours: "
+      f"{n_mid_neighbours:,}")
+
+# %%
+Markdown(f"Knowing only the frequencies of the grey levels already charges {hist_bpd['constant grey'].median():.2f} "
+         f"bpd for the constant grey image ({share['128']:.2%} of training pixels are 128) and "
+         f"{hist_bpd['uniform noise'].median():.2f} for uniform noise. The flow charges the grey image *more* than "
+         f"that ({bpd['constant grey'].median():.2f}), and the noise less ({bpd['uniform noise'].median():.2f}): "
+         "for the grey image, the neighbours make each pixel less predictable, not more. In MNIST a mid-grey pixel "
+         "is the edge of a stroke, between black and white; a mid-grey pixel among four mid-grey neighbours is a "
+         f"context the training images {'never' if n_mid_neighbours == 0 else 'almost never'} show "
+         f"({n_mid_neighbours:,} of {n_mid:,} mid-grey pixels in 10,000 of them). The inverted digits have the "
+         "digits' shapes but the wrong grey levels in most "
+         f"pixels: {bpd['inverted'].median():.2f} bpd. Smoothness is not what this flow rewards; the grey levels "
+         "and the neighbourhoods of its training images are.")
+
+# %% [markdown]
 # ## Typicality
 #
-# The same effect shows inside the model. In $D$ dimensions a standard normal sample has
-# $\|z\|^2 \sim \chi^2_D$, so $\|z\| \approx \sqrt{D}$ with a spread of about $1/\sqrt 2$: almost all the
-# mass lies in a thin shell, far from the mode $z = 0$, which has the highest density but is itself
-# *atypical*. Where do the latents of test digits lie?
+# The likelihood has two parts. With $z = f(x + u)$ the whole latent (for the multi-scale flow, the final
+# `[8, 7, 7]` latent and the `[2, 14, 14]` half that the split factored out: $D = 784$ numbers, as many as
+# pixels),
+#
+# $$\mathrm{bpd} = \underbrace{\frac{-\log \mathcal N(z)}{D \log 2}}_{\text{prior term}} +
+#   \underbrace{\frac{-\log|\det J_f(x + u)| + \log q(u \mid x)}{D \log 2}}_{\text{volume term}}.$$
+#
+# In $D$ dimensions a standard normal sample has $\|z\|^2 \sim \chi^2_D$, so $\|z\| \approx \sqrt{D}$ with a
+# spread of about $1/\sqrt 2$: almost all the mass lies in a thin shell, far from the mode $z = 0$, which has
+# the highest density but is itself *atypical*. On the shell, $-\log \mathcal N(z) = \frac D2 \log 2\pi +
+# \frac12\|z\|^2 \approx \frac D2 (\log 2\pi + 1)$, a prior term of $(\log 2\pi + 1) / (2 \log 2) \approx 2.05$
+# bits per dimension for *every* typical latent. Where do the latents of the inputs above lie?
 
 # %%
-n_latent = min(len(test_set), settings.eval_images or 2000)
+latent_dims = math.prod(variants["digits"].shape[1:])
 torch.manual_seed(0)
-norms_digits = ood.latent_norms(flow, test_set.images[:n_latent])
-latent_dims = math.prod(flow.latent_shape(1)[1:])
-norms_prior = torch.randn(n_latent, latent_dims).norm(dim=1)
-viz.plot_histogram({"test digits f(x)": norms_digits, "prior samples z ~ N(0, I)": norms_prior}, bins=60,
-                   xlabel=f"norm of the final latent (D = {latent_dims}; the mode has norm 0)",
-                   title="Latent norms under the multi-scale flow");
+norms_prior = torch.randn(len(variants["digits"]), latent_dims).norm(dim=1)
+shown = ("digits", "all black", "constant grey", "uniform noise", "inverted")
+viz.plot_histogram({**{f"{n}: f(x + u)": terms[n]["norm"] for n in shown}, "prior samples z ~ N(0, I)": norms_prior},
+                   bins=120, xlabel=f"norm of the whole latent (dashed: sqrt(D) = {latent_dims ** 0.5:.0f}, D = "
+                                    f"{latent_dims}; the mode has norm 0)",
+                   title="Latent norms under the multi-scale flow", ymax=1, vline=latent_dims ** 0.5);
+shell_term = (math.log(2 * math.pi) + 1) / (2 * math.log(2))
+print(tabulate([[n, f"{t['norm'].median():.1f}", f"{t['prior'].median():.2f}", f"{t['volume'].median():+.2f}",
+                 f"{t['bpd'].median():.2f}"] for n, t in terms.items()],
+               headers=["input", "median ||z||", "prior term", "volume term", "bpd"], disable_numparse=True))
+print(f"prior samples: ||z|| {norms_prior.mean():.1f} ± {norms_prior.std():.1f}; prior term on the shell "
+      f"{shell_term:.2f} bits per dimension")
 
 # %%
-Markdown(f"The final latent has $D = {latent_dims}$ dimensions ($\\sqrt D = {math.sqrt(latent_dims):.1f}$). Prior "
-         f"samples have norms {norms_prior.mean():.1f} ± {norms_prior.std():.1f}; the test digits' latents have "
-         f"{norms_digits.mean():.1f} ± {norms_digits.std():.1f}. The mode, at norm 0, is "
-         f"{norms_digits.min():.1f} or more away from every test digit's latent shown here.")
+med = {n: {k: v.median().item() for k, v in t.items()} for n, t in terms.items()}
+Markdown(f"The digits' latents lie on the prior's shell (median norm {med['digits']['norm']:.1f}, prior samples "
+         f"{norms_prior.mean():.1f} ± {norms_prior.std():.1f}), so their prior term is the typical "
+         f"{med['digits']['prior']:.2f} bits per dimension, and their typical bpd of {med['digits']['bpd']:.2f} is "
+         f"that plus a volume term of {med['digits']['volume']:+.2f}: around a digit, $f$ expands volume by "
+         f"{-med['digits']['volume']:.2f} bits per dimension. The all-black image's latent lies on the shell too "
+         f"(median norm {med['all black']['norm']:.1f}, prior term {med['all black']['prior']:.2f}): neither its "
+         "latent norm nor its prior term marks it as unusual. Its low bpd comes from the volume term alone, "
+         f"{med['all black']['volume']:+.2f}, about twice the digits' in bits per dimension: $f$ expands the volume "
+         "around it far more than around a typical digit. The "
+         "constant grey image, the noise and the inverted digits leave the shell (median norms "
+         f"{med['constant grey']['norm']:.1f}, {med['uniform noise']['norm']:.1f} and {med['inverted']['norm']:.1f}), "
+         f"and their volume terms ({med['constant grey']['volume']:+.2f}, {med['uniform noise']['volume']:+.2f}, "
+         f"{med['inverted']['volume']:+.2f}) are far above the digits': $f$ spreads these inputs over much less "
+         "latent volume than a digit (for the grey image and the noise it contracts volume rather than expanding it). "
+         f"The noise's latent is further out (prior term {med['uniform noise']['prior']:.2f} against "
+         f"{med['constant grey']['prior']:.2f}), but the grey image's volume term is the larger: that is where the "
+         "constant grey image loses to the noise.")
 
 # %% [markdown]
 # What image is the mode? Sampling at temperature $T$ scales every latent, the split-off halves included,
@@ -340,26 +456,42 @@ viz.show_imgs(grid, "Multi-scale flow, one row per temperature: " + ", ".join(ma
 # %%
 mode_img = rows[0][:1]  # every sample at T = 0 is this one image
 torch.manual_seed(0)
-mode_bpd = bpd_per_image(flow, mode_img, importance_samples=1).item()
+mode_terms = {k: v.item() for k, v in ood.bpd_terms(flow, mode_img).items()}
+mode_bpd = mode_terms["bpd"]
 black_bpd = bpd["all black"].median().item()
 lit = [(r.float() > 64).float().mean().item() for r in rows]
 digits_lit = (test_set.images[:1000].float() > 64).float().mean().item()
 Markdown(f"At $T = 0$ all eight samples are one image, the decoding of the mode $z = 0$: "
          + ("a blank or nearly blank image" if lit[0] < 0.02 else "a digit-like image, not a blank one")
-         + f", with {lit[0]:.1%} of its pixels above 64 (test digits: {digits_lit:.1%}). Its bpd is {mode_bpd:.2f}; the "
-         f"all-black image's is {black_bpd:.2f}. "
-         + ("So the most likely latent does not decode to the most likely image. " if mode_bpd > black_bpd else "")
+         + f", with {lit[0]:.1%} of its pixels above 64 (test digits: {digits_lit:.1%}). Its bpd is {mode_bpd:.2f}; "
+         f"the all-black image's is {black_bpd:.2f}. "
+         + ("So the most likely latent does not decode to the most likely image: the all-black image, at least, is "
+            "more likely (which image is the most likely, this chapter does not find). " if mode_bpd > black_bpd
+            else "")
          + "From $T = 0$ to $1$ the share of pixels above 64 goes "
          + ", ".join(f"{v:.1%}" for v in lit) + ".")
 
 # %% [markdown]
-# Why is the decoded mode not the most likely image? The density of an image is
-# $\log p(x) = \log \mathcal N(f(x)) + \log|\det J_f(x)|$: the prior term is largest at $f(x) = 0$, but the
-# volume term can be far larger elsewhere. Where the numbers above show the all-black image scoring better
-# than the decoded mode, that is the volume term at work: every pixel of a black image is predictable from its
-# neighbours, and the flow has learned to contract such regions, although their latents are no mode. Density
-# in the latent and density in the image are different things, and neither says which images are *typical*.
+# Why can the decoded mode lose to another image? The density of an image is
+# $\log p(x) = \log \mathcal N(f(x)) + \log|\det J_f(x)|$ (with dequantization, the bound of chapter 2): the
+# prior term is largest at $f(x) = 0$, but the volume term is large wherever $f$ *expands* volume, that is, where
+# $f$ spreads a small region of images over a large region of latent space (and the sampler $f^{-1}$
+# contracts that latent region onto a few images). The next cell splits both images' bpd into the two terms.
 #
+# %%
+Markdown(f"The decoded mode, encoded again with fresh dequantization noise like any input, lands at latent norm "
+         f"{mode_terms['norm']:.1f}, not at 0: decoding rounded every pixel to an integer, and the image owns a "
+         "whole region of latent space, of which $z = 0$ is one point. Scored like the other inputs, it has a prior "
+         f"term of {mode_terms['prior']:.2f} and a volume term of {mode_terms['volume']:+.2f} bits per dimension; the "
+         f"all-black image has {med['all black']['prior']:.2f} and {med['all black']['volume']:+.2f}. The prior terms "
+         f"differ by {abs(med['all black']['prior'] - mode_terms['prior']):.2f}, the volume terms by "
+         f"{abs(mode_terms['volume'] - med['all black']['volume']):.2f}: "
+         + ("the volume term decides. " if abs(mode_terms['volume'] - med['all black']['volume'])
+            > abs(med['all black']['prior'] - mode_terms['prior']) else "here the prior term decides. ")
+         + "Density in the latent and density in the image are different things, and neither says which images are "
+           "*typical*.")
+
+# %% [markdown]
 # **A typicality test.** Instead of asking whether an input's bpd is *low*, ask whether it is *typical*:
 # score an input by how far its bpd is from the mean bpd of held-out digits, $|\mathrm{bpd}(x) -
 # \overline{\mathrm{bpd}}_{\text{val}}|$ (a one-sample version of the test of Nalisnick et al., 2019b). We
@@ -377,7 +509,7 @@ for name, b in bpd.items():
                   ood.separation_auc((bpd["digits"] - typical).abs(), (b - typical).abs()))
     auc_rows.append([name, f"{aucs[name][0]:.3f}", f"{aucs[name][1]:.3f}"])
 print(f"typical bpd of {n_ood} validation digits: {typical:.3f}")
-print(tabulate(auc_rows, headers=["input", "AUC: high bpd", "AUC: |bpd - typical|"]))
+print(tabulate(auc_rows, headers=["input", "AUC: high bpd", "AUC: |bpd - typical|"], disable_numparse=True))
 
 # %%
 missed = [n for n, (a, _) in aucs.items() if a < 0.5]
@@ -388,24 +520,28 @@ Markdown(
      "digit-like than the digits (AUC below 0.5). " if missed else "Likelihood alone ranks every variant as less "
      "likely than the digits here. ")
     + (f"The typicality score catches {', '.join(caught)} (AUC above 0.9). " if caught else "")
-    + (f"Neither score separates {', '.join(hard)} well (AUC below 0.75 for both): shifted or flipped digits have "
-       "the local statistics of digits, and a likelihood cannot tell them apart. " if hard else "")
+    + (f"Neither score separates {', '.join(hard)} well (AUC below 0.75 for both): their bpd is close to the "
+       "digits' (table above), and so is their latents' norm. " if hard else "")
     + "A typicality test is not a cure: it flags inputs whose likelihood is unusual, and an input with a typical "
       "likelihood passes whatever it shows.")
 
 # %% [markdown]
 # ## Summary
 #
-# - ActNorm is a per-channel affine flow layer, $\log|\det J| = H W \sum_c \log s_c$, initialised from the
+# - ActNorm is a per-channel affine flow layer, $\log|\det J| = H W \sum_i \log s_i$, initialised from the
 #   first batch to zero mean and unit variance; the initialisation is part of the saved state, so it happens
 #   once.
 # - The invertible 1x1 convolution learns how to mix channels before each coupling; its log-determinant is
 #   $H W \log|\det W|$, and the LU parametrisation makes it $H W \sum_i \log|s_i|$.
-# - A Glow-style flow built from these steps was trained with the same recipe as the multi-scale flow; the
-#   table above compares them, each after the training budget its results JSON records.
-# - A flow trained on MNIST finds some inputs that are no digits more likely than digits: its likelihood
-#   measures local smoothness. Latents of real digits lie in the prior's typical shell, far from its mode, and
-#   the decoded mode is not the most likely image: the volume term decides.
+# - Each shipped model has its own training history (printed from its results JSON). After the same number
+#   of training images, the Glow-style flow's validation bpd was the lower in these runs (one run each,
+#   different schedules); the multi-scale flow, trained on more images, ends with the lower test bpd.
+# - A flow trained on MNIST is not a digit detector: here the all-black image is far more likely than any digit,
+#   while constant grey and uniform noise cost more than the 8 bpd of a uniform model. Its likelihood rewards the
+#   grey levels and neighbourhoods of its training images (black above all), not smoothness.
+# - A bpd is a prior term plus a volume term. Digits' latents, and the all-black image's, lie on the prior's
+#   typical shell, far from its mode, with a prior term of about 2.05 bits per dimension; what separates them is
+#   the volume term, which also makes the all-black image likelier than the decoded mode.
 # - A typicality test (is the bpd near the usual value?) separates some of these cases that the likelihood
 #   ranks the wrong way, and cannot separate inputs whose local statistics are those of digits.
 #
@@ -529,9 +665,10 @@ exercises.check_separation_auc(separation_auc)
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** $\log p(x) = \log \mathcal N(f(x)) + \log|\det J_f(x)|$. The decoded mode maximises only the
-# first term; the volume term depends on $x$ and can outweigh it, so the image density peaks elsewhere, where
-# the flow contracts most. For an MNIST flow that is the blank background (every pixel predictable from its
-# neighbours), which is why the all-black image has a far lower bpd than the decoded mode. Neither is typical:
+# first term; the volume term depends on $x$ and can outweigh it, so the image density can be higher elsewhere,
+# where $f$ expands volume most (large $\log|\det J_f|$; the sampler $f^{-1}$ contracts latent volume onto those
+# images). For this MNIST flow the all-black image is such a place (black is what most training pixels are),
+# which is why it has a far lower bpd than the decoded mode. Neither is typical:
 # in $D$ dimensions the prior's mass lies in the shell $\|z\| \approx \sqrt D$, where the printed latent norms
 # of test digits sit, many units from the mode; and a digit drawn from the model is almost never blank,
 # just as a Gaussian sample almost never lies near 0. High density at a point and high probability of a
@@ -543,7 +680,7 @@ exercises.check_separation_auc(separation_auc)
 #
 # - D. P. Kingma, P. Dhariwal. *Glow: Generative flow with invertible 1x1 convolutions.* NeurIPS 2018.
 # - E. Nalisnick, A. Matsukawa, Y. W. Teh, D. Gorur, B. Lakshminarayanan. *Do deep generative models know what
-#   they don't know?* ICLR 2019.
+#   they don't know?* ICLR 2019 (2019a above).
 # - E. Nalisnick, A. Matsukawa, Y. W. Teh, B. Lakshminarayanan. *Detecting out-of-distribution inputs to deep
 #   generative models using typicality.* 2019 (2019b above).
 # - P. Kirichenko, P. Izmailov, A. G. Wilson. *Why normalizing flows fail to detect out-of-distribution data.*

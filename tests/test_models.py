@@ -8,7 +8,8 @@ import torch.nn as nn
 from conftest import perturb_
 from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, SqueezeFlow, VariationalDequantization,
                              create_channel_mask, create_checkerboard_mask)
-from flowbook.models import ImageFlow, create_flow, create_multiscale_flow, create_simple_flow, num_parameters
+from flowbook.models import (ALL_MODELS, ImageFlow, create_flow, create_multiscale_flow, create_simple_flow,
+                             num_parameters)
 from test_layers import autograd_logdet
 
 REFERENCE_PARAMETERS = {"simple": 335_128, "vardeq": 379_556, "multiscale": 1_062_090}
@@ -223,3 +224,38 @@ def test_latent_shape_does_not_move_the_random_state():
     after = torch.rand(5)
     torch.manual_seed(3)
     assert torch.equal(after, torch.rand(5)), "sampling right after a seed would depend on a cache"
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_encode_with_splits_then_sample_gives_back_every_pixel(name):
+    model = perturb_(create_flow(name), scale=0.01).eval()
+    imgs = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.int32)
+    with torch.no_grad():
+        z, ldj, splits = model.encode(imgs, return_splits=True)
+        z_plain, _ = model.encode(imgs)
+    assert len(splits) == (1 if name in ("multiscale", "glow") else 0)
+    assert z.shape == z_plain.shape and ldj.shape == (3,)
+    back = model.sample(z.shape, z_init=z, z_splits=splits)
+    assert torch.equal(back, imgs), f"{name}: {(back != imgs).sum().item()} pixels differ after encode and decode"
+
+
+def test_sample_with_splits_of_the_wrong_number_or_batch_is_a_clear_error():
+    model = create_flow("multiscale")
+    z = torch.zeros(2, 8, 7, 7)
+    with pytest.raises(ValueError, match="z_splits must be a list of 1 tensor"):
+        model.sample(z.shape, z_init=z, z_splits=[])
+    with pytest.raises(ValueError, match=r"z_splits\[0\] must hold 2 finite latents"):
+        model.sample(z.shape, z_init=z, z_splits=[torch.zeros(3, 2, 14, 14)])
+
+
+def test_sample_without_splits_draws_the_same_images_as_before():
+    model = perturb_(create_flow("multiscale"), scale=0.01)
+    torch.manual_seed(5)
+    a = model.sample(model.latent_shape(2), temperature=0.7)
+    torch.manual_seed(5)
+    z = torch.randn(model.latent_shape(2)) * 0.7
+    torch.manual_seed(6)
+    b = model.sample(z.shape, z_init=z, temperature=0.7)
+    torch.manual_seed(6)
+    c = model.sample(z.shape, z_init=z, temperature=0.7, z_splits=None)
+    assert a.shape == (2, 1, 28, 28) and torch.equal(b, c)

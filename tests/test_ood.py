@@ -3,7 +3,7 @@ import torch
 
 from conftest import perturb_
 from flowbook.models import create_flow
-from flowbook.ood import latent_norms, ood_variants, separation_auc, typicality_score
+from flowbook.ood import bpd_terms, latent_norms, ood_variants, separation_auc, typicality_score
 
 
 def test_variants_are_valid_images_of_the_same_shape():
@@ -29,3 +29,18 @@ def test_separation_auc_is_chance_for_equal_scores_and_one_for_perfect_separatio
     a = torch.tensor([0.1, 0.2, 0.3])
     assert separation_auc(a, a + 10) == 1.0 and separation_auc(a + 10, a) == 0.0
     assert separation_auc(torch.ones(4), torch.ones(4)) == 0.5
+
+
+def test_bpd_terms_add_up_to_the_one_sample_bpd_and_measure_the_whole_latent():
+    model = perturb_(create_flow("multiscale"), scale=0.01).double()
+    imgs = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.int32)
+    torch.manual_seed(0)
+    terms = bpd_terms(model, imgs)
+    torch.manual_seed(0)
+    expected = model.bits_per_dim(imgs).float()
+    assert torch.allclose(terms["prior"] + terms["volume"], terms["bpd"], atol=1e-5)
+    assert torch.allclose(terms["bpd"], expected, atol=1e-5), "the terms must add up to the model's own bpd"
+    torch.manual_seed(0)
+    z, _, splits = model.encode(imgs, return_splits=True)
+    whole = torch.cat([z.flatten(1), *[s.flatten(1) for s in splits]], dim=1)
+    assert whole.shape[1] == 784 and torch.allclose(terms["norm"], whole.norm(dim=1).float(), atol=1e-4)
