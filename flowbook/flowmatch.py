@@ -64,6 +64,7 @@ class FlowMatchingModel(nn.Module):
 
     loss_name = "cfm"  # what forward returns: the flow-matching loss, not bits per dimension
     exact_likelihood = False  # the divergence is an estimate: no importance sampling over it
+    method, rtol, atol, probe = "dopri5", 1e-5, 1e-5, "rademacher"  # the solver's defaults (set per model or call)
 
     def __init__(self, net: nn.Module | None = None, img_shape: tuple = (1, 28, 28), data_scale: float = 4.0):
         super().__init__()
@@ -72,7 +73,6 @@ class FlowMatchingModel(nn.Module):
         self.net = net if net is not None else VelocityUNet(c_in=img_shape[0])
         self.path = LinearPath()
         self.data_scale = float(data_scale)
-        self.method, self.rtol, self.atol, self.probe = "dopri5", 1e-5, 1e-5, "rademacher"
         self.last_nfe = None  # velocity evaluations of the last encode or sample
 
     @property

@@ -111,13 +111,16 @@ def test_flowmatch_bpd_counts_the_log_256_term():
     assert torch.allclose(got, -continuous / (math.log(2) * 144) + 8, atol=1e-4)
 
 
-def test_flowmatch_ldj_with_exact_divergence_matches_hutchinson_on_average():
-    model = small_model().double()
-    x1, _ = model.to_data_space(small_images(b=1))
-    _, exact = integrate(model.net, x1, 1.0, 0.0, divergence="exact", rtol=1e-6, atol=1e-6)
-    _, est = integrate(model.net, x1.repeat(64, 1, 1, 1), 1.0, 0.0, divergence="hutchinson", rtol=1e-6, atol=1e-6)
-    assert est.std() > 0
-    assert abs(est.mean() - exact[0]) < 4 * est.std() / 8
+def test_ode_log_determinant_with_hutchinson_is_unbiased_for_the_exact_one():
+    """Along a nonlinear field, the solve with one Hutchinson probe per point averages to the exact solve."""
+    from flowbook.toy_cnf import ToyVelocity
+
+    field = perturb_(ToyVelocity(hidden=16).double(), scale=0.3)
+    x = torch.randn(1, 2, dtype=torch.float64)
+    _, exact = integrate(field, x, 1.0, 0.0, divergence="exact", rtol=1e-7, atol=1e-7)
+    _, est = integrate(field, x.repeat(2000, 1), 1.0, 0.0, divergence="hutchinson", rtol=1e-7, atol=1e-7)
+    assert est.std() > 1e-3, "one probe per point must give a spread of estimates"
+    assert abs(est.mean() - exact[0]) < 4 * est.std() / math.sqrt(2000)
 
 
 def test_flowmatch_refuses_importance_sampling_over_estimates():
@@ -164,3 +167,68 @@ def test_flowmatch_is_registered_and_saves_and_loads(tmp_path):
     x = torch.randn(2, 1, 28, 28)
     t = torch.rand(2)
     assert torch.equal(model.net(x, t), loaded.net(x, t))
+
+
+def test_toy_flow_matching_trains_a_velocity_with_a_finite_density():
+    from flowbook import toy_cnf
+    from flowbook.toy import sample_toy
+
+    data = sample_toy("moons", 512, seed=0)
+    fm, record = toy_cnf.train_flow_matching(data, steps=40, progress=False)
+    assert record["loss"][-1] < record["loss"][0]
+    lp = toy_cnf.log_prob(fm, data[:8], rtol=1e-4, atol=1e-4)
+    assert lp.shape == (8,) and torch.isfinite(lp).all()
+
+
+def test_toy_max_likelihood_step_records_solver_cost_and_lowers_the_loss():
+    from flowbook import toy_cnf
+    from flowbook.toy import sample_toy
+
+    data = sample_toy("moons", 512, seed=0)
+    _, record = toy_cnf.train_max_likelihood(data, steps=6, lr=1e-2, batch_size=64, progress=False)
+    assert all(n >= 6 for n in record["nfe"]), "dopri5 evaluates v at least 6 times per solve"
+    assert min(record["loss"][3:]) < record["loss"][0]
+
+
+def test_evaluate_writes_an_estimated_bpd_with_its_solver_and_standard_error(tmp_path, mnist, monkeypatch):
+    from flowbook import evaluate
+    from flowbook.checkpoints import save_checkpoint
+
+    model = perturb_(create_flow("flowmatch"), scale=0.002)
+    save_checkpoint(model, "flowmatch", tmp_path / "flowmatch.pt")
+    for slow in ("inference_time", "sampling_time"):  # not what this test is about
+        monkeypatch.setattr(evaluate, slow, lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(evaluate, "ODE_SLICE_IMAGES", 2)
+    monkeypatch.setattr(FlowMatchingModel, "rtol", 1e-2)
+    monkeypatch.setattr(FlowMatchingModel, "atol", 1e-2)
+    results = evaluate.evaluate_checkpoint(tmp_path / "flowmatch.pt", device="cpu", eval_images=3, progress=False)
+    assert results["importance_samples"] == 1 and results["likelihood"]["estimator"] == "hutchinson"
+    assert results["test_bpd_stderr"] > 0 and 0 < results["test_bpd"] < 16
+    assert results["slice"]["images"] == 2
+    with pytest.raises(ValueError, match="importance_samples must be 1"):
+        evaluate.evaluate_checkpoint(tmp_path / "flowmatch.pt", device="cpu", eval_images=2, importance_samples=8,
+                                     progress=False, out=tmp_path / "other.json")
+
+
+def test_classifier_scores_confident_digits_and_refuses_a_missing_file(tmp_path):
+    from flowbook.classifier import DigitClassifier, load_classifier, recognisability
+
+    clf = DigitClassifier().eval()
+    with torch.no_grad():
+        clf.head[-1].bias.copy_(torch.tensor([10.0] + [0.0] * 9))  # every image is a confident "0"
+    imgs = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.int32)
+    assert recognisability(clf, imgs) == 1.0
+    assert recognisability(clf, imgs, threshold=1.01) == 0.0
+    with pytest.raises(FileNotFoundError, match="python -m flowbook.classifier"):
+        load_classifier(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="integer images"):
+        clf(imgs.float())
+
+
+def test_shipped_classifier_recognises_the_test_digits(mnist):
+    from flowbook.classifier import accuracy, load_classifier
+
+    clf = load_classifier()
+    test = mnist[2]
+    assert accuracy(clf, test.images[:1000], test.labels[:1000]) > 0.97
+    assert clf.meta["test_accuracy"] > 0.98
