@@ -174,7 +174,7 @@ assert torch.allclose(composed, summed)
 # $x_o' = (x_o + t(x_k)) \cdot e^{s(x_k)}$. The Jacobian is triangular with diagonal $(1, e^{s})$, so the
 # layer adds $s$ to `ldj`. Here is the code that runs:
 
-# %%
+# %% tags=["spoiler"]
 print(inspect.getsource(toy.ToyCoupling.forward))
 
 # %% [markdown]
@@ -235,7 +235,7 @@ flow = flow.float()
 # $p(x)$ here is the probability of a *discrete* image; chapter 2 shows how a density over continuous
 # values turns into one, and where the $\log 256$ that makes the uniform model cost 8 bits enters the code.
 
-# %%
+# %% tags=["spoiler"]
 D = 28 * 28
 uniform_ll = -D * math.log(256)  # log-likelihood (nats) of any image under the uniform model
 uniform_bpd = -uniform_ll / (D * math.log(2))

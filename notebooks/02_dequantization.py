@@ -302,7 +302,7 @@ assert torch.allclose(ldj, ldj_autograd.reshape(1), atol=1e-8)
 Markdown(f"This run uses {settings.bound_images} test images ({config.QUICK.bound_images} in quick mode, "
          f"{config.FULL.bound_images} in full mode) and 16 dequantization samples per image.")
 
-# %%
+# %% tags=["spoiler-run"]
 model, source, _ = load_trained("vardeq", device=device)
 print(f"model: {source}")
 imgs = test_set.images[:settings.bound_images].to(device)

@@ -440,11 +440,14 @@ exercises.check_lu_weight(lu_weight_and_logdet)
 # %% [markdown]
 # ### Exercise 2: ActNorm and its initialisation (implementation, about 25 minutes)
 #
-# Write `ActNormLayer.forward(z, ldj, reverse=False)`: on the first forward call in training (when
-# `self.initialized` is false), set `loc` and `log_scale` from the batch so that it comes out with zero mean
-# and unit standard deviation per channel, and mark the layer initialised; then apply
-# $z' = (z + b)\, e^{\log s}$ and add $H W \sum_c \log s_c$ to `ldj` (the inverse with `reverse=True`). The
-# checker switches off flowbook's `ActNorm`.
+# Write `ActNormLayer.forward(z, ldj, reverse=False)`: on the first forward call in training mode (when
+# `self.training` is true and the buffer `self.initialized` is false), set `loc` and `log_scale` from the
+# batch so that it comes out with zero mean and unit standard deviation per channel (over batch, height and
+# width; the standard deviation is `torch.std`'s default, the unbiased one), and mark the layer initialised
+# in the buffer; then apply $z' = (z + b)\, e^{\log s}$ with $b$ = `loc` and $\log s$ = `log_scale`, and add
+# $H W \sum_c \log s_c$ to `ldj` (the inverse with `reverse=True`). Set the values *in place*: an optimizer
+# made before the first batch holds the Parameter objects of `__init__`. The checker also reloads your
+# layer from its state dict and runs it in evaluation mode; it switches off flowbook's `ActNorm`.
 
 # %% tags=["student"]
 class ActNormLayer(torch.nn.Module):
