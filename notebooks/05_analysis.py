@@ -252,22 +252,36 @@ Markdown(f"Within 0.1 of the borders between neighbouring values lies {edge_shar
 #
 # ## Exercises
 #
-# ### Exercise 1: interpolation (implementation, about 5 minutes)
+# ### Exercise 1: interpolation on the line and on the sphere (implementation, about 30 minutes)
 #
-# Write `interpolate(z_a, z_b, num_steps)` for latents of shape `[1, C, H, W]`, returning
-# `[num_steps, C, H, W]` from `z_a` to `z_b` in equal steps, both ends included.
+# The interpolations above walk on a straight line. In $D$ dimensions a standard normal latent has norm close
+# to $\sqrt D$ (the "typical shell"), and two independent latents are nearly orthogonal, so the midpoint of the
+# line between them has norm close to $\sqrt{D/2}$: a region the prior almost never samples. Spherical linear
+# interpolation (slerp; Shoemake, 1985, used for generative models by White, 2016) walks on the great circle
+# instead: with $\Omega$ the angle between the flattened latents, $\cos \Omega = \frac{z_a \cdot z_b}{|z_a|\,|z_b|}$,
+# $$z_\lambda = \frac{\sin((1-\lambda)\Omega)}{\sin \Omega}\, z_a + \frac{\sin(\lambda \Omega)}{\sin \Omega}\, z_b .$$
+# Write `interpolate(z_a, z_b, num_steps, spherical=False)` for latents of shape `[1, C, H, W]`, returning
+# `[num_steps, C, H, W]` from `z_a` to `z_b` in equal steps of $\lambda$, both ends included: on the line by
+# default, on the great circle with `spherical=True`. Then (a) check numerically, for two latents of the
+# multi-scale flow's shape, that the slerp midpoint keeps the norm of the ends and the line's does not, and
+# (b) decode both paths between two test digits with `models["multiscale"]` and compare the middle images.
+# The checker switches off `interpolate_latents`.
 
 # %% tags=["student"]
-def interpolate(z_a, z_b, num_steps):
-    """[1, C, H, W] x 2 -> [num_steps, C, H, W], from z_a to z_b."""
+def interpolate(z_a, z_b, num_steps, spherical=False):
+    """[1, C, H, W] x 2 -> [num_steps, C, H, W], from z_a to z_b; on the great circle if spherical."""
     raise NotImplementedError("Exercise 1: implement interpolate")
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
-def interpolate(z_a, z_b, num_steps):
-    """[1, C, H, W] x 2 -> [num_steps, C, H, W], from z_a to z_b."""
-    lam = torch.linspace(0, 1, num_steps).view(-1, 1, 1, 1)
-    return (1 - lam) * z_a + lam * z_b
+def interpolate(z_a, z_b, num_steps, spherical=False):
+    """[1, C, H, W] x 2 -> [num_steps, C, H, W], from z_a to z_b; on the great circle if spherical."""
+    lam = torch.linspace(0, 1, num_steps, dtype=z_a.dtype).view(-1, 1, 1, 1)
+    if not spherical:
+        return (1 - lam) * z_a + lam * z_b
+    a, b = z_a.flatten(), z_b.flatten()
+    omega = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))  # one angle for the whole latent
+    return (torch.sin((1 - lam) * omega) * z_a + torch.sin(lam * omega) * z_b) / torch.sin(omega)
 
 
 # %%

@@ -277,6 +277,13 @@ def _set_vardeq_masks(model, invert):
         flow.mask.copy_(create_checkerboard_mask(28, 28, invert=invert(j)))
 
 
+def _slerp_with(a, b, n, spherical, angle):
+    if not spherical:
+        return SOLUTIONS["interpolate"](a, b, n)
+    lam, omega = torch.linspace(0, 1, n).view(-1, 1, 1, 1), angle(a, b)
+    return (torch.sin((1 - lam) * omega) * a + torch.sin(lam * omega) * b) / torch.sin(omega)
+
+
 def _no_volume(x, a, b):
     return torch.distributions.Normal(0.0, 1.0).log_prob((x - b) / a)
 
@@ -286,6 +293,10 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_no_volume, "volume term is missing"),
         (lambda x, a, b: _no_volume(x, a, b) + math.log(abs(a)), "wrong sign"),
         (lambda x, a, b: _no_volume(x, a, b) - torch.log(torch.tensor(a, dtype=x.dtype)), "log|scale|"),
+        (lambda x, a, b: torch.distributions.Normal(b, abs(a)).log_prob(x), "not the change of variables"),
+        (lambda x, a, b: torch.distributions.TransformedDistribution(
+            torch.distributions.Normal(torch.tensor(0.0, dtype=x.dtype), torch.tensor(1.0, dtype=x.dtype)),
+            [torch.distributions.AffineTransform(b, a)]).log_prob(x), "does the change of variables for you"),
     ],
     "check_bits_per_dim": [
         (lambda ll, d: -ll / d, "divide by log 2"),
@@ -299,6 +310,7 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
          "alpha term is missing"),
         (lambda u, a: (torch.logit((1 - a) * u + a / 2), -SOLUTIONS["logit_transform"](u, a)[1]), "wrong sign"),
         (lambda u, a: (torch.logit((1 - a) * u + a / 2), SOLUTIONS["logit_transform"](u, a)[1].sum()), "shape [B]"),
+        (lambda u, a: SOLUTIONS["logit_transform"](u, 0.05), "fixed at 0.05"),
     ],
     "check_importance_weighted_bpd": [
         (lambda lls, d: -lls.mean(0) / (d * math.log(2)), "averaged the log-likelihoods"),
@@ -313,6 +325,7 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_vardeq_with(sigmoid_sign=-1.0), "sigmoid's log-determinant has the wrong sign"),
         (_vardeq_with(logit=False), "logit's log-determinant is missing"),
         (_vardeq_with(flows=False), "coupling layers' log-determinants are missing"),
+        (lambda flows, x, u0, a: SOLUTIONS["vardeq_noise"](flows, x, u0, 0.05), "fixed at 0.05"),
     ],
     "check_checkerboard_mask": [
         (lambda h, w, invert=False: 1 - SOLUTIONS["checkerboard_mask"](h, w, invert), "starts with 1"),
@@ -382,13 +395,19 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (lambda: torch.nn.Sequential(*SOLUTIONS["build_multiscale_flow"]().flows), "return an ImageFlow"),
     ],
     "check_interpolate": [
-        (lambda a, b, n: (1 - torch.linspace(0, 1, n + 2)[1:-1].view(-1, 1, 1, 1)) * a
+        (lambda a, b, n, spherical=False: (1 - torch.linspace(0, 1, n + 2)[1:-1].view(-1, 1, 1, 1)) * a
          + torch.linspace(0, 1, n + 2)[1:-1].view(-1, 1, 1, 1) * b, "first step must be z_a"),
-        (lambda a, b, n: (1 - torch.arange(n).view(-1, 1, 1, 1) / n) * a + torch.arange(n).view(-1, 1, 1, 1) / n * b,
+        (lambda a, b, n, spherical=False: (1 - torch.arange(n).view(-1, 1, 1, 1) / n) * a + torch.arange(n).view(-1, 1, 1, 1) / n * b,
          "last step must be z_b"),
-        (lambda a, b, n: torch.linspace(0, 1, n).view(-1, 1, 1, 1) * a
+        (lambda a, b, n, spherical=False: torch.linspace(0, 1, n).view(-1, 1, 1, 1) * a
          + (1 - torch.linspace(0, 1, n).view(-1, 1, 1, 1)) * b, "go backwards"),
-        (lambda a, b, n: interpolate_latents(a, b, n), "implement this yourself"),
+        (lambda a, b, n, spherical=False: interpolate_latents(a, b, n), "implement this yourself"),
+        (lambda a, b, n, spherical=False: SOLUTIONS["interpolate"](a, b, n), "gives the straight line"),
+        (lambda a, b, n, spherical=False: _slerp_with(a, b, n, spherical, lambda a, b: torch.arccos((
+            a.flatten() @ b.flatten()).clamp(-1, 1))), "divide the dot product by both norms"),
+        (lambda a, b, n, spherical=False: _slerp_with(a, b, n, spherical, lambda a, b: torch.arccos((
+            a * b / (a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True))).sum(1, keepdim=True).clamp(-1, 1))),
+         "not one per pixel"),
     ],
     "check_temperature_latent": [
         (lambda shape, t: torch.randn(shape) * t ** 2, "temperature^2"),

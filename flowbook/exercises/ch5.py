@@ -4,23 +4,36 @@ from __future__ import annotations
 import torch
 
 from flowbook import models
-from flowbook.exercises._harness import close, diagnose, expect, perturbed, reference, run_checks
+from flowbook.exercises._harness import close, diagnose, expect, is_close, perturbed, reference, run_checks
 from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, SplitFlow, SqueezeFlow,
                              create_channel_mask, create_checkerboard_mask)
 from flowbook.models import MNIST_SHAPE, ImageFlow
 
 
+def _slerp(za, zb, num_steps):
+    a, b = za.flatten().double(), zb.flatten().double()
+    omega = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))
+    lam = torch.linspace(0, 1, num_steps, dtype=torch.float64).view(-1, 1, 1, 1)
+    return ((torch.sin((1 - lam) * omega) * za.double() + torch.sin(lam * omega) * zb.double()) / torch.sin(omega))
+
+
 def check_interpolate(interpolate) -> None:
-    """interpolate(z_a, z_b, num_steps) -> [num_steps, ...]: z_a, evenly spaced points, z_b.
+    """interpolate(z_a, z_b, num_steps, spherical=False) -> [num_steps, ...] from z_a to z_b, both ends
+    included: evenly spaced points on the line, or with spherical=True on the great circle (slerp):
+    z = (sin((1 - l) W) z_a + sin(l W) z_b) / sin(W), W the angle between the flattened z_a and z_b.
 
     Catches:
     - the wrong shape
     - going from z_b to z_a
     - the ends left out, or z_b never reached
     - uneven steps
+    - spherical=True ignored (the line's midpoint is shorter than the ends)
+    - the angle from the dot product without dividing by the norms
+    - the angle over each pixel or channel instead of the whole flattened latent
     """
     torch.manual_seed(0)
     za, zb = torch.randn(1, 8, 7, 7), torch.randn(1, 8, 7, 7)
+    zb_far = zb * 1.5  # a longer end: the norm along the great circle changes evenly too
 
     def ends():
         out = interpolate(za, zb, 5)
@@ -40,8 +53,44 @@ def check_interpolate(interpolate) -> None:
             expected = models.interpolate_latents(za, zb, 8)
         close(got, expected, "8 steps, against flowbook's version", 1e-5)
 
+    def spherical():
+        out = interpolate(za, zb, 9, spherical=True)
+        expect(isinstance(out, torch.Tensor) and out.shape == (9, 8, 7, 7),
+               f"spherical=True: expected shape [9, 8, 7, 7], got {list(getattr(out, 'shape', []))}")
+        expect(bool(torch.isfinite(out).all()), "spherical=True gives NaN or inf: the angle's cosine is z_a . z_b / "
+               "(|z_a| |z_b|); divide the dot product by both norms, so that arccos gets a value in [-1, 1] "
+               "(a clamped dot product gives W = 0 and sin W = 0)")
+        close(out[0], za[0], "spherical=True: the first step must be z_a", 1e-5)
+        close(out[-1], zb[0], "spherical=True: the last step must be z_b", 1e-5)
+        with reference():
+            line = models.interpolate_latents(za, zb, 9)
+        expect(not is_close(out, line, 1e-5), f"spherical=True gives the straight line: its midpoint has norm "
+               f"{line[4].norm():.1f}, the ends {za.norm():.1f} and {zb.norm():.1f}. Follow the great circle instead")
+        a, b = za.flatten(), zb.flatten()
+        raw = torch.arccos((a @ b).clamp(-1, 1))
+        flat_l = torch.linspace(0, 1, 9).view(-1, 1, 1, 1)
+        per_pixel = torch.arccos((za * zb / (za.norm(dim=1, keepdim=True) * zb.norm(dim=1, keepdim=True))).sum(
+            1, keepdim=True).clamp(-1, 1))
+        diagnose(out.double(), _slerp(za, zb, 9), {
+            "the angle: cos W = z_a . z_b / (|z_a| |z_b|), divide the dot product by both norms":
+                lambda: ((torch.sin((1 - flat_l) * raw) * za + torch.sin(flat_l * raw) * zb) / torch.sin(raw)).double(),
+            "the angle is between the whole flattened latents, one W for all of z, not one per pixel":
+                lambda: ((torch.sin((1 - flat_l) * per_pixel) * za + torch.sin(flat_l * per_pixel) * zb)
+                         / torch.sin(per_pixel)).double(),
+        }, 1e-4)
+        close(out.double(), _slerp(za, zb, 9), "spherical=True: slerp, (sin((1 - l) W) z_a + sin(l W) z_b) / sin W",
+              1e-4)
+
+    def spherical_norms():
+        out = interpolate(za, zb_far, 5, spherical=True).double()
+        norms = out.flatten(1).norm(dim=1)
+        close(norms, _slerp(za, zb_far, 5).flatten(1).norm(dim=1), "spherical=True with |z_b| = 1.5 |z_a|: the "
+              "norms along the path", 1e-3)
+
     return run_checks("check_interpolate", [("end points", ends), ("even spacing", evenly_spaced),
-                                            ("as flowbook.models.interpolate_latents", matches_flowbook)],
+                                            ("as flowbook.models.interpolate_latents", matches_flowbook),
+                                            ("spherical=True", spherical), ("spherical, ends of unequal norm",
+                                                                            spherical_norms)],
                       blocks=[models.interpolate_latents])
 
 
