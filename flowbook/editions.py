@@ -127,9 +127,15 @@ def make_edition(source: Path, edition: str) -> nbformat.NotebookNode:
 
 
 def _exercise_text(cells: list, i: int) -> str:
-    """The markdown cell with the "### Exercise" heading that cells[i] belongs to."""
-    text = next((c.source for c in reversed(cells[:i]) if c.cell_type == "markdown" and "### Exercise" in c.source), "")
-    return text[text.find("### Exercise"):]
+    """The text of the exercise that cells[i] belongs to: its "### Exercise" heading's markdown cell, and the
+    markdown cells between it and cells[i] (an exercise in steps has one per step)."""
+    start = next((j for j in range(i - 1, -1, -1) if cells[j].cell_type == "markdown"
+                  and "### Exercise" in cells[j].source), None)
+    if start is None:
+        return ""
+    text = cells[start].source[cells[start].source.find("### Exercise"):]
+    steps = [c.source for c in cells[start + 1:i] if c.cell_type == "markdown" and "answer" not in _tags(c)]
+    return "\n\n".join([text, *steps])
 
 
 def _implementation_entry(src: Path, cells: list, i: int) -> str:

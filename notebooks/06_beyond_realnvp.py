@@ -524,22 +524,27 @@ exercises.check_separation_auc(separation_auc)
 # a permutation never does.
 
 # %% [markdown]
-# ### Exercise 5: the most likely latent and the most likely image (conceptual, about 15 minutes)
+# ### Exercise 5: the mode of a one-dimensional flow (conceptual, about 20 minutes)
 #
-# The prior's mode $z = 0$ is the most likely latent, yet no test digit's latent is near it, and this chapter
-# printed the bpd of its decoded image next to that of the all-black image. Explain why the decoded mode
-# need not be the most likely image, and why neither of the two is a typical digit.
+# The chapter found that the decoded mode of the prior is not the most likely image. Work the same question
+# out by hand for the simplest flow there is: $x = g(z) = e^{z}$ with $z \sim \mathcal N(0, 1)$, so that
+# $f(x) = \log x$ on $x > 0$. (a) Write $\log p_x(x)$ with the change of variables and find the most likely
+# $x$. (b) Where does the most likely latent, $z = 0$, go, and what is the probability that $x$ is smaller than
+# it? (c) Which term of $\log p_x$ moves the mode away from $g(0)$, and what would a flow need to do to that
+# term to make $g(0)$ the most likely $x$ again? (d) Now take $D$ independent copies, $x_d = e^{z_d}$: how
+# far (in Euclidean distance) is the most likely $x$ from $g(0)$, and how does that grow with $D$?
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
-# **Answer.** $\log p(x) = \log \mathcal N(f(x)) + \log|\det J_f(x)|$. The decoded mode maximises only the
-# first term; the volume term depends on $x$ and can outweigh it, so the image density peaks elsewhere, where
-# the flow contracts most. For an MNIST flow that is the blank background (every pixel predictable from its
-# neighbours), which is why the all-black image has a far lower bpd than the decoded mode. Neither is typical:
-# in $D$ dimensions the prior's mass lies in the shell $\|z\| \approx \sqrt D$, where the printed latent norms
-# of test digits sit, many units from the mode; and a digit drawn from the model is almost never blank,
-# just as a Gaussian sample almost never lies near 0. High density at a point and high probability of a
-# region are different things, which is why a typicality test compares an input's bpd with the typical bpd
-# instead of asking for a high likelihood.
+# **Answer.** (a) $\log p_x(x) = \log \mathcal N(\log x) + \log|d f/dx| = -\tfrac12 (\log x)^2 - \log x -
+# \tfrac12 \log 2\pi$. Its derivative, $-(\log x + 1)/x$, vanishes at $\log x = -1$: the most likely $x$ is
+# $e^{-1} \approx 0.37$. (b) $g(0) = e^0 = 1$, and $P(x < 1) = P(z < 0) = 1/2$: the decoded mode is the
+# *median* of $x$, not its mode. (c) The volume term $\log|df/dx| = -\log x$: it rewards small $x$, where the
+# flow stretches the latent line the most (a small interval of $x$ holds a long interval of $z$). Only a map
+# whose log-derivative has zero slope at $g(0)$ would keep the mode in place, e.g. an affine map, whose volume
+# term is constant. (d) The density factorises, so the most likely $x$ has every coordinate at $e^{-1}$, while
+# $g(0) = (1, \dots, 1)$: they are $(1 - e^{-1})\sqrt D \approx 0.63 \sqrt D$ apart, growing like $\sqrt D$.
+# In image dimensions the most likely image and the decoded mode can be far apart even when the volume term
+# moves each pixel only a little.
 
 # %% [markdown]
 # ## References

@@ -45,8 +45,8 @@ def check_change_of_variables(log_prob_affine) -> None:
     - the volume term with the wrong sign
     - log(scale) instead of log|scale| (NaN for a negative scale)
     - a density that does not integrate to one
-    - the answer from torch.distributions (Normal(shift, |scale|), TransformedDistribution) instead of the
-      change of variables
+    - the answer from Normal(shift, |scale|) instead of the change of variables
+    - TransformedDistribution, which does the change of variables for you
     """
     x = torch.linspace(-4, 4, 17, dtype=torch.float64)
     student = log_prob_affine

@@ -220,10 +220,11 @@ def check_multiscale_flow(build_multiscale_flow) -> None:
     Catches:
     - not an ImageFlow with img_shape (1, 28, 28)
     - a layer of the wrong kind or in the wrong place
-    - masks that do not alternate, or a group of couplings that does not start with the mask not inverted
-      (the variational dequantization's couplings included)
+    - masks that do not alternate
+    - a group of couplings that does not start with the mask not inverted
+    - the variational dequantization's couplings with the same mask, or starting inverted
     - a network of the wrong size, named: c_in, c_hidden, c_out or num_layers
-    - the coupling's c_in (the noise flows' couplings transform 1 channel: c_in=1)
+    - the coupling's c_in (the noise flow's couplings transform 1 channel: c_in=1)
     - a model built before the check and copied (its modules must be built by build_multiscale_flow)
     - the wrong number of layers
     - a latent of the wrong shape

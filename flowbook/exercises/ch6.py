@@ -20,13 +20,15 @@ def check_lu_weight(lu_weight_and_logdet) -> None:
     U upper triangular (the strictly upper part of `upper`, sign_s * exp(log_s) on its diagonal).
 
     Catches:
-    - `lower` used without masking, or without the unit diagonal
+    - `lower` used without masking
+    - L without its unit diagonal
     - `upper` used without masking
-    - the diagonal without its sign, or exp(log_s) left out
-    - the factors multiplied in another order
-    - a log-determinant other than sum(log_s)
-    - torch's determinant or decomposition functions (slogdet, det, svdvals, lu_factor, eigvals, ...): switched
-      off, even when captured before the check (the point is a log-determinant in O(C))
+    - the diagonal without its sign
+    - log_s on the diagonal instead of exp(log_s)
+    - the factors multiplied in another order (P U L, or L U P)
+    - a log-determinant other than sum(log_s): the sum of exp(log_s), or their product
+    - slogdet or det of torch (switched off, even when captured before the check)
+    - svdvals, lu_factor, eigvals or another decomposition of torch (switched off: the point is O(C))
     """
     layer = _lu_parts()
     args = (layer.perm, layer.lower, layer.upper, layer.sign_s, layer.log_s)
@@ -100,8 +102,11 @@ def check_actnorm(ActNormLayer) -> None:
     - an initialisation that runs again on the next batch
     - the flag a plain Python attribute instead of the `initialized` buffer (a reloaded layer initialises again)
     - an initialisation in evaluation mode
-    - ldj without the H * W factor, or with the wrong sign
-    - a reverse that adds to ldj instead of subtracting, or that does not invert
+    - ldj without the H * W factor
+    - ldj with the wrong sign
+    - a reverse that adds to ldj instead of subtracting
+    - a reverse that does not invert
+    - flowbook's ActNorm used (switched off)
     """
     torch.manual_seed(0)
     first = torch.randn(16, 3, 4, 5, dtype=torch.float64) * torch.tensor([2.0, 0.5, 3.0]).view(1, 3, 1, 1).double() \
