@@ -411,27 +411,38 @@ Markdown(
 #
 # ## Exercises
 #
-# ### Exercise 1: the LU-parametrised 1x1 convolution (implementation, about 20 minutes)
+# ### Exercise 1: the LU-parametrised 1x1 convolution and its inverse (implementation, about 40 minutes)
 #
-# Write `lu_weight_and_logdet(perm, lower, upper, sign_s, log_s)` returning $W = P L U$ and
-# $\log|\det W|$ as `InvConv1x1(lu=True)` builds them: $L$ is the strictly lower part of `lower` plus the
-# identity, $U$ the strictly upper part of `upper` plus $\mathrm{diag}(\mathrm{sign}(s)\, e^{\log|s|})$. The
-# checker switches off `InvConv1x1.weight_and_logdet` and every determinant function of torch: compute the
-# log-determinant in $O(C)$.
+# Write `lu_weight_and_logdet(perm, lower, upper, sign_s, log_s, inverse=False)` returning $W$ and
+# $\log|\det W|$ as `InvConv1x1(lu=True)` builds them from its parameters (the formula above; the
+# checker perturbs the parameters, so `lower` and `upper` carry junk where the factors must be zero or one).
+# The log-determinant must cost $O(C)$: the checker switches off `InvConv1x1.weight_and_logdet` and torch's
+# determinant and decomposition functions (`slogdet`, `det`, `svdvals`, `lu_factor`, `eigvals`, ..., also
+# through a reference taken before the check). With `inverse=True`, return $W^{-1}$ and $\log|\det W^{-1}|$
+# instead, built from the same factors: work out $W^{-1}$ in terms of $P$, $L$ and $U$, and invert the two
+# triangular factors with `torch.linalg.solve_triangular` (the general `inv`, `solve` and `pinv` are switched
+# off). flowbook's own reverse pass calls `torch.linalg.inv(W)`: what does yours save, and why is it more
+# accurate when $W$ is badly conditioned?
 
 # %% tags=["student"]
-def lu_weight_and_logdet(perm, lower, upper, sign_s, log_s):
-    """[C, C] tensors perm, lower, upper and [C] sign_s, log_s -> (W [C, C], log|det W| as a 0-dim tensor)."""
+def lu_weight_and_logdet(perm, lower, upper, sign_s, log_s, inverse=False):
+    """[C, C] tensors perm, lower, upper and [C] sign_s, log_s -> (W [C, C], log|det W| as a 0-dim tensor);
+    with inverse=True, (W^-1, log|det W^-1|)."""
     raise NotImplementedError("Exercise 1: implement lu_weight_and_logdet")
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
-def lu_weight_and_logdet(perm, lower, upper, sign_s, log_s):
-    """[C, C] tensors perm, lower, upper and [C] sign_s, log_s -> (W [C, C], log|det W| as a 0-dim tensor)."""
+def lu_weight_and_logdet(perm, lower, upper, sign_s, log_s, inverse=False):
+    """[C, C] tensors perm, lower, upper and [C] sign_s, log_s -> (W [C, C], log|det W| as a 0-dim tensor);
+    with inverse=True, (W^-1, log|det W^-1|)."""
     eye = torch.eye(len(log_s), dtype=log_s.dtype, device=log_s.device)
     unit_lower = torch.tril(lower, -1) + eye
     upper = torch.triu(upper, 1) + torch.diag(sign_s * torch.exp(log_s))
-    return perm @ unit_lower @ upper, log_s.sum()  # det P = +-1, det L = 1, det U = prod(sign_s * exp(log_s))
+    if not inverse:
+        return perm @ unit_lower @ upper, log_s.sum()  # det P = +-1, det L = 1, det U = prod(sign_s * exp(log_s))
+    lower_inv = torch.linalg.solve_triangular(unit_lower, eye, upper=False, unitriangular=True)
+    upper_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+    return upper_inv @ lower_inv @ perm.T, -log_s.sum()  # (P L U)^-1 = U^-1 L^-1 P^-1, and P^-1 = P^T
 
 
 # %%

@@ -265,6 +265,18 @@ def _lu_right(p, lo, up, sg, ls):
     return p @ (torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype)) @ (torch.triu(up, 1) + torch.diag(sg * ls.exp()))
 
 
+def _lu_inverse_with(combine, sign=-1.0):
+    def lu_weight_and_logdet(p, lo, up, sg, ls, inverse=False):
+        if not inverse:
+            return SOLUTIONS["lu_weight_and_logdet"](p, lo, up, sg, ls)
+        eye = torch.eye(len(ls), dtype=ls.dtype)
+        lower, upper = torch.tril(lo, -1) + eye, torch.triu(up, 1) + torch.diag(sg * ls.exp())
+        l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        u_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+        return combine(p, l_inv, u_inv), sign * ls.sum()
+    return lu_weight_and_logdet
+
+
 def _squeeze_reverse_swapped(z, reverse=False):
     B, C, H, W = z.shape
     if not reverse:
@@ -439,6 +451,11 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
             _lu_right(p, lo, up, sg, ls)), "implement this yourself"),
         (lambda p, lo, up, sg, ls: ((torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype))
                                     @ (torch.triu(up, 1) + torch.diag(sg * ls.exp())) @ p, ls.sum()), "not L @ U @ P"),
+        (_lu_inverse_with(lambda p, l_inv, u_inv: u_inv @ l_inv @ p), "P^-1 is P transposed"),
+        (_lu_inverse_with(lambda p, l_inv, u_inv: p.T @ l_inv @ u_inv), "reverses the order"),
+        (_lu_inverse_with(lambda p, l_inv, u_inv: u_inv @ l_inv @ p.T, sign=1.0), "-sum(log_s)"),
+        (_lu_inverse_with(lambda p, l_inv, u_inv: torch.linalg.inv(p @ torch.linalg.inv(l_inv) @ torch.linalg.inv(u_inv))),
+         "implement this yourself"),
     ],
     "check_actnorm": [
         (_actnorm_with(scale=lambda std: std.log()), "wrong sign"),

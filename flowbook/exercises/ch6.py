@@ -15,9 +15,11 @@ def _lu_parts(channels=5):
 
 
 def check_lu_weight(lu_weight_and_logdet) -> None:
-    """lu_weight_and_logdet(perm, lower, upper, sign_s, log_s) -> (W [C, C], log|det W|), as
+    """lu_weight_and_logdet(perm, lower, upper, sign_s, log_s, inverse=False) -> (W [C, C], log|det W|), as
     InvConv1x1(lu=True): W = P L U with L unit lower triangular (from the strictly lower part of `lower`),
-    U upper triangular (the strictly upper part of `upper`, sign_s * exp(log_s) on its diagonal).
+    U upper triangular (the strictly upper part of `upper`, sign_s * exp(log_s) on its diagonal). With
+    inverse=True: (W^-1, -log|det W|) from the factors, W^-1 = U^-1 L^-1 P^T with triangular solves
+    (torch.linalg.inv, solve and the like are switched off).
 
     Catches:
     - `lower` used without masking
@@ -29,6 +31,10 @@ def check_lu_weight(lu_weight_and_logdet) -> None:
     - a log-determinant other than sum(log_s): the sum of exp(log_s), or their product
     - slogdet or det of torch (switched off, even when captured before the check)
     - svdvals, lu_factor, eigvals or another decomposition of torch (switched off: the point is O(C))
+    - the inverse with P instead of P^T
+    - the inverse's factors in the forward order instead of reversed
+    - the inverse's log-determinant not negated
+    - torch.linalg.inv, solve or pinv for the inverse (switched off)
     """
     layer = _lu_parts()
     args = (layer.perm, layer.lower, layer.upper, layer.sign_s, layer.log_s)
@@ -76,8 +82,41 @@ def check_lu_weight(lu_weight_and_logdet) -> None:
         expect(layer.log_s.grad is not None and layer.lower.grad is not None and layer.upper.grad is not None,
                "gradients must reach lower, upper and log_s: build W from them with differentiable operations")
 
-    return run_checks("check_lu_weight", [("W", weight), ("log|det W|", log_det), ("gradients", gradient)],
-                      blocks=[(InvConv1x1, "weight_and_logdet"), *_DETERMINANTS])
+    def inverse():
+        with torch.no_grad():
+            got = lu_weight_and_logdet(*args, inverse=True)
+        expect(isinstance(got, tuple) and len(got) == 2, "with inverse=True, return (W^-1, -log|det W|)")
+        w_inv, neg = got
+        with reference():
+            right = torch.linalg.inv(w_ref)
+            l_inv, u_inv = torch.linalg.inv(unit_lo), torch.linalg.inv(upper_ok)
+        expect(isinstance(w_inv, torch.Tensor) and w_inv.shape == w_ref.shape, f"W^-1 must be a [C, C] tensor, got "
+               f"{list(getattr(w_inv, 'shape', [])) or type(w_inv).__name__}")
+        diagnose(w_inv, right, {
+            "P^-1 is P transposed (a permutation matrix is orthogonal): W^-1 = U^-1 L^-1 P^T": u_inv @ l_inv @ p,
+            "the inverse of a product reverses the order: W^-1 = U^-1 L^-1 P^T": p.T @ l_inv @ u_inv,
+            "the inverse of a product reverses the order: W^-1 = U^-1 L^-1 P^T, not L^-1 U^-1 P^T": l_inv @ u_inv @ p.T,
+        }, 1e-8)
+        close(w_inv, right, "W^-1 = U^-1 L^-1 P^T", 1e-8)
+        close(w_inv @ w_ref, torch.eye(len(sign), dtype=w_ref.dtype), "W^-1 @ W = I", 1e-8)
+        expect(isinstance(neg, torch.Tensor) and neg.numel() == 1, "with inverse=True, the log-determinant must be "
+               "a scalar tensor")
+        diagnose(neg.reshape(()), -logdet_ref.reshape(()), {
+            "with inverse=True the log-determinant is that of W^-1: -sum(log_s)": logdet_ref.reshape(())}, 1e-10)
+        close(neg.reshape(()), -logdet_ref.reshape(()), "log|det W^-1| = -sum(log_s)", 1e-10)
+
+    def inverse_gradient():
+        w_inv, neg = lu_weight_and_logdet(*args, inverse=True)
+        for p_ in (layer.log_s, layer.lower, layer.upper):
+            p_.grad = None
+        (w_inv.sum() + neg).backward()
+        expect(layer.log_s.grad is not None and layer.lower.grad is not None and layer.upper.grad is not None,
+               "with inverse=True too, gradients must reach lower, upper and log_s")
+
+    return run_checks("check_lu_weight", [("W", weight), ("log|det W|", log_det), ("gradients", gradient),
+                                          ("W^-1 with inverse=True", inverse),
+                                          ("gradients through W^-1", inverse_gradient)],
+                      blocks=[(InvConv1x1, "weight_and_logdet"), *_DETERMINANTS, *_INVERSES])
 
 
 # torch functions that compute a determinant, or a decomposition that gives it in O(C^3)
@@ -85,6 +124,9 @@ _DETERMINANTS = [(torch.linalg, name) for name in ("slogdet", "det", "svd", "svd
                                                     "lu_factor_ex", "eig", "eigvals", "qr", "cholesky", "matrix_norm",
                                                     "cond")] + \
     [(torch, name) for name in ("slogdet", "det", "logdet", "svd", "lu", "qr", "cholesky")]
+# torch functions that invert a general matrix (the exercise inverts W from its triangular factors)
+_INVERSES = [(torch.linalg, name) for name in ("inv", "inv_ex", "solve", "solve_ex", "pinv", "lstsq", "tensorinv",
+                                               "tensorsolve")] + [(torch, name) for name in ("inverse", "pinverse")]
 
 
 def check_actnorm(ActNormLayer) -> None:
