@@ -261,7 +261,9 @@ assert abs(uniform_bpd - 8) < 1e-12
 # Each implementation exercise has a checker in `flowbook.exercises`. It prints one line when your code
 # passes, and otherwise stops with one message that says what is wrong (for the usual mistakes, which one
 # you made). While it runs, the flowbook code that the exercise asks you to write is switched off, so calling
-# it fails with "implement this yourself".
+# it fails with "implement this yourself", also through a name you gave it earlier. What no checker can tell
+# is out of bounds too: copying flowbook's source into your cell, or a library function that does the whole
+# exercise for you. A stub not yet written stops its check with one line, `NotImplementedError`.
 #
 # ### Exercise 1: the density of an affine map (implementation, about 10 minutes)
 #

@@ -421,8 +421,7 @@ Markdown(
 # through a reference taken before the check). With `inverse=True`, return $W^{-1}$ and $\log|\det W^{-1}|$
 # instead, built from the same factors: work out $W^{-1}$ in terms of $P$, $L$ and $U$, and invert the two
 # triangular factors with `torch.linalg.solve_triangular` (the general `inv`, `solve` and `pinv` are switched
-# off). flowbook's own reverse pass calls `torch.linalg.inv(W)`: what does yours save, and why is it more
-# accurate when $W$ is badly conditioned?
+# off; flowbook's own reverse pass calls `torch.linalg.inv(W)`, which factorises $W$ all over again).
 
 # %% tags=["student"]
 def lu_weight_and_logdet(perm, lower, upper, sign_s, log_s, inverse=False):

@@ -445,6 +445,7 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
             p @ (torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype)) @ (torch.triu(up, 1) + torch.diag(sg * ls.exp()))),
          "implement this yourself"),
         (lambda p, lo, up, sg, ls: (lambda w: (w, _SLD(w)[1]))(_lu_right(p, lo, up, sg, ls)), "implement this yourself"),
+        (lambda p, lo, up, sg, ls: (lambda w: (w, w.slogdet()[1]))(_lu_right(p, lo, up, sg, ls)), "implement this yourself"),
         (lambda p, lo, up, sg, ls: (lambda w: (w, _SVDVALS(w).log().sum()))(_lu_right(p, lo, up, sg, ls)),
          "implement this yourself"),
         (lambda p, lo, up, sg, ls: (lambda w: (w, _LU_FACTOR(w)[0].diagonal().abs().log().sum()))(
@@ -456,6 +457,7 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_lu_inverse_with(lambda p, l_inv, u_inv: u_inv @ l_inv @ p.T, sign=1.0), "-sum(log_s)"),
         (_lu_inverse_with(lambda p, l_inv, u_inv: torch.linalg.inv(p @ torch.linalg.inv(l_inv) @ torch.linalg.inv(u_inv))),
          "implement this yourself"),
+        (_lu_inverse_with(lambda p, l_inv, u_inv: (p @ l_inv.inverse() @ u_inv.inverse()).inverse()), "implement this yourself"),
     ],
     "check_actnorm": [
         (_actnorm_with(scale=lambda std: std.log()), "wrong sign"),

@@ -174,6 +174,9 @@ def blocked(targets):
                 continue
             owner, attr = target
             key = f"{getattr(owner, '__name__', owner)}.{attr}"
+            if owner is torch.Tensor:  # a tensor method (w.det()): caught by the mode alone, torch.Tensor untouched
+                torch_functions[getattr(owner, attr)] = key
+                continue
             original = owner.__dict__[attr] if attr in getattr(owner, "__dict__", {}) else getattr(owner, attr)
             if isinstance(original, types.FunctionType):
                 _swap_code(original, key, undo)

@@ -35,6 +35,8 @@ def check_lu_weight(lu_weight_and_logdet) -> None:
     - the inverse's factors in the forward order instead of reversed
     - the inverse's log-determinant not negated
     - torch.linalg.inv, solve or pinv for the inverse (switched off)
+    - a determinant through a tensor method, w.slogdet() or w.det() (switched off too)
+    - an inverse through a tensor method, w.inverse() or w.pinverse() (switched off too)
     """
     layer = _lu_parts()
     args = (layer.perm, layer.lower, layer.upper, layer.sign_s, layer.log_s)
@@ -123,10 +125,12 @@ def check_lu_weight(lu_weight_and_logdet) -> None:
 _DETERMINANTS = [(torch.linalg, name) for name in ("slogdet", "det", "svd", "svdvals", "lu", "lu_factor",
                                                     "lu_factor_ex", "eig", "eigvals", "qr", "cholesky", "matrix_norm",
                                                     "cond")] + \
-    [(torch, name) for name in ("slogdet", "det", "logdet", "svd", "lu", "qr", "cholesky")]
+    [(torch, name) for name in ("slogdet", "det", "logdet", "svd", "lu", "qr", "cholesky")] + \
+    [(torch.Tensor, name) for name in ("slogdet", "det", "logdet", "svd", "lu", "qr", "cholesky")]
 # torch functions that invert a general matrix (the exercise inverts W from its triangular factors)
 _INVERSES = [(torch.linalg, name) for name in ("inv", "inv_ex", "solve", "solve_ex", "pinv", "lstsq", "tensorinv",
-                                               "tensorsolve")] + [(torch, name) for name in ("inverse", "pinverse")]
+                                               "tensorsolve")] + [(torch, name) for name in ("inverse", "pinverse")] + \
+    [(torch.Tensor, name) for name in ("inverse", "pinverse")]
 
 
 def check_actnorm(ActNormLayer) -> None:
