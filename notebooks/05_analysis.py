@@ -288,22 +288,36 @@ def interpolate(z_a, z_b, num_steps, spherical=False):
 exercises.check_interpolate(interpolate)
 
 # %% [markdown]
-# ### Exercise 2: temperature (implementation, about 10 minutes)
+# ### Exercise 2: temperature and truncation (implementation, about 30 minutes)
 #
-# Write `temperature_latent(shape, temperature)` returning a float32 latent $z \sim \mathcal N(0, T^2 I)$ of
-# the given shape. Then use it with `models["multiscale"].sample(shape, z_init=...)` to make your own
-# temperature row.
+# Temperature is one way to trade diversity for cleaner samples; the *truncation trick* of GANs (Brock et al.,
+# 2019) is another: draw each entry of $e \sim \mathcal N(0, 1)$ again while it lies outside $[-r, r]$ (the
+# truncated normal), so that no entry is extreme but the rest of the distribution keeps its shape. Write
+# `temperature_latent(shape, temperature, truncation=None)` returning a float32 $z = T e$ of the given shape,
+# with $e \sim \mathcal N(0, I)$, or $e$ from the normal truncated to $[-r, r]$ when `truncation=r` is given
+# (clamping is not the same: it piles the tails onto $\pm r$). Then (a) derive the standard deviation of the
+# truncated normal, $\sqrt{1 - 2 r \varphi(r) / (2\Phi(r) - 1)}$, and check it on your samples; (b) for the
+# multi-scale flow's latent (`models["multiscale"].latent_shape(n)`, $D = 392$), compare the norm of latents at
+# $T = 0.7$ with that of truncated latents ($T = 1$, $r = 1$): which stays closer to the typical shell of the
+# prior, $\|z\| \approx \sqrt D$? (c) Decode a row of each with `models["multiscale"].sample(shape, z_init=z)`
+# and compare them with the temperature rows above.
 
 # %% tags=["student"]
-def temperature_latent(shape, temperature):
-    """A float32 tensor of `shape` with entries drawn from N(0, temperature^2)."""
+def temperature_latent(shape, temperature, truncation=None):
+    """A float32 tensor of `shape`: temperature * e, e ~ N(0, I), truncated to [-truncation, truncation] if given."""
     raise NotImplementedError("Exercise 2: implement temperature_latent")
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
-def temperature_latent(shape, temperature):
-    """A float32 tensor of `shape` with entries drawn from N(0, temperature^2)."""
-    return torch.randn(shape) * temperature
+def temperature_latent(shape, temperature, truncation=None):
+    """A float32 tensor of `shape`: temperature * e, e ~ N(0, I), truncated to [-truncation, truncation] if given."""
+    e = torch.randn(shape)
+    if truncation is not None:
+        outside = e.abs() > truncation
+        while outside.any():  # draw the entries outside [-r, r] again, until none is left
+            e[outside] = torch.randn(int(outside.sum()))
+            outside = e.abs() > truncation
+    return e * temperature
 
 
 # %%

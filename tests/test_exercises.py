@@ -296,6 +296,16 @@ def _slerp_with(a, b, n, spherical, angle):
     return (torch.sin((1 - lam) * omega) * a + torch.sin(lam * omega) * b) / torch.sin(omega)
 
 
+def _truncate_after(shape, t, r):
+    """Truncation applied to z = T e instead of to e (|z| <= r instead of |z| <= r T)."""
+    z = torch.randn(shape) * t
+    outside = z.abs() > r
+    while outside.any():
+        z[outside] = torch.randn(int(outside.sum())) * t
+        outside = z.abs() > r
+    return z
+
+
 def _no_volume(x, a, b):
     return torch.distributions.Normal(0.0, 1.0).log_prob((x - b) / a)
 
@@ -422,9 +432,16 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
          "not one per pixel"),
     ],
     "check_temperature_latent": [
-        (lambda shape, t: torch.randn(shape) * t ** 2, "temperature^2"),
-        (lambda shape, t: torch.randn(shape) + t, "scale, do not shift"),
-        (lambda shape, t: torch.randn(shape, dtype=torch.float64) * t, "expected float32"),
+        (lambda shape, t, truncation=None: torch.randn(shape) * t ** 2, "temperature^2"),
+        (lambda shape, t, truncation=None: torch.randn(shape) + t, "scale, do not shift"),
+        (lambda shape, t, truncation=None: torch.randn(shape, dtype=torch.float64) * t, "expected float32"),
+        (lambda shape, t, truncation=None: torch.randn(shape) * t, "draw again every entry"),
+        (lambda shape, t, truncation=None: torch.randn(shape).clamp(-truncation, truncation) * t
+         if truncation else torch.randn(shape) * t, "clamping piles the tails"),
+        (lambda shape, t, truncation=None: (SOLUTIONS["temperature_latent"](shape, 1.0) * t).clamp(-10, 10)
+         if truncation is None else _truncate_after(shape, t, truncation), "before the temperature"),
+        (lambda shape, t, truncation=None: SOLUTIONS["temperature_latent"](shape, t, truncation=1.0),
+         "only when truncation is given"),
     ],
     "check_sample_images": [
         (_sample_with(t_latent=lambda t: t * t, t_split=lambda t: t * t), "not * T**2"),

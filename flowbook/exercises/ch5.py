@@ -1,6 +1,8 @@
 """Chapter 5 checkers: interpolation, temperature, and sampling through the layers by hand."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from flowbook import models
@@ -94,13 +96,24 @@ def check_interpolate(interpolate) -> None:
                       blocks=[models.interpolate_latents])
 
 
+def _truncated_std(r: float) -> float:
+    """The standard deviation of a standard normal truncated to [-r, r]."""
+    phi = math.exp(-r * r / 2) / math.sqrt(2 * math.pi)
+    mass = math.erf(r / math.sqrt(2))
+    return math.sqrt(1 - 2 * r * phi / mass)
+
+
 def check_temperature_latent(temperature_latent) -> None:
-    """temperature_latent(shape, temperature) -> z ~ N(0, temperature^2 I), float32, of `shape`.
+    """temperature_latent(shape, temperature, truncation=None) -> float32 z of `shape`: z = T * e with e ~ N(0, I),
+    and with truncation=r every entry of e outside [-r, r] drawn again until it is inside (the truncated normal).
 
     Catches:
     - the wrong dtype or shape
     - shifting instead of scaling
     - scaling by temperature^2
+    - truncation ignored
+    - entries clamped to [-r, r] instead of drawn again (mass piles up at the bounds)
+    - the bound applied after scaling by the temperature (|z| <= r instead of |z| <= r T)
     """
     def stats(temperature):
         def check():
@@ -116,8 +129,37 @@ def check_temperature_latent(temperature_latent) -> None:
                    f"the standard deviation is {std:.3f}; it should equal the temperature {temperature}")
         return check
 
-    return run_checks("check_temperature_latent", [("T = 1", stats(1.0)), ("T = 0.5", stats(0.5)),
-                                                   ("T = 0", stats(0.0))])
+    def truncated(temperature, r):
+        def check():
+            torch.manual_seed(0)
+            z = temperature_latent((64, 8, 7, 7), temperature, truncation=r)
+            expect(isinstance(z, torch.Tensor) and z.shape == (64, 8, 7, 7) and z.dtype == torch.float32,
+                   f"expected float32 [64, 8, 7, 7], got {getattr(z, 'dtype', '?')} {list(getattr(z, 'shape', []))}")
+            bound = r * temperature
+            largest = z.abs().max().item()
+            expect(largest > r * 1.0001 or temperature >= 1 or largest <= bound * 1.0001,
+                   f"entries reach {largest:.2f}: the bound is r in units of the prior's standard deviation, before "
+                   f"the temperature: |z| <= r T = {bound:.2f}. Truncate e, then multiply by T")
+            expect(largest <= bound * 1.0001, f"entries reach {largest:.2f}, beyond r T = {bound:.2f}: with "
+                   "truncation=r, draw again every entry of e outside [-r, r]")
+            at_bound = (z.abs() >= bound * 0.9999).float().mean().item()
+            expect(at_bound < 0.01, f"{at_bound:.1%} of the entries sit exactly at +-r T: clamping piles the tails "
+                   "onto the bounds; draw those entries again instead")
+            std, want = z.std().item(), temperature * _truncated_std(r)
+            expect(abs(std - want) < 0.03 * want, f"the standard deviation is {std:.3f}; a normal truncated to "
+                   f"[-{r}, {r}] and scaled by {temperature} has {want:.3f}")
+        return check
+
+    def no_truncation_by_default():
+        z = temperature_latent((64, 8, 7, 7), 1.0)
+        expect(z.abs().max().item() > 3.0, "without truncation, some of 25,088 standard normal entries exceed 3: "
+               "truncate only when truncation is given")
+
+    return run_checks("check_temperature_latent", [("no truncation by default", no_truncation_by_default),
+                                                   ("T = 1", stats(1.0)), ("T = 0.5", stats(0.5)),
+                                                   ("T = 0", stats(0.0)),
+                                                   ("T = 1, truncation 1.5", truncated(1.0, 1.5)),
+                                                   ("T = 0.7, truncation 1", truncated(0.7, 1.0))])
 
 
 def small_multiscale_flow() -> ImageFlow:
