@@ -496,23 +496,34 @@ class ActNormLayer(torch.nn.Module):
 exercises.check_actnorm(ActNormLayer)
 
 # %% [markdown]
-# ### Exercise 3: how well does a score separate? (implementation, about 15 minutes)
+# ### Exercise 3: the ROC curve and its area (implementation, about 30 minutes)
 #
-# Write `separation_auc(in_scores, out_scores)`, the AUC used above: the probability that a randomly chosen
-# out-of-distribution input scores higher than a randomly chosen in-distribution one, with ties counted half,
-# as a Python float. Compare all pairs (broadcasting); the checker switches off `flowbook.ood.separation_auc`.
+# The AUC above was defined as a probability over pairs. Its name says something else: the Area Under the
+# ROC Curve of the detector "flag an input as out-of-distribution when its score is at least $\tau$". Write
+# `separation_auc(in_scores, out_scores)` (tensors `[N]` and `[M]`, a Python float out) the way the name says:
+# for every threshold $\tau$ among the scores, from the largest down, the true-positive rate (the share of
+# out-of-distribution scores $\ge \tau$) and the false-positive rate (the share of in-distribution scores
+# $\ge \tau$); the curve starts at $(0, 0)$ (a threshold above every score) and ends at $(1, 1)$; integrate
+# it with the trapezoid rule (`torch.trapezoid`). Then show that this area equals the probability that an
+# out-of-distribution input scores higher than an in-distribution one, with ties counted half, and say which
+# part of the curve a tie between an in- and an out-of-distribution score becomes. The checker compares your
+# value with that probability (within $10^{-6}$) and switches off `flowbook.ood.separation_auc`.
 
 # %% tags=["student"]
 def separation_auc(in_scores, out_scores):
-    """in_scores [N], out_scores [M] -> P(out > in) + P(out == in) / 2, a float."""
+    """in_scores [N], out_scores [M] -> the area under the ROC curve, a float."""
     raise NotImplementedError("Exercise 3: implement separation_auc")
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 def separation_auc(in_scores, out_scores):
-    """in_scores [N], out_scores [M] -> P(out > in) + P(out == in) / 2, a float."""
-    diff = out_scores.view(-1, 1) - in_scores.view(1, -1)  # [M, N]: every pair
-    return ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item()
+    """in_scores [N], out_scores [M] -> the area under the ROC curve, a float."""
+    thresholds = torch.cat([in_scores, out_scores]).unique().flip(0).view(-1, 1)  # every score, largest first
+    tpr = (out_scores.view(1, -1) >= thresholds).double().mean(1)  # share of out-of-distribution flagged
+    fpr = (in_scores.view(1, -1) >= thresholds).double().mean(1)  # share of in-distribution flagged
+    zero = torch.zeros(1, dtype=torch.float64)
+    # a tie moves both rates at one threshold: a diagonal segment, which the trapezoid counts half
+    return torch.trapezoid(torch.cat([zero, tpr]), torch.cat([zero, fpr])).item()
 
 
 # %%

@@ -306,6 +306,13 @@ def _truncate_after(shape, t, r):
     return z
 
 
+def _roc_without_start(in_scores, out_scores):
+    t = torch.cat([in_scores, out_scores]).unique().flip(0).view(-1, 1)
+    tpr = (out_scores.view(1, -1) >= t).double().mean(1)
+    fpr = (in_scores.view(1, -1) >= t).double().mean(1)
+    return torch.trapezoid(tpr, fpr).item()
+
+
 def _no_volume(x, a, b):
     return torch.distributions.Normal(0.0, 1.0).log_prob((x - b) / a)
 
@@ -498,6 +505,7 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (lambda a, b: ((b.view(-1, 1) - a.view(1, -1)) > 0).float().mean() + 0.5 * (
             (b.view(-1, 1) - a.view(1, -1)) == 0).float().mean(), "Python float"),
         (lambda a, b: ood.separation_auc(a, b), "implement this yourself"),
+        (lambda a, b: _roc_without_start(a, b), "starts at (0, 0)"),
     ],
 }
 
@@ -512,9 +520,11 @@ def test_checker_gives_a_plausible_mistake_its_own_hint(checker, index, capsys):
     assert capsys.readouterr().out == "", "a failed check says its message once, in the error"
 
 
-@pytest.mark.parametrize("way", ["exact count", "float64 mean", "float32 mean", "torchmetrics"])
+@pytest.mark.parametrize("way", ["exact count", "float64 mean", "float32 mean", "torchmetrics", "chapter"])
 def test_auc_checker_passes_every_correct_way_to_count(way, capsys):
     def separation_auc(in_scores, out_scores):
+        if way == "chapter":  # the ROC curve and the trapezoid rule
+            return SOLUTIONS["separation_auc"](in_scores, out_scores)
         if way == "torchmetrics":
             from torchmetrics.functional.classification import binary_auroc
 

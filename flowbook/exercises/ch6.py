@@ -265,18 +265,31 @@ def _exact_auc(in_scores, out_scores) -> float:
     return ((diff > 0).sum().item() + 0.5 * (diff == 0).sum().item()) / diff.numel()
 
 
+def _roc_area(in_scores, out_scores, start=True) -> float:
+    """The trapezoid area under the ROC curve (thresholds at every score, largest first), with or without the
+    curve's start at (0, 0)."""
+    t = torch.cat([in_scores, out_scores]).unique().flip(0).view(-1, 1).double()
+    tpr = (out_scores.double().view(1, -1) >= t).double().mean(1)
+    fpr = (in_scores.double().view(1, -1) >= t).double().mean(1)
+    if start:
+        tpr, fpr = torch.cat([torch.zeros(1).double(), tpr]), torch.cat([torch.zeros(1).double(), fpr])
+    return torch.trapezoid(tpr, fpr).item()
+
+
 AUC_TOLERANCE = 1e-6  # a float32 mean of the 0/1 pair comparisons is off by about 1e-7; a mistake by > 1e-3
 
 
 def check_separation_auc(separation_auc) -> None:
-    """separation_auc(in_scores [N], out_scores [M]) -> float: the probability that an out-of-distribution
-    input scores higher than an in-distribution one, ties counted half (the area under the ROC curve).
-    Compared with the exact count within AUC_TOLERANCE, so a float32 or float64 mean, an exact count and
-    torchmetrics' AUROC all pass.
+    """separation_auc(in_scores [N], out_scores [M]) -> float: the area under the ROC curve of "out of
+    distribution when the score is at least t", which is the probability that an out-of-distribution input
+    scores higher than an in-distribution one, ties counted half. Compared with the exact count within
+    AUC_TOLERANCE, so the ROC curve with the trapezoid rule, a float32 or float64 mean over all pairs, an
+    exact count and torchmetrics' AUROC all pass.
 
     Catches:
     - the probability the other way round (1 - AUC)
-    - ties not counted half
+    - ties not counted half (a step curve instead of the trapezoid)
+    - the ROC curve without its start at (0, 0)
     - a tensor instead of a Python float
     """
     torch.manual_seed(0)
@@ -299,13 +312,23 @@ def check_separation_auc(separation_auc) -> None:
         right = _exact_auc(ties_in, ties_out)
         strict = ((ties_out.view(-1, 1) - ties_in.view(1, -1)) > 0).double().mean().item()
         expect(not near(got, strict), f"ties count half: a tie between an in- and an out-of-distribution score is a "
-               f"coin flip (AUC {got:.6f}, expected {right:.6f})")
+               f"coin flip, a diagonal step of the ROC curve that the trapezoid rule counts half "
+               f"(AUC {got:.6f}, expected {right:.6f})")
         expect(near(got, right), f"with ties: AUC {got:.6f}, expected {right:.6f} (tolerance {AUC_TOLERANCE:g})")
+
+    def top_tie():
+        top_in, top_out = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.5])  # the largest scores tie
+        got, right = float(separation_auc(top_in, top_out)), _exact_auc(top_in, top_out)
+        expect(near(got, right) or not near(got, _roc_area(top_in, top_out, start=False)), "the ROC curve starts "
+               "at (0, 0), a threshold above every score: prepend that point before integrating (it matters when "
+               "the largest scores tie)")
+        expect(near(got, right), f"when the largest scores tie: AUC {got:.6f}, expected {right:.6f}")
 
     def extremes():
         expect(near(float(separation_auc(torch.zeros(5), torch.ones(3))), 1.0), "all out-of-distribution scores "
                "higher: AUC 1")
         expect(near(float(separation_auc(torch.ones(5), torch.zeros(3))), 0.0), "all lower: AUC 0")
 
-    return run_checks("check_separation_auc", [("value", value), ("ties", ties), ("0 and 1", extremes)],
+    return run_checks("check_separation_auc", [("value", value), ("ties", ties), ("the largest scores tie", top_tie),
+                                               ("0 and 1", extremes)],
                       blocks=[ood.separation_auc])
