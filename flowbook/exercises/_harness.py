@@ -115,6 +115,9 @@ def _call(key, args, kwargs):
                     "implement this yourself")
 
 
+_STUB_FILE = "<switched off by flowbook.exercises>"
+
+
 def _stub_code(name, key, freevars=()):
     """Code for a function `name` that calls _call(key, ...), with the same free variables as the code it
     replaces (a method that uses super() has one, __class__), so that it can take that code's place."""
@@ -126,7 +129,7 @@ def _stub_code(name, key, freevars=()):
            f"        return _h._call({key!r}, args, kwargs)\n"
            f"    return {name}\n")
     scope = {}
-    exec(compile(src, "<switched off by flowbook.exercises>", "exec"), scope)
+    exec(compile(src, _STUB_FILE, "exec"), scope)
     return scope["_outer"]().__code__
 
 
@@ -134,6 +137,8 @@ def _swap_code(target, key, undo):
     """Switch off the Python function `target` in place: every reference to it, including one a student
     captured before the check (`_borrowed = CouplingLayer.forward`), now calls the stub."""
     code = target.__code__
+    if code.co_filename == _STUB_FILE:  # already switched off (the same function named twice)
+        return
     stub = _stub_code(target.__name__, key, code.co_freevars)
     if stub.co_freevars != code.co_freevars:  # cannot happen for the targets flowbook blocks; be safe
         raise RuntimeError(f"cannot switch off {key}: free variables {code.co_freevars}")

@@ -191,7 +191,8 @@ def _network_sizes(layer) -> dict:
 
 
 def _compare_coupling(a, b, where) -> None:
-    expect(a.mask.shape == b.mask.shape, f"{where}'s mask: expected {_mask_name(b.mask)}, got shape {list(a.mask.shape)}")
+    expect(a.mask.shape == b.mask.shape,
+           f"{where}'s mask: expected {_mask_name(b.mask)}, got shape {list(a.mask.shape)}")
     expect(torch.equal(a.mask, b.mask), f"{where} has {_mask_name(a.mask)}; expected {_mask_name(b.mask)}: consecutive "
            "couplings alternate, and each group of couplings starts again with the mask not inverted")
     mine, want = _network_sizes(a), _network_sizes(b)
