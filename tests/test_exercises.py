@@ -558,7 +558,7 @@ def test_a_failed_check_and_an_unsolved_stub_are_one_line_each_in_a_notebook_wit
     assert not [o for o in nb.cells[0].outputs if o.output_type == "stream"], "the message is shown once"
     [stub] = [o for o in nb.cells[1].outputs if o.output_type == "error"]
     assert stub.ename == "NotImplementedError" and len(stub.traceback) == 1, stub.traceback
-    assert "Exercise 2: implement AffineCoupling.forward" in stub.traceback[0]
+    assert "Exercise 1: implement AffineCoupling.forward" in stub.traceback[0]
     assert "switches off" not in stub.traceback[0] and "_harness" not in stub.traceback[0]
 
 
