@@ -11,9 +11,9 @@ from nbclient import NotebookClient
 from conftest import ROOT
 from flowbook import editions, exercises
 from flowbook import ood, pretrained
-from flowbook.layers import (ActNorm, CouplingLayer, GatedConvNet, SplitFlow, SqueezeFlow,
+from flowbook.layers import (ActNorm, CouplingLayer, GatedConvNet, SplitFlow, SqueezeFlow, VariationalDequantization,
                              create_checkerboard_mask)
-from flowbook.models import create_multiscale_flow, interpolate_latents
+from flowbook.models import ImageFlow, create_multiscale_flow, interpolate_latents
 
 CHAPTERS = editions.chapters()
 
@@ -242,6 +242,8 @@ _PU, _PS = torch.nn.functional.pixel_unshuffle, torch.nn.functional.pixel_shuffl
 _SQUEEZE_FORWARD = SqueezeFlow.forward
 _SLD, _SVDVALS, _LU_FACTOR = torch.linalg.slogdet, torch.linalg.svdvals, torch.linalg.lu_factor
 _MADE_EARLIER = create_multiscale_flow()  # a model made in an earlier cell
+_DEQUANT_NOISE = VariationalDequantization.dequant_noise
+_SAMPLE = ImageFlow.sample
 
 
 def _copy_of_an_earlier_model():
@@ -355,6 +357,9 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_vardeq_with(logit=False), "logit's log-determinant is missing"),
         (_vardeq_with(flows=False), "coupling layers' log-determinants are missing"),
         (lambda flows, x, u0, a: SOLUTIONS["vardeq_noise"](flows, x, u0, 0.05), "fixed at 0.05"),
+        (lambda flows, x, u0, a: _DEQUANT_NOISE(VariationalDequantization(flows, alpha=a), x,
+                                                torch.zeros(len(x), dtype=u0.dtype), noise=u0),
+         "implement this yourself"),
     ],
     "check_checkerboard_mask": [
         (lambda h, w, invert=False: 1 - SOLUTIONS["checkerboard_mask"](h, w, invert), "starts with 1"),
@@ -454,6 +459,7 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_sample_with(t_latent=lambda t: t * t, t_split=lambda t: t * t), "not * T**2"),
         (_sample_with(t_split=lambda t: 1.0), "split layer must draw its half at the temperature"),
         (lambda model, n, t: model.sample(model.latent_shape(n), temperature=t), "implement this yourself"),
+        (lambda model, n, t: _SAMPLE(model, model.latent_shape(n), temperature=t), "implement this yourself"),
     ],
     "check_lu_weight": [
         (lambda p, lo, up, sg, ls: (p @ lo @ (torch.triu(up, 1) + torch.diag(sg * ls.exp())), ls.sum()), "unit lower"),
