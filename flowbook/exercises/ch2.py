@@ -137,6 +137,7 @@ def check_vardeq_noise(vardeq_noise) -> None:
     - the logit's log-determinant missing
     - the coupling layers' log-determinants missing
     - alpha fixed in the code instead of taken from the argument
+    - flowbook's dequant_noise, logit_transform or sigmoid_transform used (switched off, even when captured)
     """
     flows, alpha = _var_flows(), 0.05
     torch.manual_seed(0)
