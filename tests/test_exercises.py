@@ -66,8 +66,13 @@ def test_every_checker_is_used_by_a_chapter():
 
 @pytest.mark.parametrize("checker", QUICK)
 def test_checker_passes_the_chapter_solution(checker, capsys):
+    import time
+
+    start = time.perf_counter()
     _check(checker, SOLUTIONS[CHECKS[checker]])
+    seconds = time.perf_counter() - start
     assert capsys.readouterr().out.startswith(f"✓ {checker}: all")
+    assert seconds < 20, f"{checker} took {seconds:.0f} s; a checker must stay well under a minute on two cores"
 
 
 @pytest.mark.parametrize("checker", CHECKS)
