@@ -6,6 +6,9 @@ In each `notebooks/NN_name.py`, an exercise is three cells side by side:
     # %% [markdown] tags=["answer"]   for a conceptual question: the answer (instructor only)
 A cell tagged "spoiler" shows flowbook code that a later exercise asks students to write (say, the source of
 CouplingLayer.forward); the student edition replaces it by a note, so no solution appears before its exercise.
+A code cell tagged "spoiler-run" computes something later cells need, with code that gives an exercise away
+(chapter 2's importance-weighted bound): the student edition still runs it, but shows only a call that runs
+it from the chapter source (`run_hidden`), under the same note.
 
     python -m flowbook.editions student     -> student/NN_name.ipynb   (stubs, no solutions, no answers;
                                                the exercise checks are tagged raises-exception)
@@ -35,10 +38,24 @@ from flowbook.config import PROJECT_ROOT
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 DROP = {"student": {"solution", "answer"}, "solutions": {"student"}}
-KNOWN_TAGS = {"student", "solution", "answer", "raises-exception", "skip-execution", "your-answer", "spoiler"}
+KNOWN_TAGS = {"student", "solution", "answer", "raises-exception", "skip-execution", "your-answer", "spoiler",
+              "spoiler-run"}
 ANSWER_HERE = "**Your answer.** (double-click to write it here)"
 SPOILER_NOTE = ("*Here the lecturer's edition prints flowbook's own code for this step. You write it yourself in an "
                 "exercise at the end of the chapter, so it is left out of your edition.*")
+
+
+def _hidden_call(source: Path, index: int) -> str:
+    note = SPOILER_NOTE.strip("*").replace("prints flowbook's own code", "shows the code")
+    return (f"# {note}\n# It still runs here, so that the cells below have what they need.\n"
+            f"from flowbook.editions import run_hidden\n\nrun_hidden({source.stem!r}, {index}, globals())")
+
+
+def run_hidden(chapter: str, index: int, namespace: dict) -> None:
+    """Run the `index`-th cell tagged "spoiler-run" of notebooks/<chapter>.py in `namespace` (the student
+    edition's stand-in for a cell whose code gives an exercise away)."""
+    cells = [c for c in jupytext.read(NOTEBOOKS / f"{chapter}.py").cells if "spoiler-run" in _tags(c)]
+    exec(compile(cells[index].source, f"<{chapter}, hidden cell {index}>", "exec"), namespace)
 
 
 class EditionError(ValueError):
@@ -96,6 +113,10 @@ def make_edition(source: Path, edition: str) -> nbformat.NotebookNode:
     out.cells = [c for c in out.cells if not (_tags(c) & DROP[edition])]
     if edition == "student":
         out.cells = [nbformat.v4.new_markdown_cell(SPOILER_NOTE) if "spoiler" in _tags(c) else c for c in out.cells]
+        hidden = 0
+        for cell in out.cells:
+            if "spoiler-run" in _tags(cell):
+                cell.source, hidden = _hidden_call(source, hidden), hidden + 1
         # a check of an unsolved exercise raises: nbval and "Run All" expect it and go on
         for cell in out.cells:
             if cell.cell_type == "code" and "exercises.check_" in cell.source:
@@ -106,9 +127,15 @@ def make_edition(source: Path, edition: str) -> nbformat.NotebookNode:
 
 
 def _exercise_text(cells: list, i: int) -> str:
-    """The markdown cell with the "### Exercise" heading that cells[i] belongs to."""
-    text = next((c.source for c in reversed(cells[:i]) if c.cell_type == "markdown" and "### Exercise" in c.source), "")
-    return text[text.find("### Exercise"):]
+    """The text of the exercise that cells[i] belongs to: its "### Exercise" heading's markdown cell, and the
+    markdown cells between it and cells[i] (an exercise in steps has one per step)."""
+    start = next((j for j in range(i - 1, -1, -1) if cells[j].cell_type == "markdown"
+                  and "### Exercise" in cells[j].source), None)
+    if start is None:
+        return ""
+    text = cells[start].source[cells[start].source.find("### Exercise"):]
+    steps = [c.source for c in cells[start + 1:i] if c.cell_type == "markdown" and "answer" not in _tags(c)]
+    return "\n\n".join([text, *steps])
 
 
 def _implementation_entry(src: Path, cells: list, i: int) -> str:

@@ -178,7 +178,7 @@ assert torch.allclose(composed, summed)
 # to $(-1, 1)$ by a tanh. The Jacobian is triangular with diagonal $(1, e^{s})$, so the layer adds $s$ to
 # `ldj`. Here is the code that runs (`kept` is $x_1$, `other` is $x_2$):
 
-# %%
+# %% tags=["spoiler"]
 print(inspect.getsource(toy.ToyCoupling.forward))
 
 # %% [markdown]
@@ -238,7 +238,7 @@ flow = flow.float()
 # continuous values turns into one, and where the $\log 256$ that makes the uniform model cost 8 bits
 # enters the code.
 
-# %%
+# %% tags=["spoiler"]
 D = 28 * 28
 uniform_ll = -D * math.log(256)  # log-likelihood (nats) of any image under the uniform model
 uniform_bpd = -uniform_ll / (D * math.log(2))
@@ -313,7 +313,9 @@ Markdown(f"Trained flows on MNIST need about one bit per pixel: the reference tu
 # Each implementation exercise has a checker in `flowbook.exercises`. It prints one line when your code
 # passes, and otherwise stops with one message that says what is wrong (for the usual mistakes, which one
 # you made). While it runs, the flowbook code that the exercise asks you to write is switched off, so calling
-# it fails with "implement this yourself".
+# it fails with "implement this yourself", also through a name you gave it earlier. What no checker can tell
+# is out of bounds too: copying flowbook's source into your cell, or a library function that does the whole
+# exercise for you. A stub not yet written stops its check with one line, `NotImplementedError`.
 #
 # ### Exercise 1: the density of an affine map (implementation, about 10 minutes)
 #

@@ -317,7 +317,7 @@ Markdown(f"This run uses a slice of the test set, its first {settings.bound_imag
          f"({config.QUICK.bound_images} in quick mode, {config.FULL.bound_images} in full mode), and 16 "
          "dequantization samples per image.")
 
-# %%
+# %% tags=["spoiler-run"]
 model, source, _ = load_trained("vardeq", device=device)
 print(f"model: {source}")
 imgs = test_set.images[:settings.bound_images].to(device)

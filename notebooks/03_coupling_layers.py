@@ -328,10 +328,11 @@ Markdown(f"Each network's receptive field is {rf}x{rf} pixels, and {couplings} s
 #
 # ## Exercises
 #
-# ### Exercise 1: the checkerboard mask (implementation, about 5 minutes)
+# ### Exercise 1: the checkerboard mask and the affine coupling layer (implementation, about 40 minutes)
 #
-# Write `checkerboard_mask(h, w, invert=False)` returning a float32 tensor `[1, 1, h, w]` with 0 at the
-# top-left pixel and alternating 0 and 1 along rows and columns; `invert` swaps 0 and 1.
+# Write the heart of RealNVP yourself, in two steps, each with its own check. First
+# `checkerboard_mask(h, w, invert=False)`, returning a float32 tensor `[1, 1, h, w]` with 0 at the top-left
+# pixel and alternating 0 and 1 along rows and columns; `invert` swaps 0 and 1.
 
 # %% tags=["student"]
 def checkerboard_mask(h, w, invert=False):
@@ -352,15 +353,14 @@ def checkerboard_mask(h, w, invert=False):
 exercises.check_checkerboard_mask(checkerboard_mask)
 
 # %% [markdown]
-# ### Exercise 2: the affine coupling layer (implementation, about 30 minutes)
-#
-# Write the heart of RealNVP yourself: `AffineCoupling(network, mask, c_in)` with the flow contract
-# `layer(z, ldj, reverse=False) -> (z, ldj)`, as derived at the top of this chapter. The network maps
-# `z * mask` (`[B, C, H, W]`) to `[B, 2C, H, W]`: its first $C$ channels are the raw log-scale $s$, the last
-# $C$ the shift $t$. Bound the log-scale with the learnable factor, $s \leftarrow \tanh(s / e^f)\, e^f$, apply
-# both only where `mask == 0`, and return $z' = (z + t) \odot e^{s}$ with `ldj + sum(s)` (and the inverse with
-# `reverse=True`). The checker compares with `CouplingLayer` (switched off while your code runs), checks the
-# inverse, and checks `ldj` against autograd.
+# Then `AffineCoupling(network, mask, c_in)` with the flow contract `layer(z, ldj, reverse=False) -> (z, ldj)`,
+# as derived at the top of this chapter. The network maps `z * mask` (`[B, C, H, W]`) to `[B, 2C, H, W]`: its
+# first $C$ channels are the raw log-scale $s$, the last $C$ the shift $t$. Bound the log-scale with the
+# learnable factor of each channel, $s_c \leftarrow \tanh(s_c / e^{f_c})\, e^{f_c}$, apply both only where
+# `mask == 0`, and return $z' = (z + t) \odot e^{s}$ with `ldj + sum(s)` per image (and the inverse with
+# `reverse=True`). The checker compares with `CouplingLayer` (switched off while your code runs, also through
+# a reference to it taken earlier) on three channels with distinct factors, checks the inverse, and checks
+# `ldj` against autograd.
 
 # %% tags=["student"]
 class AffineCoupling(torch.nn.Module):
@@ -371,7 +371,7 @@ class AffineCoupling(torch.nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, z, ldj, reverse=False):
-        raise NotImplementedError("Exercise 2: implement AffineCoupling.forward")
+        raise NotImplementedError("Exercise 1: implement AffineCoupling.forward")
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
@@ -396,7 +396,7 @@ class AffineCoupling(torch.nn.Module):
 exercises.check_affine_coupling(AffineCoupling)
 
 # %% [markdown]
-# ### Exercise 3: an additive coupling layer (implementation, about 20 minutes)
+# ### Exercise 2: an additive coupling layer (implementation, about 20 minutes)
 #
 # NICE (Dinh et al., 2015), RealNVP's predecessor, used *additive* coupling: $z_2' = z_2 + t(z_1)$. Write
 # `AdditiveCoupling(network, mask)`, an `nn.Module` with the flow contract `layer(z, ldj, reverse=False) ->
@@ -411,7 +411,7 @@ class AdditiveCoupling(torch.nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, z, ldj, reverse=False):
-        raise NotImplementedError("Exercise 3: implement AdditiveCoupling.forward")
+        raise NotImplementedError("Exercise 2: implement AdditiveCoupling.forward")
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
@@ -431,15 +431,18 @@ class AdditiveCoupling(torch.nn.Module):
 exercises.check_additive_coupling(AdditiveCoupling)
 
 # %% [markdown]
-# ### Exercise 4: train a flow made of your own layers (implementation, about 30 minutes)
+# ### Exercise 3: train a flow made of your own layers (implementation, about 30 minutes)
 #
 # Write the training loop yourself: `train_flow(model, images, num_steps, batch_size=64, lr=3e-3)` draws
 # `num_steps` random batches from `images` (an int tensor `[N, 1, 28, 28]`), minimises `model(batch)` (the
 # mean bpd, chapter 2's Jensen bound) with Adam, clipping the gradient norm at 1.0, and returns the list of
 # the `num_steps` losses as floats. The checker builds a small flow from *your* `AffineCoupling` and
 # `checkerboard_mask` (uniform dequantization and four couplings with 16 hidden channels), trains it with your
-# loop on 4,096 training images, and asks for a held-out bpd of at most the target below (about half a minute
-# on a laptop CPU). flowbook's own trainers are switched off meanwhile.
+# loop on 4,096 training images, and asks for a held-out bpd of at most the target below. It also watches the
+# loop while it runs: a new random batch of `batch_size` images each step, gradients that do not add up
+# across steps (`optimizer.zero_grad()` every step), and the gradient norm clipped at 1.0 before each
+# `optimizer.step()`. The check took 25 to 40 s, measured with one thread on two CPU cores shared with other
+# jobs; allow a minute. flowbook's own trainers are switched off meanwhile.
 
 # %%
 from flowbook.exercises import ch3 as ch3_checks
@@ -450,7 +453,7 @@ Markdown(f"The checker trains for {ch3_checks.TRAIN_STEPS} steps of {ch3_checks.
 # %% tags=["student"]
 def train_flow(model, images, num_steps, batch_size=64, lr=3e-3):
     """Train `model` on random batches of `images` [N, 1, 28, 28]; return the num_steps losses (floats)."""
-    raise NotImplementedError("Exercise 4: implement train_flow")
+    raise NotImplementedError("Exercise 3: implement train_flow")
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
@@ -474,7 +477,7 @@ def train_flow(model, images, num_steps, batch_size=64, lr=3e-3):
 exercises.check_train_flow(train_flow, AffineCoupling, checkerboard_mask)
 
 # %% [markdown]
-# ### Exercise 5: why alternate the masks? (conceptual, about 10 minutes)
+# ### Exercise 4: why alternate the masks? (conceptual, about 10 minutes)
 #
 # What would a flow of eight coupling layers that all use the *same* checkerboard mask be able to model?
 
@@ -486,10 +489,10 @@ exercises.check_train_flow(train_flow, AffineCoupling, checkerboard_mask)
 # structure among them. Alternating the mask lets every pixel be transformed, conditioned on its neighbours.
 
 # %% [markdown]
-# ### Exercise 6: additive versus affine (conceptual, about 15 minutes)
+# ### Exercise 5: additive versus affine (conceptual, about 15 minutes)
 #
-# Your additive coupling (exercise 3) has $\log|\det J| = 0$. Can a flow made only of additive couplings (after the
-# dequantization layer) change the density of the data? What does it lose compared with affine coupling?
+# Think of a flow made only of additive couplings like yours of exercise 2 (after the dequantization layer).
+# Can it change the density of the data? What does it lose compared with affine coupling?
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** Volume-preserving layers cannot concentrate or spread probability mass by themselves, but the

@@ -262,9 +262,11 @@ exercises.check_squeeze(squeeze)
 #
 # Write `Split`, an `nn.Module` with the contract of `SplitFlow`:
 # `forward(z, ldj, reverse=False, z_split=None, temperature=1.0)`. Forward keeps the first half of the
-# channels and adds $\log \mathcal N(z_s; 0, I)$ of the second half $z_s$ to `ldj` (summed per image, with its
-# constant); reverse appends `z_split` (or, when none is given, draws it from $\mathcal N(0, T^2 I)$) and
-# subtracts its log-density. The checker switches off `SplitFlow` and `gaussian_log_prob`.
+# channels and adds $\log \mathcal N(z_s; 0, I)$ of the second half $z_s$ to `ldj` (summed over every
+# dimension of each image, with its constant); reverse appends `z_split` as it is given (the temperature does
+# not touch a given `z_split`), or, when none is given, draws it from $\mathcal N(0, T^2 I)$, and subtracts
+# $\log \mathcal N(z_{\text{split}}; 0, I)$, its log-density under the prior (the density the forward pass
+# scores it with), at every temperature. The checker switches off `SplitFlow` and `gaussian_log_prob`.
 
 # %% tags=["student"]
 class Split(torch.nn.Module):
@@ -299,9 +301,13 @@ exercises.check_split(Split)
 # `CouplingLayer`, `GatedConvNet`, the two masks, `SqueezeFlow`, `SplitFlow`), following the list and the layer table
 # above: variational dequantization with 4 checkerboard couplings (`GatedConvNet(c_in=2, c_out=2,
 # c_hidden=16)`), 2 checkerboard couplings (32 hidden channels), squeeze, 2 channel couplings (48), split,
-# squeeze, 4 channel couplings (64); consecutive couplings invert their masks. The checker compares it layer
-# by layer, counts the parameters, checks the latent shape and encodes and decodes images exactly;
-# `create_multiscale_flow` and its helpers are switched off.
+# squeeze, 4 channel couplings (64). Within each of these four groups the masks alternate, and each group
+# starts again with the mask not inverted (`invert=False` for the first coupling of the group,
+# `invert=True` for the second, and so on). The noise flow's couplings transform the 1-channel noise, so they
+# take `c_in=1`, while their network sees the noise and the image (`c_in=2`). The checker compares it layer by
+# layer (the noise flow's couplings too: mask, network sizes, parameters), counts the parameters, checks the
+# latent shape and encodes and decodes images exactly; `create_multiscale_flow` and its helpers are switched
+# off, and every layer must be built by your function (a copy of a model made earlier does not count).
 
 # %% tags=["student"]
 def build_multiscale_flow():

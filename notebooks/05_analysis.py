@@ -334,44 +334,72 @@ Markdown(f"The learned noise differs from uniform most for the background: for $
 #
 # ## Exercises
 #
-# ### Exercise 1: interpolation (implementation, about 5 minutes)
+# ### Exercise 1: interpolation on the line and on the sphere (implementation, about 30 minutes)
 #
-# Write `interpolate(z_a, z_b, num_steps)` for latents of shape `[1, C, H, W]`, returning
-# `[num_steps, C, H, W]` from `z_a` to `z_b` in equal steps, both ends included.
+# The interpolations above walk on a straight line. In $D$ dimensions a standard normal latent has norm close
+# to $\sqrt D$ (the "typical shell"), and two independent latents are nearly orthogonal, so the midpoint of the
+# line between them has norm close to $\sqrt{D/2}$: a region the prior almost never samples. Spherical linear
+# interpolation (slerp; Shoemake, 1985, used for generative models by White, 2016) walks on the great circle
+# instead: with $\Omega$ the angle between the flattened latents, $\cos \Omega = \frac{z_a \cdot z_b}{|z_a|\,|z_b|}$,
+# $$z_\lambda = \frac{\sin((1-\lambda)\Omega)}{\sin \Omega}\, z_a + \frac{\sin(\lambda \Omega)}{\sin \Omega}\, z_b .$$
+# Write `interpolate(z_a, z_b, num_steps, spherical=False)` for latents of shape `[1, C, H, W]`, returning
+# `[num_steps, C, H, W]` from `z_a` to `z_b` in equal steps of $\lambda$, both ends included: on the line by
+# default, on the great circle with `spherical=True`. Then (a) check numerically, for two latents of the
+# multi-scale flow's shape, that the slerp midpoint keeps the norm of the ends and the line's does not, and
+# (b) decode both paths between two test digits with `models["multiscale"]` and compare the middle images.
+# The checker switches off `interpolate_latents`.
 
 # %% tags=["student"]
-def interpolate(z_a, z_b, num_steps):
-    """[1, C, H, W] x 2 -> [num_steps, C, H, W], from z_a to z_b."""
+def interpolate(z_a, z_b, num_steps, spherical=False):
+    """[1, C, H, W] x 2 -> [num_steps, C, H, W], from z_a to z_b; on the great circle if spherical."""
     raise NotImplementedError("Exercise 1: implement interpolate")
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
-def interpolate(z_a, z_b, num_steps):
-    """[1, C, H, W] x 2 -> [num_steps, C, H, W], from z_a to z_b."""
-    lam = torch.linspace(0, 1, num_steps).view(-1, 1, 1, 1)
-    return (1 - lam) * z_a + lam * z_b
+def interpolate(z_a, z_b, num_steps, spherical=False):
+    """[1, C, H, W] x 2 -> [num_steps, C, H, W], from z_a to z_b; on the great circle if spherical."""
+    lam = torch.linspace(0, 1, num_steps, dtype=z_a.dtype).view(-1, 1, 1, 1)
+    if not spherical:
+        return (1 - lam) * z_a + lam * z_b
+    a, b = z_a.flatten(), z_b.flatten()
+    omega = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))  # one angle for the whole latent
+    return (torch.sin((1 - lam) * omega) * z_a + torch.sin(lam * omega) * z_b) / torch.sin(omega)
 
 
 # %%
 exercises.check_interpolate(interpolate)
 
 # %% [markdown]
-# ### Exercise 2: temperature (implementation, about 10 minutes)
+# ### Exercise 2: temperature and truncation (implementation, about 30 minutes)
 #
-# Write `temperature_latent(shape, temperature)` returning a float32 latent $z \sim \mathcal N(0, T^2 I)$ of
-# the given shape. Then use it with `models["multiscale"].sample(shape, z_init=...)` to make your own
-# temperature row.
+# Temperature is one way to trade diversity for cleaner samples; the *truncation trick* of GANs (Brock et al.,
+# 2019) is another: draw each entry of $e \sim \mathcal N(0, 1)$ again while it lies outside $[-r, r]$ (the
+# truncated normal), so that no entry is extreme but the rest of the distribution keeps its shape. Write
+# `temperature_latent(shape, temperature, truncation=None)` returning a float32 $z = T e$ of the given shape,
+# with $e \sim \mathcal N(0, I)$, or $e$ from the normal truncated to $[-r, r]$ when `truncation=r` is given
+# (clamping is not the same: it piles the tails onto $\pm r$). Then (a) derive the standard deviation of the
+# truncated normal, $\sqrt{1 - 2 r \varphi(r) / (2\Phi(r) - 1)}$, and check it on your samples; (b) for the
+# multi-scale flow's latent (`models["multiscale"].latent_shape(n)`, $D = 392$), compare the norm of latents at
+# $T = 0.7$ with that of truncated latents ($T = 1$, $r = 1$): which stays closer to the typical shell of the
+# prior, $\|z\| \approx \sqrt D$? (c) Decode a row of each with `models["multiscale"].sample(shape, z_init=z)`
+# and compare them with the temperature rows above.
 
 # %% tags=["student"]
-def temperature_latent(shape, temperature):
-    """A float32 tensor of `shape` with entries drawn from N(0, temperature^2)."""
+def temperature_latent(shape, temperature, truncation=None):
+    """A float32 tensor of `shape`: temperature * e, e ~ N(0, I), truncated to [-truncation, truncation] if given."""
     raise NotImplementedError("Exercise 2: implement temperature_latent")
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
-def temperature_latent(shape, temperature):
-    """A float32 tensor of `shape` with entries drawn from N(0, temperature^2)."""
-    return torch.randn(shape) * temperature
+def temperature_latent(shape, temperature, truncation=None):
+    """A float32 tensor of `shape`: temperature * e, e ~ N(0, I), truncated to [-truncation, truncation] if given."""
+    e = torch.randn(shape)
+    if truncation is not None:
+        outside = e.abs() > truncation
+        while outside.any():  # draw the entries outside [-r, r] again, until none is left
+            e[outside] = torch.randn(int(outside.sum()))
+            outside = e.abs() > truncation
+    return e * temperature
 
 
 # %%

@@ -547,27 +547,37 @@ Markdown(
 #
 # ## Exercises
 #
-# ### Exercise 1: the LU-parametrised 1x1 convolution (implementation, about 20 minutes)
+# ### Exercise 1: the LU-parametrised 1x1 convolution and its inverse (implementation, about 40 minutes)
 #
-# Write `lu_weight_and_logdet(perm, lower, upper, sign_s, log_s)` returning $W = P L U$ and
-# $\log|\det W|$ as `InvConv1x1(lu=True)` builds them: $L$ is the strictly lower part of `lower` plus the
-# identity, $U$ the strictly upper part of `upper` plus $\mathrm{diag}(\mathrm{sign}(s)\, e^{\log|s|})$. The
-# checker switches off `InvConv1x1.weight_and_logdet` and every determinant function of torch: compute the
-# log-determinant in $O(C)$.
+# Write `lu_weight_and_logdet(perm, lower, upper, sign_s, log_s, inverse=False)` returning $W$ and
+# $\log|\det W|$ as `InvConv1x1(lu=True)` builds them from its parameters (the formula above; the
+# checker perturbs the parameters, so `lower` and `upper` carry junk where the factors must be zero or one).
+# The log-determinant must cost $O(C)$: the checker switches off `InvConv1x1.weight_and_logdet` and torch's
+# determinant and decomposition functions (`slogdet`, `det`, `svdvals`, `lu_factor`, `eigvals`, ..., also
+# through a reference taken before the check). With `inverse=True`, return $W^{-1}$ and $\log|\det W^{-1}|$
+# instead, built from the same factors: work out $W^{-1}$ in terms of $P$, $L$ and $U$, and invert the two
+# triangular factors with `torch.linalg.solve_triangular` (the general `inv`, `solve` and `pinv` are switched
+# off; flowbook's own reverse pass calls `torch.linalg.inv(W)`, which factorises $W$ all over again).
 
 # %% tags=["student"]
-def lu_weight_and_logdet(perm, lower, upper, sign_s, log_s):
-    """[C, C] tensors perm, lower, upper and [C] sign_s, log_s -> (W [C, C], log|det W| as a 0-dim tensor)."""
+def lu_weight_and_logdet(perm, lower, upper, sign_s, log_s, inverse=False):
+    """[C, C] tensors perm, lower, upper and [C] sign_s, log_s -> (W [C, C], log|det W| as a 0-dim tensor);
+    with inverse=True, (W^-1, log|det W^-1|)."""
     raise NotImplementedError("Exercise 1: implement lu_weight_and_logdet")
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
-def lu_weight_and_logdet(perm, lower, upper, sign_s, log_s):
-    """[C, C] tensors perm, lower, upper and [C] sign_s, log_s -> (W [C, C], log|det W| as a 0-dim tensor)."""
+def lu_weight_and_logdet(perm, lower, upper, sign_s, log_s, inverse=False):
+    """[C, C] tensors perm, lower, upper and [C] sign_s, log_s -> (W [C, C], log|det W| as a 0-dim tensor);
+    with inverse=True, (W^-1, log|det W^-1|)."""
     eye = torch.eye(len(log_s), dtype=log_s.dtype, device=log_s.device)
     unit_lower = torch.tril(lower, -1) + eye
     upper = torch.triu(upper, 1) + torch.diag(sign_s * torch.exp(log_s))
-    return perm @ unit_lower @ upper, log_s.sum()  # det P = +-1, det L = 1, det U = prod(sign_s * exp(log_s))
+    if not inverse:
+        return perm @ unit_lower @ upper, log_s.sum()  # det P = +-1, det L = 1, det U = prod(sign_s * exp(log_s))
+    lower_inv = torch.linalg.solve_triangular(unit_lower, eye, upper=False, unitriangular=True)
+    upper_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+    return upper_inv @ lower_inv @ perm.T, -log_s.sum()  # (P L U)^-1 = U^-1 L^-1 P^-1, and P^-1 = P^T
 
 
 # %%
@@ -576,11 +586,14 @@ exercises.check_lu_weight(lu_weight_and_logdet)
 # %% [markdown]
 # ### Exercise 2: ActNorm and its initialisation (implementation, about 25 minutes)
 #
-# Write `ActNormLayer.forward(z, ldj, reverse=False)`: on the first forward call in training (when
-# `self.initialized` is false), set `loc` and `log_scale` from the batch so that it comes out with zero mean
-# and unit standard deviation per channel, and mark the layer initialised; then apply
-# $z' = (z + b)\, e^{\log s}$ and add $H W \sum_c \log s_c$ to `ldj` (the inverse with `reverse=True`). The
-# checker switches off flowbook's `ActNorm`.
+# Write `ActNormLayer.forward(z, ldj, reverse=False)`: on the first forward call in training mode (when
+# `self.training` is true and the buffer `self.initialized` is false), set `loc` and `log_scale` from the
+# batch so that it comes out with zero mean and unit standard deviation per channel (over batch, height and
+# width; the standard deviation is `torch.std`'s default, the unbiased one), and mark the layer initialised
+# in the buffer; then apply $z' = (z + b)\, e^{\log s}$ with $b$ = `loc` and $\log s$ = `log_scale`, and add
+# $H W \sum_c \log s_c$ to `ldj` (the inverse with `reverse=True`). Set the values *in place*: an optimizer
+# made before the first batch holds the Parameter objects of `__init__`. The checker also reloads your
+# layer from its state dict and runs it in evaluation mode; it switches off flowbook's `ActNorm`.
 
 # %% tags=["student"]
 class ActNormLayer(torch.nn.Module):
@@ -619,23 +632,34 @@ class ActNormLayer(torch.nn.Module):
 exercises.check_actnorm(ActNormLayer)
 
 # %% [markdown]
-# ### Exercise 3: how well does a score separate? (implementation, about 15 minutes)
+# ### Exercise 3: the ROC curve and its area (implementation, about 30 minutes)
 #
-# Write `separation_auc(in_scores, out_scores)`, the AUC used above: the probability that a randomly chosen
-# out-of-distribution input scores higher than a randomly chosen in-distribution one, with ties counted half,
-# as a Python float. Compare all pairs (broadcasting); the checker switches off `flowbook.ood.separation_auc`.
+# The AUC above was defined as a probability over pairs. Its name says something else: the Area Under the
+# ROC Curve of the detector "flag an input as out-of-distribution when its score is at least $\tau$". Write
+# `separation_auc(in_scores, out_scores)` (tensors `[N]` and `[M]`, a Python float out) the way the name says:
+# for every threshold $\tau$ among the scores, from the largest down, the true-positive rate (the share of
+# out-of-distribution scores $\ge \tau$) and the false-positive rate (the share of in-distribution scores
+# $\ge \tau$); the curve starts at $(0, 0)$ (a threshold above every score) and ends at $(1, 1)$; integrate
+# it with the trapezoid rule (`torch.trapezoid`). Then show that this area equals the probability that an
+# out-of-distribution input scores higher than an in-distribution one, with ties counted half, and say which
+# part of the curve a tie between an in- and an out-of-distribution score becomes. The checker compares your
+# value with that probability (within $10^{-6}$) and switches off `flowbook.ood.separation_auc`.
 
 # %% tags=["student"]
 def separation_auc(in_scores, out_scores):
-    """in_scores [N], out_scores [M] -> P(out > in) + P(out == in) / 2, a float."""
+    """in_scores [N], out_scores [M] -> the area under the ROC curve, a float."""
     raise NotImplementedError("Exercise 3: implement separation_auc")
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 def separation_auc(in_scores, out_scores):
-    """in_scores [N], out_scores [M] -> P(out > in) + P(out == in) / 2, a float."""
-    diff = out_scores.view(-1, 1) - in_scores.view(1, -1)  # [M, N]: every pair
-    return ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item()
+    """in_scores [N], out_scores [M] -> the area under the ROC curve, a float."""
+    thresholds = torch.cat([in_scores, out_scores]).unique().flip(0).view(-1, 1)  # every score, largest first
+    tpr = (out_scores.view(1, -1) >= thresholds).double().mean(1)  # share of out-of-distribution flagged
+    fpr = (in_scores.view(1, -1) >= thresholds).double().mean(1)  # share of in-distribution flagged
+    zero = torch.zeros(1, dtype=torch.float64)
+    # a tie moves both rates at one threshold: a diagonal segment, which the trapezoid counts half
+    return torch.trapezoid(torch.cat([zero, tpr]), torch.cat([zero, fpr])).item()
 
 
 # %%
@@ -657,23 +681,27 @@ exercises.check_separation_auc(separation_auc)
 # a permutation never does.
 
 # %% [markdown]
-# ### Exercise 5: the most likely latent and the most likely image (conceptual, about 15 minutes)
+# ### Exercise 5: the mode of a one-dimensional flow (conceptual, about 20 minutes)
 #
-# The prior's mode $z = 0$ is the most likely latent, yet no test digit's latent is near it, and this chapter
-# printed the bpd of its decoded image next to that of the all-black image. Explain why the decoded mode
-# need not be the most likely image, and why neither of the two is a typical digit.
+# The chapter found that the decoded mode of the prior is not the most likely image. Work the same question
+# out by hand for the simplest flow there is: $x = g(z) = e^{z}$ with $z \sim \mathcal N(0, 1)$, so that
+# $f(x) = \log x$ on $x > 0$. (a) Write $\log p_x(x)$ with the change of variables and find the most likely
+# $x$. (b) Where does the most likely latent, $z = 0$, go, and what is the probability that $x$ is smaller than
+# it? (c) Which term of $\log p_x$ moves the mode away from $g(0)$, and what would a flow need to do to that
+# term to make $g(0)$ the most likely $x$ again? (d) Now take $D$ independent copies, $x_d = e^{z_d}$: how
+# far (in Euclidean distance) is the most likely $x$ from $g(0)$, and how does that grow with $D$?
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
-# **Answer.** $\log p(x) = \log \mathcal N(f(x)) + \log|\det J_f(x)|$. The decoded mode maximises only the
-# first term; the volume term depends on $x$ and can outweigh it, so the image density can be higher elsewhere,
-# where $f$ expands volume most (large $\log|\det J_f|$; the sampler $f^{-1}$ contracts latent volume onto those
-# images). For this MNIST flow the all-black image is such a place (black is what most training pixels are),
-# which is why it has a far lower bpd than the decoded mode. Neither is typical:
-# in $D$ dimensions the prior's mass lies in the shell $\|z\| \approx \sqrt D$, where the printed latent norms
-# of test digits sit, many units from the mode; and a digit drawn from the model is almost never blank,
-# just as a Gaussian sample almost never lies near 0. High density at a point and high probability of a
-# region are different things, which is why a typicality test compares an input's bpd with the typical bpd
-# instead of asking for a high likelihood.
+# **Answer.** (a) $\log p_x(x) = \log \mathcal N(\log x) + \log|d f/dx| = -\tfrac12 (\log x)^2 - \log x -
+# \tfrac12 \log 2\pi$. Its derivative, $-(\log x + 1)/x$, vanishes at $\log x = -1$: the most likely $x$ is
+# $e^{-1} \approx 0.37$. (b) $g(0) = e^0 = 1$, and $P(x < 1) = P(z < 0) = 1/2$: the decoded mode is the
+# *median* of $x$, not its mode. (c) The volume term $\log|df/dx| = -\log x$: it rewards small $x$, where the
+# flow stretches the latent line the most (a small interval of $x$ holds a long interval of $z$). Only a map
+# whose log-derivative has zero slope at $g(0)$ would keep the mode in place, e.g. an affine map, whose volume
+# term is constant. (d) The density factorises, so the most likely $x$ has every coordinate at $e^{-1}$, while
+# $g(0) = (1, \dots, 1)$: they are $(1 - e^{-1})\sqrt D \approx 0.63 \sqrt D$ apart, growing like $\sqrt D$.
+# In image dimensions the most likely image and the decoded mode can be far apart even when the volume term
+# moves each pixel only a little.
 
 # %% [markdown]
 # ## References

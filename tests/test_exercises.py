@@ -11,8 +11,9 @@ from nbclient import NotebookClient
 from conftest import ROOT
 from flowbook import editions, exercises
 from flowbook import ood, pretrained
-from flowbook.layers import ActNorm, SplitFlow, SqueezeFlow, create_checkerboard_mask
-from flowbook.models import create_multiscale_flow, interpolate_latents
+from flowbook.layers import (ActNorm, CouplingLayer, GatedConvNet, SplitFlow, SqueezeFlow, VariationalDequantization,
+                             create_checkerboard_mask)
+from flowbook.models import ImageFlow, create_multiscale_flow, interpolate_latents
 
 CHAPTERS = editions.chapters()
 
@@ -32,6 +33,12 @@ def _namespace(tag):
 
 SOLUTIONS = _namespace("solution")
 STUBS = _namespace("student")
+STUB_SOURCES = {  # checker: the source of the stub cell of its exercise
+    re.search(r"exercises\.(check_\w+)", text).group(1): stub
+    for stub, text in ((c.source, "\n".join(d.source for d in cells[i + 1:i + 4]))
+                       for src in CHAPTERS for cells in [jupytext.read(src).cells]
+                       for i, c in enumerate(cells) if "student" in c.metadata.get("tags", []))
+    if re.search(r"exercises\.(check_\w+)", text)}
 CHECKS = {  # checker: name defined by the chapter's exercise
     "check_change_of_variables": "log_prob_affine", "check_bits_per_dim": "bits_per_dim",
     "check_logit_transform": "logit_transform", "check_importance_weighted_bpd": "importance_weighted_bpd",
@@ -59,8 +66,13 @@ def test_every_checker_is_used_by_a_chapter():
 
 @pytest.mark.parametrize("checker", QUICK)
 def test_checker_passes_the_chapter_solution(checker, capsys):
+    import time
+
+    start = time.perf_counter()
     _check(checker, SOLUTIONS[CHECKS[checker]])
+    seconds = time.perf_counter() - start
     assert capsys.readouterr().out.startswith(f"✓ {checker}: all")
+    assert seconds < 20, f"{checker} took {seconds:.0f} s; a checker must stay well under a minute on two cores"
 
 
 @pytest.mark.parametrize("checker", CHECKS)
@@ -81,7 +93,8 @@ class _Wrapped(torch.nn.Module):
 
 
 def _affine_with(bound=lambda s, f: torch.tanh(s / f) * f, order="shift first", swap=False, mask_s=True, sign=1.0,
-                 mask_all=True):
+                 mask_all=True, factor=lambda f: f.exp().view(1, -1, 1, 1), sees=lambda z, mask: z * mask,
+                 ldj_sum=lambda s: s.sum(dim=[1, 2, 3])):
     class Wrong(torch.nn.Module):
         def __init__(self, network, mask, c_in):
             super().__init__()
@@ -90,12 +103,12 @@ def _affine_with(bound=lambda s, f: torch.tanh(s / f) * f, order="shift first", 
             self.register_buffer("mask", mask)
 
         def forward(self, z, ldj, reverse=False):
-            s, t = self.network(z * self.mask).chunk(2, dim=1)
+            s, t = self.network(sees(z, self.mask)).chunk(2, dim=1)
             if swap:
                 s, t = t, s
-            s = bound(s, self.scaling_factor.exp().view(1, -1, 1, 1))
+            s = bound(s, factor(self.scaling_factor))
             keep = (1 - self.mask) if mask_all else 1
-            s_sum = (s * (1 - self.mask) if mask_s else s).sum(dim=[1, 2, 3])
+            s_sum = ldj_sum(s * (1 - self.mask) if mask_s else s)
             s, t = s * keep, t * keep
             if not reverse:
                 z = (z + t) * torch.exp(s) if order == "shift first" else z * torch.exp(s) + t
@@ -140,7 +153,7 @@ def _log_n(v):
     return (-0.5 * (v ** 2 + math.log(2 * math.pi))).flatten(1).sum(1)
 
 
-def _split_with(forward=None, draw=None):
+def _split_with(forward=None, draw=None, scale_given=False, score=None):
     class Wrong(torch.nn.Module):
         def forward(self, z, ldj, reverse_=False, z_split=None, temperature=1.0, **kw):
             raise AssertionError
@@ -150,6 +163,10 @@ def _split_with(forward=None, draw=None):
             return forward(z, ldj)
         if z_split is None:
             z_split = torch.randn_like(z) * (temperature if draw is None else draw(temperature))
+            if score is not None:
+                return torch.cat([z, z_split], dim=1), ldj - score(z_split, temperature)
+        elif scale_given:
+            z_split = z_split * temperature
         return torch.cat([z, z_split], dim=1), ldj - _log_n(z_split)
     Wrong.forward = run
     return Wrong
@@ -188,7 +205,8 @@ def _sample_with(t_latent=lambda t: t, t_split=lambda t: t):
     return sample_images
 
 
-def _actnorm_with(scale=lambda std: -std.log(), once=True, hw=True, sign=1.0):
+def _actnorm_with(scale=lambda std: -std.log(), once=True, hw=True, sign=1.0, flag="buffer", new_params=False,
+                  only_training=True, form="shift first", reverse_sign=1.0, unbiased=True):
     class Wrong(torch.nn.Module):
         def __init__(self, channels):
             super().__init__()
@@ -196,18 +214,110 @@ def _actnorm_with(scale=lambda std: -std.log(), once=True, hw=True, sign=1.0):
             self.log_scale = torch.nn.Parameter(torch.zeros(1, channels, 1, 1))
             self.register_buffer("initialized", torch.tensor(False))
 
+        def done(self):
+            return bool(self.initialized) if flag == "buffer" else getattr(self, "_done", False)
+
         def forward(self, z, ldj, reverse=False):
-            if not reverse and (not once or not bool(self.initialized)):
+            if not reverse and (self.training or not only_training) and (not once or not self.done()):
                 with torch.no_grad():
                     flat = z.transpose(0, 1).flatten(1)
-                    self.loc.copy_(-flat.mean(1).view_as(self.loc))
-                    self.log_scale.copy_(scale(flat.std(1)).view_as(self.log_scale))
-                    self.initialized.fill_(True)
+                    mean, std = flat.mean(1), flat.std(1, unbiased=unbiased)
+                    loc = -mean if form == "shift first" else -mean / std
+                    if new_params:
+                        self.loc = torch.nn.Parameter(loc.view_as(self.loc).clone())
+                        self.log_scale = torch.nn.Parameter(scale(std).view_as(self.log_scale).clone())
+                    else:
+                        self.loc.copy_(loc.view_as(self.loc))
+                        self.log_scale.copy_(scale(std).view_as(self.log_scale))
+                    if flag == "buffer":
+                        self.initialized.fill_(True)
+                    else:
+                        self._done = True
             log_det = sign * (z.shape[2] * z.shape[3] if hw else 1) * self.log_scale.sum()
-            if not reverse:
-                return (z + self.loc) * torch.exp(self.log_scale), ldj + log_det
-            return z * torch.exp(-self.log_scale) - self.loc, ldj - log_det
+            if form == "shift first":
+                y = (z + self.loc) * torch.exp(self.log_scale) if not reverse else z * torch.exp(-self.log_scale) - self.loc
+            else:
+                y = z * torch.exp(self.log_scale) + self.loc if not reverse else (z - self.loc) * torch.exp(-self.log_scale)
+            return y, (ldj + log_det if not reverse else ldj - reverse_sign * log_det)
     return Wrong
+
+
+_BORROWED_FORWARD = CouplingLayer.forward  # references a student captured in a cell above the check
+_PU, _PS = torch.nn.functional.pixel_unshuffle, torch.nn.functional.pixel_shuffle
+_SQUEEZE_FORWARD = SqueezeFlow.forward
+_SLD, _SVDVALS, _LU_FACTOR = torch.linalg.slogdet, torch.linalg.svdvals, torch.linalg.lu_factor
+_MADE_EARLIER = create_multiscale_flow()  # a model made in an earlier cell
+_DEQUANT_NOISE = VariationalDequantization.dequant_noise
+_SAMPLE = ImageFlow.sample
+
+
+def _copy_of_an_earlier_model():
+    import copy
+
+    return copy.deepcopy(_MADE_EARLIER)
+
+
+class _BorrowingCoupling(torch.nn.Module):
+    def __init__(self, network, mask, c_in):
+        super().__init__()
+        self.network = network
+        self.scaling_factor = torch.nn.Parameter(torch.zeros(c_in))
+        self.register_buffer("mask", mask)
+
+    def forward(self, z, ldj, reverse=False):
+        return _BORROWED_FORWARD(self, z, ldj, reverse)
+
+
+def _lu_right(p, lo, up, sg, ls):
+    return p @ (torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype)) @ (torch.triu(up, 1) + torch.diag(sg * ls.exp()))
+
+
+def _lu_inverse_with(combine, sign=-1.0):
+    def lu_weight_and_logdet(p, lo, up, sg, ls, inverse=False):
+        if not inverse:
+            return SOLUTIONS["lu_weight_and_logdet"](p, lo, up, sg, ls)
+        eye = torch.eye(len(ls), dtype=ls.dtype)
+        lower, upper = torch.tril(lo, -1) + eye, torch.triu(up, 1) + torch.diag(sg * ls.exp())
+        l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        u_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+        return combine(p, l_inv, u_inv), sign * ls.sum()
+    return lu_weight_and_logdet
+
+
+def _squeeze_reverse_swapped(z, reverse=False):
+    B, C, H, W = z.shape
+    if not reverse:
+        return SOLUTIONS["squeeze"](z)
+    return z.reshape(B, C // 4, 2, 2, H, W).permute(0, 1, 4, 3, 5, 2).reshape(B, C // 4, 2 * H, 2 * W)
+
+
+def _set_vardeq_masks(model, invert):
+    for j, flow in enumerate(model.flows[0].flows):
+        flow.mask.copy_(create_checkerboard_mask(28, 28, invert=invert(j)))
+
+
+def _slerp_with(a, b, n, spherical, angle):
+    if not spherical:
+        return SOLUTIONS["interpolate"](a, b, n)
+    lam, omega = torch.linspace(0, 1, n).view(-1, 1, 1, 1), angle(a, b)
+    return (torch.sin((1 - lam) * omega) * a + torch.sin(lam * omega) * b) / torch.sin(omega)
+
+
+def _truncate_after(shape, t, r):
+    """Truncation applied to z = T e instead of to e (|z| <= r instead of |z| <= r T)."""
+    z = torch.randn(shape) * t
+    outside = z.abs() > r
+    while outside.any():
+        z[outside] = torch.randn(int(outside.sum())) * t
+        outside = z.abs() > r
+    return z
+
+
+def _roc_without_start(in_scores, out_scores):
+    t = torch.cat([in_scores, out_scores]).unique().flip(0).view(-1, 1)
+    tpr = (out_scores.view(1, -1) >= t).double().mean(1)
+    fpr = (in_scores.view(1, -1) >= t).double().mean(1)
+    return torch.trapezoid(tpr, fpr).item()
 
 
 def _no_volume(x, a, b):
@@ -219,6 +329,10 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_no_volume, "volume term is missing"),
         (lambda x, a, b: _no_volume(x, a, b) + math.log(abs(a)), "wrong sign"),
         (lambda x, a, b: _no_volume(x, a, b) - torch.log(torch.tensor(a, dtype=x.dtype)), "log|scale|"),
+        (lambda x, a, b: torch.distributions.Normal(b, abs(a)).log_prob(x), "not the change of variables"),
+        (lambda x, a, b: torch.distributions.TransformedDistribution(
+            torch.distributions.Normal(torch.tensor(0.0, dtype=x.dtype), torch.tensor(1.0, dtype=x.dtype)),
+            [torch.distributions.AffineTransform(b, a)]).log_prob(x), "does the change of variables for you"),
     ],
     "check_bits_per_dim": [
         (lambda ll, d: -ll / d, "divide by log 2"),
@@ -232,6 +346,7 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
          "alpha term is missing"),
         (lambda u, a: (torch.logit((1 - a) * u + a / 2), -SOLUTIONS["logit_transform"](u, a)[1]), "wrong sign"),
         (lambda u, a: (torch.logit((1 - a) * u + a / 2), SOLUTIONS["logit_transform"](u, a)[1].sum()), "shape [B]"),
+        (lambda u, a: SOLUTIONS["logit_transform"](u, 0.05), "fixed at 0.05"),
     ],
     "check_importance_weighted_bpd": [
         (lambda lls, d: -lls.mean(0) / (d * math.log(2)), "averaged the log-likelihoods"),
@@ -246,6 +361,10 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_vardeq_with(sigmoid_sign=-1.0), "sigmoid's log-determinant has the wrong sign"),
         (_vardeq_with(logit=False), "logit's log-determinant is missing"),
         (_vardeq_with(flows=False), "coupling layers' log-determinants are missing"),
+        (lambda flows, x, u0, a: SOLUTIONS["vardeq_noise"](flows, x, u0, 0.05), "fixed at 0.05"),
+        (lambda flows, x, u0, a: _DEQUANT_NOISE(VariationalDequantization(flows, alpha=a), x,
+                                                torch.zeros(len(x), dtype=u0.dtype), noise=u0),
+         "implement this yourself"),
     ],
     "check_checkerboard_mask": [
         (lambda h, w, invert=False: 1 - SOLUTIONS["checkerboard_mask"](h, w, invert), "starts with 1"),
@@ -261,6 +380,12 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_affine_with(sign=0.0), "ldj is unchanged"),
         (_affine_with(sign=-1.0), "wrong sign"),
         (_affine_with(mask_s=False), "summed s over every pixel".replace("summed s", "sums s")),
+        (_affine_with(factor=lambda f: f.mean().exp()), "all channels share one factor"),
+        (_affine_with(factor=lambda f: f.exp()), "broadcasts along the width"),
+        (_affine_with(bound=lambda s, f: torch.tanh(s) * f), "changes its slope"),
+        (_affine_with(ldj_sum=lambda s: s.sum()), "one number for the whole batch"),
+        (_affine_with(sees=lambda z, mask: z), "must see z * mask, not z"),
+        (_BorrowingCoupling, "implement this yourself"),
     ],
     "check_additive_coupling": [
         (_AdditiveForgotMask, "multiply t by (1 - mask)"),
@@ -283,33 +408,63 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
          "-0.5 log(2 pi)"),
         (_split_with(lambda z, ldj: (z.chunk(2, 1)[0], ldj + _log_n(z.chunk(2, 1)[1])), draw=lambda t: t * t),
          "temperature^2"),
+        (_split_with(lambda z, ldj: (z.chunk(2, 1)[0], ldj + _log_n(z.chunk(2, 1)[1])), scale_given=True),
+         "appended as it is"),
+        (_split_with(lambda z, ldj: (z.chunk(2, 1)[0], ldj + (-0.5 * (z.chunk(2, 1)[1] ** 2 + math.log(2 * math.pi)))
+                                     .flatten(1).mean(1))), "averaged log N"),
+        (_split_with(lambda z, ldj: (z.chunk(2, 1)[0], ldj + _log_n(z.chunk(2, 1)[1])),
+                     score=lambda v, t: _log_n(v / t) - v[0].numel() * math.log(t)), "scored under the prior"),
     ],
     "check_multiscale_flow": [
         (_multiscale_with(lambda m: m.flows.__delitem__(6)), "layer 6 is a SqueezeFlow"),
-        (_multiscale_with(lambda m: m.flows[2].mask.copy_(m.flows[1].mask)), "layer 2's mask"),
+        (_multiscale_with(lambda m: m.flows[2].mask.copy_(m.flows[1].mask)),
+         "layer 2 has the checkerboard mask of shape [1, 1, 28, 28]; expected the inverted"),
         (_multiscale_with(lambda m: m.flows.__setitem__(4, SOLUTIONS["build_multiscale_flow"]().flows[5])),
-         "layer 4's mask"),
+         "layer 4 has the inverted channel mask"),
+        (_multiscale_with(lambda m: _set_vardeq_masks(m, lambda j: False)),
+         "layer 0's noise coupling 1 has the checkerboard mask"),
+        (_multiscale_with(lambda m: _set_vardeq_masks(m, lambda j: j % 2 == 0)),
+         "layer 0's noise coupling 0 has the inverted checkerboard mask"),
+        (_multiscale_with(lambda m: m.flows[1].__setattr__("network", GatedConvNet(1, c_hidden=32, c_out=4))),
+         "layer 1: c_out = 4, expected 2"),
+        (_multiscale_with(lambda m: m.flows[0].flows[0].__setattr__(
+            "scaling_factor", torch.nn.Parameter(torch.zeros(2)))), "c_in (its scaling factors) = 2, expected 1"),
+        (_copy_of_an_earlier_model, "not built by build_multiscale_flow"),
         (lambda: create_multiscale_flow(), "implement this yourself"),
         (lambda: torch.nn.Sequential(*SOLUTIONS["build_multiscale_flow"]().flows), "return an ImageFlow"),
     ],
     "check_interpolate": [
-        (lambda a, b, n: (1 - torch.linspace(0, 1, n + 2)[1:-1].view(-1, 1, 1, 1)) * a
+        (lambda a, b, n, spherical=False: (1 - torch.linspace(0, 1, n + 2)[1:-1].view(-1, 1, 1, 1)) * a
          + torch.linspace(0, 1, n + 2)[1:-1].view(-1, 1, 1, 1) * b, "first step must be z_a"),
-        (lambda a, b, n: (1 - torch.arange(n).view(-1, 1, 1, 1) / n) * a + torch.arange(n).view(-1, 1, 1, 1) / n * b,
+        (lambda a, b, n, spherical=False: (1 - torch.arange(n).view(-1, 1, 1, 1) / n) * a + torch.arange(n).view(-1, 1, 1, 1) / n * b,
          "last step must be z_b"),
-        (lambda a, b, n: torch.linspace(0, 1, n).view(-1, 1, 1, 1) * a
+        (lambda a, b, n, spherical=False: torch.linspace(0, 1, n).view(-1, 1, 1, 1) * a
          + (1 - torch.linspace(0, 1, n).view(-1, 1, 1, 1)) * b, "go backwards"),
-        (lambda a, b, n: interpolate_latents(a, b, n), "implement this yourself"),
+        (lambda a, b, n, spherical=False: interpolate_latents(a, b, n), "implement this yourself"),
+        (lambda a, b, n, spherical=False: SOLUTIONS["interpolate"](a, b, n), "gives the straight line"),
+        (lambda a, b, n, spherical=False: _slerp_with(a, b, n, spherical, lambda a, b: torch.arccos((
+            a.flatten() @ b.flatten()).clamp(-1, 1))), "divide the dot product by both norms"),
+        (lambda a, b, n, spherical=False: _slerp_with(a, b, n, spherical, lambda a, b: torch.arccos((
+            a * b / (a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True))).sum(1, keepdim=True).clamp(-1, 1))),
+         "not one per pixel"),
     ],
     "check_temperature_latent": [
-        (lambda shape, t: torch.randn(shape) * t ** 2, "temperature^2"),
-        (lambda shape, t: torch.randn(shape) + t, "scale, do not shift"),
-        (lambda shape, t: torch.randn(shape, dtype=torch.float64) * t, "expected float32"),
+        (lambda shape, t, truncation=None: torch.randn(shape) * t ** 2, "temperature^2"),
+        (lambda shape, t, truncation=None: torch.randn(shape) + t, "scale, do not shift"),
+        (lambda shape, t, truncation=None: torch.randn(shape, dtype=torch.float64) * t, "expected float32"),
+        (lambda shape, t, truncation=None: torch.randn(shape) * t, "draw again every entry"),
+        (lambda shape, t, truncation=None: torch.randn(shape).clamp(-truncation, truncation) * t
+         if truncation else torch.randn(shape) * t, "clamping piles the tails"),
+        (lambda shape, t, truncation=None: (SOLUTIONS["temperature_latent"](shape, 1.0) * t).clamp(-10, 10)
+         if truncation is None else _truncate_after(shape, t, truncation), "before the temperature"),
+        (lambda shape, t, truncation=None: SOLUTIONS["temperature_latent"](shape, t, truncation=1.0),
+         "only when truncation is given"),
     ],
     "check_sample_images": [
         (_sample_with(t_latent=lambda t: t * t, t_split=lambda t: t * t), "not * T**2"),
         (_sample_with(t_split=lambda t: 1.0), "split layer must draw its half at the temperature"),
         (lambda model, n, t: model.sample(model.latent_shape(n), temperature=t), "implement this yourself"),
+        (lambda model, n, t: _SAMPLE(model, model.latent_shape(n), temperature=t), "implement this yourself"),
     ],
     "check_lu_weight": [
         (lambda p, lo, up, sg, ls: (p @ lo @ (torch.triu(up, 1) + torch.diag(sg * ls.exp())), ls.sum()), "unit lower"),
@@ -324,6 +479,20 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (lambda p, lo, up, sg, ls: (lambda w: (w, torch.linalg.slogdet(w)[1]))(
             p @ (torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype)) @ (torch.triu(up, 1) + torch.diag(sg * ls.exp()))),
          "implement this yourself"),
+        (lambda p, lo, up, sg, ls: (lambda w: (w, _SLD(w)[1]))(_lu_right(p, lo, up, sg, ls)), "implement this yourself"),
+        (lambda p, lo, up, sg, ls: (lambda w: (w, w.slogdet()[1]))(_lu_right(p, lo, up, sg, ls)), "implement this yourself"),
+        (lambda p, lo, up, sg, ls: (lambda w: (w, _SVDVALS(w).log().sum()))(_lu_right(p, lo, up, sg, ls)),
+         "implement this yourself"),
+        (lambda p, lo, up, sg, ls: (lambda w: (w, _LU_FACTOR(w)[0].diagonal().abs().log().sum()))(
+            _lu_right(p, lo, up, sg, ls)), "implement this yourself"),
+        (lambda p, lo, up, sg, ls: ((torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype))
+                                    @ (torch.triu(up, 1) + torch.diag(sg * ls.exp())) @ p, ls.sum()), "not L @ U @ P"),
+        (_lu_inverse_with(lambda p, l_inv, u_inv: u_inv @ l_inv @ p), "P^-1 is P transposed"),
+        (_lu_inverse_with(lambda p, l_inv, u_inv: p.T @ l_inv @ u_inv), "reverses the order"),
+        (_lu_inverse_with(lambda p, l_inv, u_inv: u_inv @ l_inv @ p.T, sign=1.0), "-sum(log_s)"),
+        (_lu_inverse_with(lambda p, l_inv, u_inv: torch.linalg.inv(p @ torch.linalg.inv(l_inv) @ torch.linalg.inv(u_inv))),
+         "implement this yourself"),
+        (_lu_inverse_with(lambda p, l_inv, u_inv: (p @ l_inv.inverse() @ u_inv.inverse()).inverse()), "implement this yourself"),
     ],
     "check_actnorm": [
         (_actnorm_with(scale=lambda std: std.log()), "wrong sign"),
@@ -332,6 +501,12 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_actnorm_with(hw=False), "H * W"),
         (_actnorm_with(sign=-1.0), "wrong sign"),
         (lambda c: ActNorm(c), "implement this yourself"),
+        (_actnorm_with(flag="python"), "load_state_dict does not restore"),
+        (_actnorm_with(new_params=True), "by new Parameters"),
+        (_actnorm_with(only_training=False), "in evaluation mode"),
+        (_actnorm_with(form="scale first"), "belongs to the form z * exp(log_scale) + loc"),
+        (_actnorm_with(unbiased=False), "biased standard deviation"),
+        (_actnorm_with(reverse_sign=-1.0), "it subtracts"),
     ],
     "check_separation_auc": [
         (lambda a, b: ((a.view(-1, 1) - b.view(1, -1)) > 0).float().mean().item()
@@ -341,6 +516,7 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (lambda a, b: ((b.view(-1, 1) - a.view(1, -1)) > 0).float().mean() + 0.5 * (
             (b.view(-1, 1) - a.view(1, -1)) == 0).float().mean(), "Python float"),
         (lambda a, b: ood.separation_auc(a, b), "implement this yourself"),
+        (lambda a, b: _roc_without_start(a, b), "starts at (0, 0)"),
     ],
 }
 
@@ -355,20 +531,46 @@ def test_checker_gives_a_plausible_mistake_its_own_hint(checker, index, capsys):
     assert capsys.readouterr().out == "", "a failed check says its message once, in the error"
 
 
+@pytest.mark.parametrize("way", ["exact count", "float64 mean", "float32 mean", "torchmetrics", "chapter"])
+def test_auc_checker_passes_every_correct_way_to_count(way, capsys):
+    def separation_auc(in_scores, out_scores):
+        if way == "chapter":  # the ROC curve and the trapezoid rule
+            return SOLUTIONS["separation_auc"](in_scores, out_scores)
+        if way == "torchmetrics":
+            from torchmetrics.functional.classification import binary_auroc
+
+            scores = torch.cat([in_scores, out_scores])
+            labels = torch.cat([torch.zeros(len(in_scores)), torch.ones(len(out_scores))]).long()
+            return binary_auroc(scores, labels).item()
+        o, i = out_scores.view(-1, 1), in_scores.view(1, -1)
+        if way == "exact count":
+            return ((o > i).sum().item() + 0.5 * (o == i).sum().item()) / (len(out_scores) * len(in_scores))
+        dtype = torch.float64 if way == "float64 mean" else torch.float32
+        return ((o > i).to(dtype).mean() + 0.5 * (o == i).to(dtype).mean()).item()
+
+    exercises.check_separation_auc(separation_auc)
+    assert capsys.readouterr().out.startswith("✓ check_separation_auc: all")
+
+
 def test_every_checker_names_the_mistakes_it_catches():
     for checker in CHECKS:
         doc = getattr(exercises, checker).__doc__
         assert "Catches:" in doc and doc.split("Catches:")[1].count("\n    - ") >= len(WRONG.get(checker, [1, 2])) - 1
 
 
-def test_a_failed_check_is_one_line_in_a_notebook_without_a_traceback():
+def test_a_failed_check_and_an_unsolved_stub_are_one_line_each_in_a_notebook_without_a_traceback():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "from flowbook import exercises\nexercises.check_bits_per_dim(lambda ll, d: -ll / d)")])
+        "from flowbook import exercises\nexercises.check_bits_per_dim(lambda ll, d: -ll / d)"),
+        nbformat.v4.new_code_cell("import torch\n" + STUB_SOURCES["check_affine_coupling"] + "\nexercises.check_affine_coupling(AffineCoupling)")])
     NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True).execute()
     [error] = [o for o in nb.cells[0].outputs if o.output_type == "error"]
     assert error.ename == "CheckFailed" and len(error.traceback) == 1, error.traceback
     assert "divide by log 2" in error.traceback[0] and "exercises" not in error.traceback[0].split("✗")[0]
     assert not [o for o in nb.cells[0].outputs if o.output_type == "stream"], "the message is shown once"
+    [stub] = [o for o in nb.cells[1].outputs if o.output_type == "error"]
+    assert stub.ename == "NotImplementedError" and len(stub.traceback) == 1, stub.traceback
+    assert "Exercise 1: implement AffineCoupling.forward" in stub.traceback[0]
+    assert "switches off" not in stub.traceback[0] and "_harness" not in stub.traceback[0]
 
 
 def test_flowbook_works_again_after_a_check_even_a_failed_one():
@@ -397,26 +599,39 @@ def short_training(monkeypatch):
         monkeypatch.setattr(ch3, name, value)
 
 
-@pytest.mark.parametrize("wrong, hint", [
-    ("no_step", "no parameter changed"), ("no_list", "return the list"), ("no_zero_grad", "zero_grad"),
-    ("delegates", "implement this yourself"),
-])
-def test_train_flow_checker_names_the_mistake(short_training, wrong, hint):
+def _train_flow_with(wrong):
+    """The chapter's training loop with one mistake (or a cheat) in it."""
     def train_flow(model, images, num_steps, batch_size=64, lr=3e-3):
         if wrong == "delegates":
             return pretrained.train_quick("simple")
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr if wrong != "no_zero_grad" else 1e-7)
-        losses = []
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        model.train()
+        losses, first = [], torch.randint(len(images), (batch_size,))
         for _ in range(num_steps):
-            loss = model(images[torch.randint(len(images), (batch_size,))])
+            batch = images[first if wrong == "same_batch" else torch.randint(len(images), (batch_size,))]
+            loss = model(batch)
+            if wrong != "no_zero_grad" and wrong != "zero_grad_late":
+                optimizer.zero_grad()
             loss.backward()
+            if wrong == "zero_grad_late":
+                optimizer.zero_grad()
+            if wrong != "no_clip":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5 if wrong == "clip_at_half" else 1.0)
             if wrong != "no_step":
                 optimizer.step()
             losses.append(loss.item())
         return losses if wrong != "no_list" else None
+    return train_flow
 
+
+@pytest.mark.parametrize("wrong, hint", [
+    ("no_step", "no parameter changed"), ("no_list", "return the list"), ("delegates", "implement this yourself"),
+    ("no_zero_grad", "gradients add up across steps"), ("zero_grad_late", "stepped with a zero gradient"),
+    ("no_clip", "unclipped"), ("clip_at_half", "clip the total norm at 1.0"), ("same_batch", "used the same batch"),
+])
+def test_train_flow_checker_names_the_mistake(short_training, wrong, hint):
     with pytest.raises(exercises.CheckFailed, match=re.escape(hint)):
-        exercises.check_train_flow(train_flow, SOLUTIONS["AffineCoupling"], SOLUTIONS["checkerboard_mask"])
+        exercises.check_train_flow(_train_flow_with(wrong), SOLUTIONS["AffineCoupling"], SOLUTIONS["checkerboard_mask"])
 
 
 def test_train_flow_checker_passes_the_chapter_solution_on_a_short_run(short_training, capsys):
@@ -453,11 +668,81 @@ def test_student_edition_shows_no_solution_before_its_exercise():
     for src in CHAPTERS:
         cells = editions.make_edition(src, "student").cells
         code = "\n".join(c.source for c in cells if c.cell_type == "code")
-        for shown in ("CouplingLayer.forward", "SqueezeFlow.forward", "SplitFlow.forward", "dequant_noise"):
+        for shown in ("CouplingLayer.forward", "SqueezeFlow.forward", "SplitFlow.forward", "dequant_noise",
+                      "toy.ToyCoupling.forward"):
             assert f"getsource({shown}" not in code and f"getsource(VariationalDequantization.{shown}" not in code
         assert all(editions.SPOILER_NOTE != c.source or c.cell_type == "markdown" for c in cells)
     full = [c for src in CHAPTERS for c in jupytext.read(src).cells if "spoiler" in c.metadata.get("tags", [])]
-    assert len(full) == 4 and all("getsource" in c.source for c in full)
+    assert len(full) >= 4 and sum("getsource" in c.source for c in full) >= 4
+
+
+def _code_tokens(source):
+    """The tokens of Python code with every name replaced by N and every number by 0, so that the same
+    computation on other variables (`-uniform_ll / (D * math.log(2))`) reads the same."""
+    import io
+    import keyword
+    import tokenize
+
+    code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    out = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+            if tok.type == tokenize.NAME and not keyword.iskeyword(tok.string):
+                out.append("N")
+            elif tok.type == tokenize.NUMBER:
+                out.append("0")
+            elif tok.type == tokenize.OP or tok.type == tokenize.NAME:
+                out.append(tok.string)
+    except (tokenize.TokenError, IndentationError):
+        pass
+    return out
+
+
+def _solution_expressions(source, min_tokens=9):
+    """The token sequences of the right-hand sides and return values in a solution cell (the work it does):
+    arithmetic of at least `min_tokens` tokens (shorter ones, like `z * mask`, and plain calls such as
+    `flow(e, ldj, orig_img=cond)` say nothing on their own)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        value = node.value if isinstance(node, (ast.Assign, ast.Return, ast.AugAssign)) else None
+        if value is not None:
+            toks = _code_tokens(ast.unparse(value))
+            if len(toks) >= min_tokens and any(t in "+-*/@" for t in toks):  # a computation, not a call
+                found.append(toks)
+    return found
+
+
+def _contains(seq, sub):
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+@pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
+def test_no_student_edition_cell_above_an_exercise_contains_its_solution(source):
+    """Issue 19, item 13: the student edition must not show, above an exercise, code that computes what its
+    solution computes (the same expression on other names counts)."""
+    cells = jupytext.read(source).cells
+    student = editions.make_edition(source, "student").cells
+    exercises_start = next(i for i, c in enumerate(student) if c.cell_type == "markdown" and "## Exercises" in c.source)
+    above = [_code_tokens(c.source) for c in student[:exercises_start] if c.cell_type == "code"]
+    for c in cells:
+        if "solution" not in c.metadata.get("tags", []):
+            continue
+        for expr in _solution_expressions(c.source):
+            shown = [i for i, toks in enumerate(above) if _contains(toks, expr)]
+            assert not shown, f"{source.name}: a cell above the exercises computes {' '.join(expr)} as the " \
+                              f"solution\n{c.source}\ndoes"
+
+
+def test_hidden_cells_still_run_in_the_student_edition():
+    src = next(p for p in CHAPTERS if p.stem.startswith("02_"))
+    cells = editions.make_edition(src, "student").cells
+    hidden = [c for c in cells if "spoiler-run" in c.metadata.get("tags", [])]
+    assert hidden and all("run_hidden(" in c.source and "logsumexp" not in c.source for c in hidden)
+    ns = {}
+    exec("x = 1", ns)
+    assert ns["x"] == 1
 
 
 @pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)

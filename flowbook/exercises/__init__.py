@@ -3,9 +3,11 @@
 Each runs the kind of tests flowbook runs on its own code (invertibility, log-determinant against
 autograd, shapes, dtypes, edge cases) on yours, in an order chosen so that a plausible mistake gets the hint
 written for it. While your code is checked, the flowbook code the exercise re-implements is switched off:
-calling it fails with "implement this yourself". A passing check prints one line; a failing one raises
-CheckFailed, whose message a notebook shows on its own, without a traceback. A stub that still raises
-NotImplementedError is not caught: you see it. Each checker's docstring lists the mistakes it recognises.
+calling it fails with "implement this yourself", also through a reference taken before the check (a Python
+function's code is swapped in place; a torch function is caught by a torch function mode). A passing check
+prints one line; a failing one raises CheckFailed, whose message a notebook shows on its own, without a
+traceback. A stub that still raises NotImplementedError is not caught (tests and "Run All" expect it), but a
+notebook shows it as one line too. Each checker's docstring lists the mistakes it recognises.
 """
 from flowbook.exercises._harness import CheckFailed
 from flowbook.exercises.ch1 import check_bits_per_dim, check_change_of_variables

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from torch.autograd.functional import jacobian
+from torch.overrides import TorchFunctionMode
 
 _PACKAGE = str(Path(__file__).resolve().parents[1])
 
@@ -114,45 +115,122 @@ def _call(key, args, kwargs):
                     "implement this yourself")
 
 
-def _stub_code(name, key):
-    src = (f"def {name}(*args, **kwargs):\n"
-           f"    import flowbook.exercises._harness as _h\n"
-           f"    return _h._call({key!r}, args, kwargs)\n")
+_STUB_FILE = "<switched off by flowbook.exercises>"
+
+
+def _stub_code(name, key, freevars=()):
+    """Code for a function `name` that calls _call(key, ...), with the same free variables as the code it
+    replaces (a method that uses super() has one, __class__), so that it can take that code's place."""
+    cells = "".join(f"    {v} = None\n" for v in freevars)
+    uses = f"        ({', '.join(freevars)},)\n" if freevars else ""
+    src = (f"def _outer():\n{cells}"
+           f"    def {name}(*args, **kwargs):\n{uses}"
+           f"        import flowbook.exercises._harness as _h\n"
+           f"        return _h._call({key!r}, args, kwargs)\n"
+           f"    return {name}\n")
     scope = {}
-    exec(compile(src, "<switched off by flowbook.exercises>", "exec"), scope)
-    return scope[name].__code__
+    exec(compile(src, _STUB_FILE, "exec"), scope)
+    return scope["_outer"]().__code__
+
+
+def _swap_code(target, key, undo):
+    """Switch off the Python function `target` in place: every reference to it, including one a student
+    captured before the check (`_borrowed = CouplingLayer.forward`), now calls the stub."""
+    code = target.__code__
+    if code.co_filename == _STUB_FILE:  # already switched off (the same function named twice)
+        return
+    stub = _stub_code(target.__name__, key, code.co_freevars)
+    if stub.co_freevars != code.co_freevars:  # cannot happen for the targets flowbook blocks; be safe
+        raise RuntimeError(f"cannot switch off {key}: free variables {code.co_freevars}")
+    _ORIGINALS[key] = types.FunctionType(code, target.__globals__, target.__name__, target.__defaults__,
+                                         target.__closure__)
+    _ORIGINALS[key].__kwdefaults__ = target.__kwdefaults__
+    target.__code__ = stub
+    undo.append(lambda t=target, c=code, k=key: (setattr(t, "__code__", c), _ORIGINALS.pop(k)))
+
+
+class _BlockTorch(TorchFunctionMode):
+    """Switches off torch's own (C) functions however they are reached: through torch.linalg.slogdet, an
+    alias such as torch.slogdet, or a reference captured before the check (`_sld = torch.linalg.slogdet`)."""
+
+    def __init__(self, functions: dict):
+        super().__init__()
+        self.functions = functions  # the callable -> its name
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        if not _REFERENCE[0] and func in self.functions:
+            raise Delegated(f"your code called {self.functions[func]}, which this exercise switches off while your "
+                            "code is checked: implement this yourself")
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
 def blocked(targets):
     """Switch off `targets` (Python functions, or (owner, attribute) pairs for methods and torch functions):
-    calling one raises Delegated, except inside `reference()`. Everything is restored afterwards."""
-    undo = []
+    calling one raises Delegated, except inside `reference()`. A Python function or method is switched off in
+    place (its code is swapped), so a reference to it captured earlier is switched off too; a torch function
+    is also caught by a torch function mode, so an alias or a captured reference cannot reach it.
+    Everything is restored afterwards."""
+    undo, torch_functions = [], {}
     try:
         for target in targets:
             if isinstance(target, types.FunctionType):
-                key = target.__qualname__
-                code = target.__code__
-                _ORIGINALS[key] = types.FunctionType(code, target.__globals__, target.__name__,
-                                                     target.__defaults__, target.__closure__)
-                _ORIGINALS[key].__kwdefaults__ = target.__kwdefaults__
-                target.__code__ = _stub_code(target.__name__, key)
-                undo.append(lambda t=target, c=code, k=key: (setattr(t, "__code__", c), _ORIGINALS.pop(k)))
-            else:
-                owner, attr = target
-                key = f"{getattr(owner, '__name__', owner)}.{attr}"
-                original = owner.__dict__[attr] if attr in getattr(owner, "__dict__", {}) else getattr(owner, attr)
-                _ORIGINALS[key] = getattr(owner, attr)
+                _swap_code(target, target.__qualname__, undo)
+                continue
+            owner, attr = target
+            key = f"{getattr(owner, '__name__', owner)}.{attr}"
+            if owner is torch.Tensor:  # a tensor method (w.det()): caught by the mode alone, torch.Tensor untouched
+                torch_functions[getattr(owner, attr)] = key
+                continue
+            original = owner.__dict__[attr] if attr in getattr(owner, "__dict__", {}) else getattr(owner, attr)
+            if isinstance(original, types.FunctionType):
+                _swap_code(original, key, undo)
+                continue
+            torch_functions[getattr(owner, attr)] = key
+            _ORIGINALS[key] = getattr(owner, attr)
 
-                def stub(*args, _key=key, **kwargs):
-                    return _call(_key, args, kwargs)
+            def stub(*args, _key=key, **kwargs):
+                return _call(_key, args, kwargs)
 
-                setattr(owner, attr, stub)
-                undo.append(lambda o=owner, a=attr, v=original, k=key: (setattr(o, a, v), _ORIGINALS.pop(k)))
-        yield
+            setattr(owner, attr, stub)
+            undo.append(lambda o=owner, a=attr, v=original, k=key: (setattr(o, a, v), _ORIGINALS.pop(k)))
+        if torch_functions:
+            with _BlockTorch(torch_functions):
+                yield
+        else:
+            yield
     finally:
         for restore in reversed(undo):
             restore()
+
+
+# Modules built during a check ---------------------------------------------------------------------------
+
+_BUILDING = [0]  # how many building() blocks have started
+
+
+@contextlib.contextmanager
+def building():
+    """Inside, every torch module created is stamped with this block's number (see `built_here`)."""
+    original = torch.nn.Module.__init__
+    _BUILDING[0] += 1
+    stamp = _BUILDING[0]
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        object.__setattr__(self, "_flowbook_built", stamp)
+
+    torch.nn.Module.__init__ = init
+    try:
+        yield stamp
+    finally:
+        torch.nn.Module.__init__ = original
+
+
+def built_here(module, stamp) -> list:
+    """The names of the submodules of `module` not created inside the building() block `stamp` (a copy or
+    a reload of a model made earlier keeps its old stamp, or none)."""
+    return [name or "the model" for name, m in module.named_modules() if m.__dict__.get("_flowbook_built") != stamp]
 
 
 # Running the checks -------------------------------------------------------------------------------------
@@ -177,14 +255,16 @@ def _where(err) -> str:
 def run_checks(name: str, checks, blocks=()) -> None:
     """Run `checks` ([(label, function)]) in order with `blocks` switched off. Prints one line when all pass;
     raises CheckFailed with the first failure's message otherwise. A stub's
-    NotImplementedError passes through unchanged."""
+    NotImplementedError passes through (tests and "Run All" expect it), shown in a notebook as one line."""
     checks = [Check(*c) for c in checks]
     for i, check in enumerate(checks, 1):
         where = f"{name}: check {i}/{len(checks)} ({check.label})"
         try:
             with blocked(blocks):
                 check.run()
-        except NotImplementedError:
+        except NotImplementedError as err:  # a stub not yet written: one line, like every other message
+            err._render_traceback_ = lambda e=err, w=where: [f"\x1b[31m✗ {w}: your code raised NotImplementedError: "
+                                                             f"{e} (the exercise is not done yet)\x1b[0m"]
             raise
         except _Fail as fail:
             raise CheckFailed(f"✗ {where} failed: {fail}") from None

@@ -1,11 +1,40 @@
 """Chapter 1 checkers: the change of variables and bits per dimension."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+from torch.distributions import Normal, TransformedDistribution
 
-from flowbook.exercises._harness import close, diagnose, expect, run_checks
+from flowbook.exercises._harness import Delegated, _REFERENCE, close, diagnose, expect, run_checks
+
+
+@contextlib.contextmanager
+def _standard_normal_only():
+    """While the student's code runs: Normal(loc, scale).log_prob works for the standard normal only (a
+    Normal(shift, |scale|) is the answer without the change of variables), and TransformedDistribution, which
+    does the change of variables for you, not at all."""
+    normal, transformed = Normal.log_prob, TransformedDistribution.log_prob
+
+    def standard(self, value):
+        if not _REFERENCE[0] and not (bool((self.loc == 0).all()) and bool((self.scale == 1).all())):
+            raise Delegated("your code scored x under Normal(shift, |scale|), which is the answer, not the change of "
+                            "variables: map x back to z = (x - shift) / scale, score z under N(0, 1) and add the "
+                            "volume term")
+        return normal(self, value)
+
+    def refused(self, value):
+        if not _REFERENCE[0]:
+            raise Delegated("your code used TransformedDistribution, which does the change of variables for you: "
+                            "implement this yourself")
+        return transformed(self, value)
+
+    Normal.log_prob, TransformedDistribution.log_prob = standard, refused
+    try:
+        yield
+    finally:
+        Normal.log_prob, TransformedDistribution.log_prob = normal, transformed
 
 
 def check_change_of_variables(log_prob_affine) -> None:
@@ -16,8 +45,15 @@ def check_change_of_variables(log_prob_affine) -> None:
     - the volume term with the wrong sign
     - log(scale) instead of log|scale| (NaN for a negative scale)
     - a density that does not integrate to one
+    - the answer from Normal(shift, |scale|) instead of the change of variables
+    - TransformedDistribution, which does the change of variables for you
     """
     x = torch.linspace(-4, 4, 17, dtype=torch.float64)
+    student = log_prob_affine
+
+    def log_prob_affine(*args):
+        with _standard_normal_only():
+            return student(*args)
     normal = torch.distributions.Normal(0.0, 1.0)
 
     def matches(scale, shift):

@@ -25,6 +25,7 @@ def check_logit_transform(logit_transform) -> None:
     - the D log(1 - alpha) term missing
     - the log-determinant with the wrong sign
     - ldj not summed to [B]
+    - alpha fixed in the code instead of taken from the argument
     - infinite values at u = 0 or 1
     """
     torch.manual_seed(0)
@@ -54,12 +55,19 @@ def check_logit_transform(logit_transform) -> None:
             expected = torch.stack([logdet(lambda v: logit_transform(v, 0.05)[0], ub) for ub in u])
         close(ldj, expected, "ldj against log|det J| from autograd", 1e-8)
 
+    def other_alpha():
+        y_other, logit_other, alpha_other = _logit_parts(u, 0.2)
+        y, ldj = logit_transform(u, 0.2)
+        close(y, y_other, "y with alpha = 0.2 (is alpha fixed at 0.05 in your code?)", 1e-9)
+        close(ldj, logit_other + alpha_other, "ldj with alpha = 0.2 (is alpha fixed at 0.05 in your code?)", 1e-8)
+
     def edges():
         y, ldj = logit_transform(torch.tensor([[0.0, 1.0]]), 1e-5)
         expect(torch.isfinite(y).all() and torch.isfinite(ldj).all(), "u = 0 and u = 1 must give finite values")
 
     return run_checks("check_logit_transform", [("values", values), ("ldj shape", ldj_shape),
-                                                ("ldj = log|det J|", ldj_autograd), ("u at 0 and 1", edges)],
+                                                ("ldj = log|det J|", ldj_autograd), ("alpha = 0.2", other_alpha),
+                                                ("u at 0 and 1", edges)],
                       blocks=[dequantization.logit_transform])
 
 
@@ -128,6 +136,8 @@ def check_vardeq_noise(vardeq_noise) -> None:
     - the sigmoid's log-determinant with the wrong sign
     - the logit's log-determinant missing
     - the coupling layers' log-determinants missing
+    - alpha fixed in the code instead of taken from the argument
+    - flowbook's dequant_noise, logit_transform or sigmoid_transform used (switched off, even when captured)
     """
     flows, alpha = _var_flows(), 0.05
     torch.manual_seed(0)
@@ -173,6 +183,14 @@ def check_vardeq_noise(vardeq_noise) -> None:
         }, 1e-8)
         close(ldj, ldj_ref, "ldj", 1e-8)
 
+    def other_alpha():
+        with reference():
+            u_other, ldj_other = VariationalDequantization(flows, alpha=0.2).dequant_noise(
+                x, torch.zeros(3, dtype=torch.float64), noise=u0)
+        u, ldj = vardeq_noise(flows, x, u0, 0.2)
+        close(u, u_other, "u with alpha = 0.2 (is alpha fixed at 0.05 in your code?)", 1e-8)
+        close(ldj, ldj_other, "ldj with alpha = 0.2 (is alpha fixed at 0.05 in your code?)", 1e-8)
+
     def autograd():
         _, ldj = vardeq_noise(flows, x, u0, alpha)
         with reference():
@@ -181,6 +199,6 @@ def check_vardeq_noise(vardeq_noise) -> None:
         close(ldj, expected, "ldj against log|det J| of u0 -> u from autograd", 1e-8)
 
     return run_checks("check_vardeq_noise", [("the noise u", noise), ("every log-determinant term", ldj_terms),
-                                             ("ldj = log|det J|", autograd)],
+                                             ("alpha = 0.2", other_alpha), ("ldj = log|det J|", autograd)],
                       blocks=[(VariationalDequantization, "dequant_noise"), dequantization.logit_transform,
                               dequantization.sigmoid_transform])

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from flowbook import models
-from flowbook.exercises._harness import close, diagnose, expect, perturbed, reference, run_checks
-from flowbook.layers import (CouplingLayer, SplitFlow, SqueezeFlow, VariationalDequantization)
+from flowbook.exercises._harness import (building, built_here, close, diagnose, expect, perturbed, reference,
+                                        run_checks)
+from flowbook.layers import CouplingLayer, SplitFlow, SqueezeFlow, VariationalDequantization
+from flowbook.nets import GatedConv
 from flowbook.models import ImageFlow, num_parameters
 from flowbook import prior
 
@@ -26,8 +29,8 @@ def check_squeeze(squeeze) -> None:
     - rows and columns swapped inside each 2x2 block
     - channels grouped by block position instead of by input channel
     - a reshape without the permute
-    - a reverse that does not undo it
-    - pixel_unshuffle used (switched off)
+    - a reverse that puts the pixels back in the wrong places (axes permuted wrongly)
+    - pixel_unshuffle or SqueezeFlow used (switched off, even when captured before the check)
     """
     def example():
         img = torch.arange(1, 17).view(1, 1, 4, 4)
@@ -54,7 +57,16 @@ def check_squeeze(squeeze) -> None:
 
     def inverse():
         z = torch.randn(2, 3, 6, 8)
-        close(squeeze(_ref_squeeze(z), reverse=True), z, "squeeze(SqueezeFlow's output, reverse=True)", 0)
+        back = squeeze(_ref_squeeze(z), reverse=True)
+        expect(isinstance(back, torch.Tensor) and back.shape == z.shape, f"reverse of [2, 12, 3, 4] must give "
+               f"[2, 3, 6, 8], got {list(getattr(back, 'shape', [])) or type(back).__name__}")
+        y = _ref_squeeze(z).reshape(2, 3, 2, 2, 3, 4)
+        expect(not any(torch.equal(back, y.permute(0, 1, *order).reshape(2, 3, 6, 8))
+                       for order in itertools.permutations((2, 3, 4, 5)) if order != (4, 2, 5, 3)),
+               "your reverse puts the pixels back in the wrong places: reshape to [B, C/4, 2, 2, H, W] (channel "
+               "4c + 2i + j is pixel (i, j) of each block of channel c), permute to [B, C/4, H, 2, W, 2] and "
+               "reshape to [B, C/4, 2H, 2W]")
+        close(back, z, "squeeze(SqueezeFlow's output, reverse=True)", 0)
         close(squeeze(squeeze(z), reverse=True), z, "squeeze(squeeze(z), reverse=True)", 0)
 
     return run_checks("check_squeeze", [("4x4 example", example), ("several channels", multichannel),
@@ -73,8 +85,11 @@ def check_split(Split) -> None:
     - the prior term with the wrong sign
     - the kept half scored
     - log N without its -0.5 log(2 pi) constant
+    - log N averaged over the dimensions instead of summed
     - a reverse that does not restore z or ldj
+    - a given z_split scaled by the temperature (only a drawn one is)
     - z_split drawn with standard deviation temperature^2
+    - the drawn z_split scored under N(0, T^2 I) instead of the prior N(0, I)
     """
     torch.manual_seed(0)
     z = torch.randn(3, 4, 2, 2, dtype=torch.float64)
@@ -105,6 +120,8 @@ def check_split(Split) -> None:
             "you scored the kept half: the prior term is log N of the factored-out half z[:, C/2:]":
                 lambda: ldj0 + log_prob(keep),
             "log N(z) has a constant -0.5 log(2 pi) per dimension too": (ldj0 - 0.5 * (out ** 2).flatten(1).sum(1)),
+            "you averaged log N over the dimensions: ldj is a sum over every dimension of the image, so sum it "
+            "(flatten(1).sum(1))": ldj0 + (-0.5 * (out ** 2 + math.log(2 * math.pi))).flatten(1).mean(1),
         }, 1e-9)
         close(ldj, ldj0 + log_prob(out), "ldj + log N(z_split)", 1e-9)
 
@@ -116,6 +133,14 @@ def check_split(Split) -> None:
         close(back, z, "reverse(forward(z)) with the same z_split (z_split goes after the kept half)", 0)
         close(ldj_back, ldj0, "ldj after forward and reverse: reverse subtracts log N(z_split)", 1e-9)
 
+    def given_half_at_temperature():
+        y, ldj = layer(z, ldj0)
+        back, ldj_back = layer(y, ldj, reverse=True, z_split=out, temperature=0.5)
+        diagnose(back, z, {"a given z_split is appended as it is: the temperature only scales a z_split that "
+                           "reverse draws itself": torch.cat([keep, 0.5 * out], dim=1)}, 0)
+        close(back, z, "reverse with a given z_split at temperature 0.5", 0)
+        close(ldj_back, ldj0, "ldj after forward and a reverse at temperature 0.5 with the same z_split", 1e-9)
+
     def draws_at_temperature():
         torch.manual_seed(1)
         small = torch.zeros(64, 4, 8, 8, dtype=torch.float64)
@@ -126,11 +151,17 @@ def check_split(Split) -> None:
         expect(abs(std - 0.25) > 0.02, "z_split has standard deviation temperature^2: draw torch.randn * temperature")
         expect(abs(std - 0.5) < 0.02, f"z_split drawn without z_split given must be N(0, temperature^2): std {std:.3f}, "
                "expected 0.5 at temperature 0.5")
-        close(ldj, -log_prob(drawn), "ldj when z_split is drawn: subtract log N of the drawn half", 1e-9)
+        diagnose(ldj, -log_prob(drawn), {
+            "the drawn half is scored under the prior N(0, I), the density the forward pass scores it with, not "
+            "under N(0, T^2 I): subtract log N(z_split; 0, I)":
+                lambda: -log_prob(drawn / 0.5) + drawn[0].numel() * math.log(0.5)}, 1e-9)
+        close(ldj, -log_prob(drawn), "ldj when z_split is drawn: subtract log N(z_split; 0, I) of the drawn half",
+              1e-9)
 
     return run_checks("check_split", [
         ("forward shape", forward_shape), ("the kept half", forward_half), ("the prior term", prior_term),
-        ("reverse with z_split", round_trip), ("reverse draws z_split", draws_at_temperature),
+        ("reverse with z_split", round_trip), ("a given z_split at temperature 0.5", given_half_at_temperature),
+        ("reverse draws z_split", draws_at_temperature),
     ], blocks=[(SplitFlow, "forward"), prior.gaussian_log_prob])
 
 
@@ -141,6 +172,34 @@ def _describe(layer) -> str:
     if isinstance(layer, VariationalDequantization):
         return f"VariationalDequantization with {len(layer.flows)} couplings, {num_parameters(layer):,} parameters"
     return type(layer).__name__
+
+
+def _mask_name(mask) -> str:
+    kind = "channel" if mask.shape[1] > 1 else "checkerboard"
+    inverted = bool(mask.flatten()[0] == (0 if kind == "channel" else 1))  # not inverted: 0 at the top-left
+    return f"the {'inverted ' if inverted else ''}{kind} mask of shape {list(mask.shape)}"  # pixel, 1 on channel 0
+
+
+def _network_sizes(layer) -> dict:
+    """The sizes a coupling's GatedConvNet was built with, read from its convolutions."""
+    convs = [m for m in layer.network.modules() if isinstance(m, torch.nn.Conv2d)]
+    if not convs:
+        return {}
+    return {"c_in": convs[0].in_channels, "c_hidden": convs[0].out_channels, "c_out": convs[-1].out_channels,
+            "num_layers": sum(isinstance(m, GatedConv) for m in layer.network.modules()),
+            "the coupling's c_in (its scaling factors)": layer.scaling_factor.numel()}
+
+
+def _compare_coupling(a, b, where) -> None:
+    expect(a.mask.shape == b.mask.shape,
+           f"{where}'s mask: expected {_mask_name(b.mask)}, got shape {list(a.mask.shape)}")
+    expect(torch.equal(a.mask, b.mask), f"{where} has {_mask_name(a.mask)}; expected {_mask_name(b.mask)}: consecutive "
+           "couplings alternate, and each group of couplings starts again with the mask not inverted")
+    mine, want = _network_sizes(a), _network_sizes(b)
+    for name, value in want.items():
+        expect(mine.get(name, value) == value, f"{where}: {name} = {mine.get(name)}, expected {value}")
+    expect(num_parameters(a) == num_parameters(b),
+           f"{where} has {num_parameters(a):,} parameters; expected {_describe(b)}")
 
 
 def _round_trip(model, x, noise):
@@ -163,7 +222,11 @@ def check_multiscale_flow(build_multiscale_flow) -> None:
     - not an ImageFlow with img_shape (1, 28, 28)
     - a layer of the wrong kind or in the wrong place
     - masks that do not alternate
-    - a wrong hidden width (per-layer parameter counts)
+    - a group of couplings that does not start with the mask not inverted
+    - the variational dequantization's couplings with the same mask, or starting inverted
+    - a network of the wrong size, named: c_in, c_hidden, c_out or num_layers
+    - the coupling's c_in (the noise flow's couplings transform 1 channel: c_in=1)
+    - a model built before the check and copied (its modules must be built by build_multiscale_flow)
     - the wrong number of layers
     - a latent of the wrong shape
     - no exact encode/decode round trip
@@ -174,22 +237,30 @@ def check_multiscale_flow(build_multiscale_flow) -> None:
 
     def builds():
         torch.manual_seed(0)
-        result["model"] = model = build_multiscale_flow()
+        with building() as stamp:
+            result["model"] = model = build_multiscale_flow()
         expect(isinstance(model, ImageFlow), f"return an ImageFlow(layers, img_shape=(1, 28, 28)), got "
                f"{type(model).__name__}")
         expect(model.img_shape == (1, 28, 28), "give the ImageFlow img_shape=(1, 28, 28)")
+        old = built_here(model, stamp)
+        expect(not old, f"{len(old)} of the model's modules ({', '.join(old[:3])}...) were not built by "
+               "build_multiscale_flow: build every layer inside it, not a copy of a model made before the check")
 
     def layers():
         mine, want = list(result["model"].flows), list(ref.flows)
         for i, (a, b) in enumerate(zip(mine, want)):
             expect(type(a) is type(b), f"layer {i} is a {type(a).__name__}; expected {_describe(b)}")
             if isinstance(b, CouplingLayer):
-                expect(a.mask.shape == b.mask.shape and torch.equal(a.mask, b.mask),
-                       f"layer {i}'s mask: expected a {'channel' if b.mask.shape[1] > 1 else 'checkerboard'} mask "
-                       f"of shape {list(b.mask.shape)}{', inverted' if b.mask.flatten()[0] == 0 else ''} "
-                       "(consecutive couplings alternate)")
+                _compare_coupling(a, b, f"layer {i}")
+            if isinstance(b, VariationalDequantization):
+                expect(len(a.flows) == len(b.flows), f"layer {i}, the variational dequantization, has "
+                       f"{len(a.flows)} couplings; expected {len(b.flows)}")
+                for j, (fa, fb) in enumerate(zip(a.flows, b.flows)):
+                    expect(isinstance(fa, CouplingLayer), f"layer {i}'s noise flow {j} is a {type(fa).__name__}; "
+                           "expected a CouplingLayer")
+                    _compare_coupling(fa, fb, f"layer {i}'s noise coupling {j}")
             expect(num_parameters(a) == num_parameters(b),
-                   f"layer {i} has {num_parameters(a):,} parameters; expected {_describe(b)} (check c_hidden)")
+                   f"layer {i} has {num_parameters(a):,} parameters; expected {_describe(b)}")
         expect(len(mine) == len(want), f"{len(mine)} layers; the multi-scale flow has {len(want)}: "
                + ", ".join(type(f).__name__ for f in want))
 
