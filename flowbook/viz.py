@@ -272,7 +272,7 @@ def draw_architectures(models: dict):
     return fig
 
 
-def plot_densities_2d(log_probs: dict, data=None, lim: float = 3.0, title: str = "", grid: int = 120):
+def plot_densities_2d(log_probs: dict, data=None, lim: float = 3.0, title: str = "", grid: int = 90):
     """The data ([N, 2], first panel where given) beside the density exp(log_prob) of each model, for
     {name: log_prob function of [M, 2] points -> [M]}, on one colour scale per panel."""
     n = len(log_probs) + (data is not None)

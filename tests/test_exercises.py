@@ -10,7 +10,8 @@ from nbclient import NotebookClient
 
 from conftest import ROOT
 from flowbook import editions, exercises
-from flowbook import ood, pretrained
+from flowbook import ode, ood, pretrained
+from flowbook.flowmatch import LinearPath
 from flowbook.layers import (ActNorm, CouplingLayer, GatedConvNet, SplitFlow, SqueezeFlow, VariationalDequantization,
                              create_checkerboard_mask)
 from flowbook.models import ImageFlow, create_multiscale_flow, interpolate_latents
@@ -48,6 +49,8 @@ CHECKS = {  # checker: name defined by the chapter's exercise
     "check_multiscale_flow": "build_multiscale_flow", "check_interpolate": "interpolate",
     "check_temperature_latent": "temperature_latent", "check_sample_images": "sample_images",
     "check_lu_weight": "lu_weight_and_logdet", "check_actnorm": "ActNormLayer", "check_separation_auc": "separation_auc",
+    "check_hutchinson_divergence": "hutchinson_divergence", "check_cfm_loss": "cfm_loss",
+    "check_euler_sample": "euler_sample",
 }
 QUICK = [c for c in CHECKS if c != "check_train_flow"]  # the training check has its own, shortened tests
 
@@ -324,6 +327,49 @@ def _no_volume(x, a, b):
     return torch.distributions.Normal(0.0, 1.0).log_prob((x - b) / a)
 
 
+def _hutchinson_with(probe="rademacher", times_eps=True, average=True, detach=True):
+    """Chapter 7's estimator with one thing changed."""
+    def estimate(velocity, x, t, num_probes=1):
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            v, total = velocity(x, t), 0
+            for _ in range(num_probes):
+                eps = {"gaussian": torch.randn_like(x),
+                       "zero_one": torch.randint(0, 2, x.shape).to(x.dtype)}.get(
+                    probe, torch.randint(0, 2, x.shape).to(x.dtype) * 2 - 1)
+                vjp = torch.autograd.grad(v, x, eps, retain_graph=True, create_graph=not detach)[0]
+                total = total + (vjp * eps if times_eps else vjp).flatten(1).sum(1)
+        out = total / num_probes if average else total
+        return out.detach() if detach else out
+    return estimate
+
+
+def _cfm_with(t="uniform", swap=False, target="velocity", reduce="mean"):
+    """Chapter 7's flow-matching loss with one thing changed."""
+    def loss(velocity, x1):
+        b = x1.shape[0]
+        tt = {"normal": torch.randn(b), "shared": torch.full((b,), torch.rand(()).item())}.get(t, torch.rand(b))
+        tt = tt.to(x1.dtype)
+        x0, tb = torch.randn_like(x1), tt.view(-1, 1)
+        xt = (1 - tb) * x1 + tb * x0 if swap else (1 - tb) * x0 + tb * x1
+        u = {"sign": x0 - x1, "data": x1}.get(target, x1 - x0)
+        err = (velocity(xt, tt) - u).pow(2)
+        return err.sum() if reduce == "sum" else err.mean()
+    return loss
+
+
+def _euler_with(time="start", backwards=False, t_as_float=False):
+    """Chapter 7's Euler sampler with one thing changed."""
+    def sample(velocity, z, steps):
+        x, h = z, 1.0 / steps
+        for k in range(steps):
+            tk = {"end": (k + 1) * h}.get(time, 1 - k * h if backwards else k * h)
+            t = tk if t_as_float else torch.full((x.shape[0],), tk, dtype=x.dtype)
+            x = x - h * velocity(x, t) if backwards else x + h * velocity(x, t)
+        return x
+    return sample
+
+
 WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
     "check_change_of_variables": [
         (_no_volume, "volume term is missing"),
@@ -507,6 +553,30 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_actnorm_with(form="scale first"), "belongs to the form z * exp(log_scale) + loc"),
         (_actnorm_with(unbiased=False), "biased standard deviation"),
         (_actnorm_with(reverse_sign=-1.0), "it subtracts"),
+    ],
+    "check_hutchinson_divergence": [
+        (_hutchinson_with(probe="gaussian"), "Rademacher"),
+        (_hutchinson_with(probe="zero_one"), "entries -1 and +1"),
+        (_hutchinson_with(times_eps=False), "multiply the vector-Jacobian product"),
+        (_hutchinson_with(average=False), "average the probes"),
+        (_hutchinson_with(detach=False), "without its graph"),
+        (lambda v, x, t, n=1: ode.divergence_hutchinson(v(x.requires_grad_(), t), x, torch.ones_like(x)),
+         "implement this yourself"),
+    ],
+    "check_cfm_loss": [
+        (_cfm_with(t="normal"), "torch.rand, not torch.randn"),
+        (_cfm_with(t="shared"), "one t per example"),
+        (_cfm_with(swap=True), "you swapped x0 and x1"),
+        (_cfm_with(target="sign"), "not x0 - x1"),
+        (_cfm_with(target="data"), "not the data x1"),
+        (_cfm_with(reduce="sum"), "not the sum"),
+        (lambda v, x1: LinearPath().loss(v, x1), "implement this yourself"),
+    ],
+    "check_euler_sample": [
+        (_euler_with(time="end"), "at the start of each step"),
+        (_euler_with(backwards=True), "from t = 0 (noise) to t = 1"),
+        (_euler_with(t_as_float=True), "as a tensor [B]"),
+        (lambda v, z, steps: ode.integrate(v, z, 0.0, 1.0, steps=steps), "implement this yourself"),
     ],
     "check_separation_auc": [
         (lambda a, b: ((a.view(-1, 1) - b.view(1, -1)) > 0).float().mean().item()
