@@ -135,31 +135,43 @@ def plot_curves(curves: dict, xlabel: str, ylabel: str, title: str = "", logx: b
     return fig
 
 
-def plot_density_2d(log_prob, data=None, samples=None, lim: float = 3.0, title: str = ""):
-    """Learned density exp(log_prob) on a grid, beside the data and the model's samples ([N, 2] each)."""
-    n = 1 + (data is not None) + (samples is not None)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4))
-    axes = np.atleast_1d(axes)
-    g = torch.linspace(-lim, lim, 200)
+def _density_panel(ax, log_prob, lim: float, grid: int, label: str):
+    """exp(log_prob) on a grid x grid square of side 2 lim, on ax."""
+    g = torch.linspace(-lim, lim, grid)
     xx, yy = torch.meshgrid(g, g, indexing="xy")
     with torch.no_grad():
-        dens = log_prob(torch.stack([xx.flatten(), yy.flatten()], dim=1)).exp().view(200, 200)
-    axes[0].imshow(dens.numpy(), origin="lower", extent=[-lim, lim, -lim, lim], cmap="viridis")
-    axes[0].set_title("learned density p(x)")
-    panels = [("data", data), ("samples from the flow", samples)]
-    for ax, (label, pts) in zip(axes[1:], [p for p in panels if p[1] is not None]):
-        pts = pts.detach().cpu()
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4)
-        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
-        ax.set_title(label)
+        dens = log_prob(torch.stack([xx.flatten(), yy.flatten()], dim=1)).detach().exp().view(grid, grid)
+    ax.imshow(dens.cpu().numpy(), origin="lower", extent=[-lim, lim, -lim, lim], cmap="viridis")
+    ax.set_title(label)
+
+
+def _scatter_panel(ax, pts, lim: float, label: str):
+    pts = pts.detach().cpu()
+    ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4)
+    ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim)
+    ax.set_title(label)
+
+
+def _finish_2d(fig, axes, title: str):
     for ax in axes:
+        ax.set_aspect("equal")
         ax.set_xlabel("x1")
     axes[0].set_ylabel("x2")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_density_2d(log_prob, data=None, samples=None, lim: float = 3.0, title: str = ""):
+    """Learned density exp(log_prob) on a grid, beside the data and the model's samples ([N, 2] each)."""
+    panels = [(label, pts) for label, pts in (("data", data), ("samples from the flow", samples)) if pts is not None]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(3.6 * (1 + len(panels)), 3.4))
+    axes = np.atleast_1d(axes)
+    _density_panel(axes[0], log_prob, lim, 200, "learned density p(x)")
+    for ax, (label, pts) in zip(axes[1:], panels):
+        _scatter_panel(ax, pts, lim, label)
+    return _finish_2d(fig, axes, title)
 
 
 def plot_training_curves(curves: dict, title: str = "Training: bits per dimension of each batch"):
@@ -278,25 +290,8 @@ def plot_densities_2d(log_probs: dict, data=None, lim: float = 3.0, title: str =
     n = len(log_probs) + (data is not None)
     fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.3))
     axes = np.atleast_1d(axes)
-    panels = list(axes)
     if data is not None:
-        ax = panels.pop(0)
-        pts = data.detach().cpu()
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4)
-        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim)
-        ax.set_title("data")
-    g = torch.linspace(-lim, lim, grid)
-    xx, yy = torch.meshgrid(g, g, indexing="xy")
-    points = torch.stack([xx.flatten(), yy.flatten()], dim=1)
-    for ax, (name, log_prob) in zip(panels, log_probs.items()):
-        dens = log_prob(points).detach().exp().view(grid, grid)
-        ax.imshow(dens.cpu().numpy(), origin="lower", extent=[-lim, lim, -lim, lim], cmap="viridis")
-        ax.set_title(name)
-    for ax in axes:
-        ax.set_aspect("equal")
-        ax.set_xlabel("x1")
-    axes[0].set_ylabel("x2")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+        _scatter_panel(axes[0], data, lim, "data")
+    for ax, (name, log_prob) in zip(axes[n - len(log_probs):], log_probs.items()):
+        _density_panel(ax, log_prob, lim, grid, name)
+    return _finish_2d(fig, axes, title)
