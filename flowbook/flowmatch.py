@@ -100,16 +100,17 @@ class FlowMatchingModel(nn.Module):
         x1, _ = self.to_data_space(imgs)
         return self.path.loss(self.net, x1)
 
-    def encode(self, imgs, method: str | None = None, rtol: float | None = None, atol: float | None = None,
-               steps: int | None = None, divergence: str = "hutchinson"):
+    def encode(self, imgs, return_splits: bool = False, method: str | None = None, rtol: float | None = None,
+               atol: float | None = None, steps: int | None = None, divergence: str = "hutchinson"):
         """imgs: int [B, C, H, W] -> (z [B, C, H, W], ldj [B] in nats): the latent at t = 0 and the sum of
         the dequantization terms and the ODE's log-determinant, -int_0^1 div v dt (Hutchinson's estimate
-        with one probe per image unless divergence="exact"). Solves an ODE: see `method`, `rtol`, `atol`."""
+        with one probe per image unless divergence="exact"). Solves an ODE: see `method`, `rtol`, `atol`.
+        With `return_splits`, (z, ldj, []) as `ImageFlow.encode`: an ODE splits nothing off."""
         x1, ldj = self.to_data_space(imgs)
         (z, a), self.last_nfe = integrate(self.net, x1, 1.0, 0.0, divergence=divergence, probe=self.probe,
                                           steps=steps, return_nfe=True, **self._solver(method=method, rtol=rtol,
                                                                                        atol=atol))
-        return z, ldj + a
+        return (z, ldj + a, []) if return_splits else (z, ldj + a)
 
     def log_likelihood(self, imgs, **solver):
         """[B]: log N(z) + ldj in nats, for one dequantization sample and one Hutchinson probe: an unbiased
@@ -127,11 +128,13 @@ class FlowMatchingModel(nn.Module):
         return -self.log_likelihood(imgs, **solver) / (math.log(2) * imgs[0].numel())
 
     @torch.no_grad()
-    def sample(self, img_shape, z_init=None, temperature: float = 1.0, method: str | None = None,
+    def sample(self, img_shape, z_init=None, temperature: float = 1.0, z_splits=None, method: str | None = None,
                rtol: float | None = None, atol: float | None = None, steps: int | None = None):
         """Draw images: z ~ N(0, temperature^2 I) of shape `img_shape` ([B, C, H, W]) or z = z_init,
         solved from t = 0 to t = 1 (adaptive `method`, or `steps` Euler steps), then quantized.
-        Returns int32 images [B, C, H, W] in 0..255."""
+        Returns int32 images [B, C, H, W] in 0..255. `z_splits` must be empty (`encode` splits nothing off)."""
+        if z_splits:
+            raise ValueError(f"a flow-matching model splits nothing off, got {len(z_splits)} split tensors")
         return self.decode(self._latent(img_shape, z_init, temperature), method=method, rtol=rtol, atol=atol,
                            steps=steps)
 
