@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flowbook import noise as noise_source
 from flowbook.layers.checks import check_images
 
 
@@ -83,7 +84,7 @@ class Dequantization(nn.Module):
     def dequant_noise(self, x, ldj, noise=None):
         """Noise u [B, C, H, W] in [0, 1) (float64) for images x; uniform, so ldj is unchanged."""
         if noise is None:
-            return torch.rand(x.shape, device=x.device, dtype=torch.float64), ldj
+            return noise_source.rand(x.shape, device=x.device, dtype=torch.float64), ldj
         return _check_noise(noise, x).to(torch.float64), ldj
 
     def _to_logits(self, x, u, ldj):
@@ -127,7 +128,7 @@ class VariationalDequantization(Dequantization):
     def dequant_noise(self, x, ldj, noise=None):
         cond = x.to(ldj.dtype) / (self.quants - 1) * 2 - 1
         if noise is None:
-            u0 = torch.rand(x.shape, device=x.device, dtype=ldj.dtype)
+            u0 = noise_source.rand(x.shape, device=x.device, dtype=ldj.dtype)
         else:
             u0 = _check_noise(noise, x).to(ldj.dtype)
         e, log_det = logit_transform(u0, self.alpha)
