@@ -24,7 +24,7 @@ from flowbook.training.module import MAX_BAD_STEPS, FlowModule, TrainingDiverged
 from flowbook.training.progress import StepProgress
 from flowbook.training.run import train
 from flowbook.training.run_folder import (_HELD_LOCKS, RunCheckpoints, _check_same_run, _init_weights,
-                                          _saved_settings, run_lock)
+                                          _saved_settings, requeue_checkpoints, run_lock)
 from flowbook.training.schedule import BudgetPlanner, LRFactor
 from flowbook.training.settings import (COMPILE_PAYS_AFTER_STEPS, CPU_FAST, GRADIENT_CLIP, PRECISIONS,
                                         RESUMABLE_CHANGES, SCHEDULES, RunSettings, _cpu_has_bf16,

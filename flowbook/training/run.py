@@ -20,7 +20,8 @@ from flowbook.training.data_order import DeviceBatches, EpochSeeds, _loaders
 from flowbook.training.distributed import Processes
 from flowbook.training.module import FlowModule, TrainingDiverged
 from flowbook.training.progress import StepProgress
-from flowbook.training.run_folder import RunCheckpoints, _check_same_run, _init_weights, _saved_settings, run_lock
+from flowbook.training.run_folder import (RunCheckpoints, _check_same_run, _init_weights, _saved_settings,
+                                          requeue_checkpoints, run_lock)
 from flowbook.training.schedule import BudgetPlanner
 from flowbook.training.settings import GRADIENT_CLIP, RunSettings
 
@@ -90,6 +91,13 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
     if saved is not None:
         _check_same_run(saved, run, out_dir, arch)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and (stale := requeue_checkpoints(out_dir)):
+        # A job requeued before its first epoch ended: less than an epoch, which Lightning would load inexactly
+        # (see requeue_checkpoints). The run starts again from its first step.
+        print(f"Starting from the first step: removing {', '.join(p.name for p in stale)} (a requeued job's "
+              "unfinished first epoch)", flush=True)
+        for path in stale:
+            path.unlink(missing_ok=True)  # every process of the run does this
     pl.seed_everything(run.seed, verbose=False)
     module = FlowModule(arch, lr=run.lr, schedule=run.schedule, gamma=run.gamma, warmup_steps=run.warmup_steps,
                         steps_per_epoch=steps_per_epoch, total_steps=run.planned_steps(steps_per_epoch))

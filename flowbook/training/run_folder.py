@@ -74,6 +74,8 @@ class RunCheckpoints(pl.Callback):
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(tmp, self.out_dir / "last.ckpt")
+                for stale in self.out_dir.glob("hpc_ckpt_*.ckpt"):  # see `requeue_checkpoints`
+                    stale.unlink()
         finally:
             if trainer.is_global_zero:
                 tmp.unlink(missing_ok=True)
@@ -181,3 +183,11 @@ def _init_weights(module: FlowModule, arch: str, path: str) -> list:
     return [{"init": None, "settings": meta.get("settings"), "hardware": meta.get("hardware", meta.get("device")),
              "device": meta.get("device"), "torch": None, "epochs": meta.get("epochs", 0),
              "steps": None, "images_seen": 0, "wall_s": meta.get("wall_s", 0.0), "train_img_per_s": None}]
+
+
+def requeue_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints that Lightning writes on SLURM's time-limit signal before it requeues the job
+    (hpc_ckpt_<n>.ckpt). They hold the middle of an epoch, which Lightning would resume without the epoch's
+    data order and noise: a requeued run resumes from last.ckpt instead (--resume), exactly, and repeats
+    the part of the epoch after it. They are deleted when the next epoch ends."""
+    return sorted(Path(folder).glob("hpc_ckpt_*.ckpt"))
