@@ -106,7 +106,7 @@ def _loaders(train_set: ImageDataset, val_set: ImageDataset, batch_size: int, de
                 DeviceBatches(val_set.images.to(device), 1000, False, False))
     # A generator of its own: creating an iterator draws a base seed, which must not move the global
     # random state (the dequantization noise) at a moment that differs between fresh and resumed runs.
-    return (DataLoader(train_set, batch_sampler=ShardedBatches(len(train_set), batch_size, True, True, seed, rank, world),
-                       generator=torch.Generator().manual_seed(seed or 0)),
+    train_batches = ShardedBatches(len(train_set), batch_size, True, True, seed, rank, world)
+    return (DataLoader(train_set, batch_sampler=train_batches, generator=torch.Generator().manual_seed(seed or 0)),
             DataLoader(val_set, batch_sampler=ShardedBatches(len(val_set), VAL_BATCH, False, False, 0, rank, world),
                        generator=torch.Generator().manual_seed(0)))

@@ -134,7 +134,8 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
     first = trainer.is_global_zero
 
     def write_summary(status, **extra):
-        summary = {"arch": arch, "status": status, **extra, **saver.summary(trainer, module, epochs=trainer.current_epoch)}
+        summary = {"arch": arch, "status": status, **extra,
+                   **saver.summary(trainer, module, epochs=trainer.current_epoch)}
         if first:
             (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
