@@ -167,3 +167,14 @@ def test_evaluation_on_two_processes_equals_one_process_exactly(tmp_path, one_pr
     assert two["processes"] == 2 and two["eval_images"] == one["eval_images"] == {"val": 40, "test": 40}
     for key in ("test_bpd", "test_bpd_stderr", "val_bpd"):
         assert two[key] == one[key], f"{key}: {two[key]} on 2 processes, {one[key]} on one"
+
+
+def test_the_sbatch_script_asks_for_the_signal_that_lightning_requeues_on():
+    from flowbook.training import REQUEUE_SIGNAL
+
+    script = ROOT / "scripts" / "slurm" / "train.sbatch"
+    text = script.read_text()
+    assert f"#SBATCH --signal={REQUEUE_SIGNAL.name.removeprefix('SIG')}@" in text
+    assert "srun python -m flowbook.train" in text
+    assert "--resume" in text and "#SBATCH --requeue" in text
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, "the script has a syntax error"
