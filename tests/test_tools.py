@@ -204,4 +204,3 @@ def test_two_notebooks_training_the_same_quick_model_do_not_clear_each_others_ru
     # it waited for the other trainer, then removed the stale files but kept the lock file, and held it
     assert seen == {"other done": True, "files": [".lock"], "locked": True}
     holder.wait()
-
