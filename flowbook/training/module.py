@@ -46,6 +46,7 @@ class FlowModule(pl.LightningModule):
         self.lr_factor = LRFactor(schedule, total_steps, warmup_steps, gamma, steps_per_epoch)
         self.shards = None
         self._val = None
+        self._drop_gradients = False
 
     def forward(self, imgs):
         return self.flow(imgs)
@@ -76,10 +77,21 @@ class FlowModule(pl.LightningModule):
                     f"{self.bad_in_a_row} training steps in a row had a non-finite loss (step "
                     f"{self.global_step}): the run diverged. Lower --lr (now {self.hparams.lr:g}) or "
                     "add --warmup-steps, and start a new run.")
-            return None
+            if self.trainer.world_size == 1:
+                return None
+            # Lightning refuses None on several processes: a loss of zero keeps DDP's gradient averaging in
+            # step on every process, and on_before_optimizer_step drops the gradients, so that Adam skips
+            # every parameter (its moments included), as it does for None.
+            self._drop_gradients = True
+            return sum(p.sum() for p in self.parameters()) * 0.0
         self.bad_in_a_row = 0
         self.log(f"train_{self.flow.loss_name}", loss, prog_bar=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        if self._drop_gradients:
+            optimizer.zero_grad(set_to_none=True)
+            self._drop_gradients = False
 
     def on_validation_epoch_start(self):
         self._val = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum of losses x images, images
