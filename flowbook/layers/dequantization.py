@@ -56,7 +56,7 @@ class Dequantization(nn.Module):
 
     forward(z, ldj, reverse=False, noise=None):
         z: int images [B, C, H, W] in 0..quants-1 -> y: [B, C, H, W] in ldj's dtype.
-        noise: optional [B, C, H, W] in [0, 1) (default: torch.rand).
+        noise: optional [B, C, H, W] in [0, 1) (default: `flowbook.noise.rand`, which is torch.rand by default).
         ldj [B] gains, summed over the D = C*H*W pixels,
             D log(1 - 2 margin)        u' = margin + (1 - 2 margin) u
           - D log(quants)              v = (x + u') / quants, in [0, 1]
