@@ -4,6 +4,7 @@
     python -m flowbook.bench --device cuda --batch-size 1024 --bf16 --channels-last --compile default
     python -m flowbook.bench --device cuda --graphs           # likelihood and sampling as CUDA graphs
     python -m flowbook.bench --compare --models multiscale    # the CPU fast path next to fp32 eager
+    python -m flowbook.bench --processes 2 --models multiscale  # 2 DDP processes x 1 thread, 1 process x 2
 
 Training steps run on random images with the fast-path options given (see flowbook.fast); likelihood
 and sampling are timed for `--eval-batch` images (64), eagerly or, with `--graphs`, through
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import time
 
 import torch
@@ -139,6 +141,59 @@ def compare(name: str = "multiscale", device: str = "cpu", batch_size: int = 64,
     return rows, what
 
 
+def _ddp_images_per_s(fabric, name: str, batch_size: int, steps: int, warmup: int, seed: int) -> float:
+    """In each process of `fabric` (one thread each): DDP training steps of model `name` on its share of a
+    global batch of `batch_size` random images; the global images per second (rank 0's clock)."""
+    import lightning_fabric  # noqa: F401 (fabric is one)
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = create_flow(name)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model, opt = fabric.setup(model, opt)
+    local = batch_size // fabric.world_size
+    imgs = torch.randint(0, 256, (local, *create_flow(name).img_shape), dtype=torch.int32)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        fabric.backward(model(imgs))
+        fabric.clip_gradients(model, opt, max_norm=1.0)
+        opt.step()
+
+    with trusted_images():
+        for _ in range(warmup):
+            step()
+        fabric.barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        fabric.barrier()
+    return batch_size * steps / (time.perf_counter() - start)
+
+
+def processes_vs_threads(name: str = "multiscale", processes: int = 2, batch_size: int = 64, steps: int = 10,
+                         seed: int = 0) -> list[dict]:
+    """Training images/s of model `name` on this CPU, in one run: `processes` DDP processes (Lightning
+    Fabric, gloo) with one thread each, against one process with `processes` threads, at the same global
+    batch. The ratio says what training on several processes costs (or gains) over threads."""
+    from lightning_fabric import Fabric
+
+    if batch_size % processes:
+        raise ValueError(f"the global batch of {batch_size} does not split into {processes} processes")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(processes)
+    try:
+        torch.manual_seed(seed)
+        one = train_images_per_s(create_flow(name), batch_size, steps)
+    finally:
+        torch.set_num_threads(threads)
+    fabric = Fabric(accelerator="cpu", devices=processes, strategy="ddp_spawn")
+    many = fabric.launch(_ddp_images_per_s, name, batch_size, steps, 2, seed)
+    return [{"config": f"1 process x {processes} threads", "train_img_per_s": one, "ratio": 1.0},
+            {"config": f"{processes} processes x 1 thread (DDP, gloo)", "train_img_per_s": many,
+             "ratio": many / one}]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -152,7 +207,17 @@ def main(argv=None):
     parser.add_argument("--graphs", action="store_true", help="compiled likelihood and sampling (CUDA graphs)")
     parser.add_argument("--compare", action="store_true",
                         help="training speed of fp32 eager, bf16 + channels-last and bf16 + channels-last + compile")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="on the CPU: N DDP processes x 1 thread against 1 process x N threads")
     args = parser.parse_args(argv)
+    if args.processes and args.device == "cpu":
+        for name in args.models:
+            rows = processes_vs_threads(name, args.processes, args.batch_size, args.steps)
+            print(f"{name}: global batch {args.batch_size}, {args.steps} timed steps, torch {torch.__version__}, "
+                  f"{os.cpu_count()} CPU cores")
+            print(tabulate([[r["config"], f"{r['train_img_per_s']:.1f}", f"{r['ratio']:.2f}"] for r in rows],
+                           headers=["configuration", "train img/s", "of 1 process"]))
+        return rows
     if args.compare:
         for name in args.models:
             rows, what = compare(name, args.device, args.batch_size, args.steps)

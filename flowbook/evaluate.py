@@ -11,6 +11,7 @@ sampling times through compiled calls (one CUDA graph each on a GPU; see flowboo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm  # text bars: work in a terminal and in Jupyter without ipywidgets
 
-from flowbook import config
+from flowbook import config, noise
 from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
 from flowbook.data import load_mnist
 from flowbook.fast import compiled_calls
@@ -28,6 +29,7 @@ from flowbook.models import ImageFlow, num_parameters
 from flowbook.provenance import file_sha256, git_commit, hardware, versions
 
 SLICE_IMAGES, SLICE_SEED = 256, 0
+EVAL_SEED = 0  # the test set's images draw their noise with seeds from it, the validation set's from EVAL_SEED + 1
 ODE_SLICE_IMAGES = 16  # a likelihood through an ODE costs about a second per image on a CPU core
 
 
@@ -39,15 +41,55 @@ def default_importance_samples(model) -> int:
 
 @torch.no_grad()
 def bpd_per_image(model: ImageFlow, images: torch.Tensor, importance_samples: int = 8, batch_size: int = 256,
-                  progress: bool = False, desc: str = "bpd") -> torch.Tensor:
+                  progress: bool = False, desc: str = "bpd", seed: int | None = None,
+                  first_index: int = 0) -> torch.Tensor:
     """[N] bits per dimension of int images [N, C, H, W], on the model's device, batch by batch.
 
+    seed None: the dequantization noise comes from torch's global generator. With a `seed`, image i (its
+    index in the whole set: `first_index` + its position in `images`) draws its noise, every importance
+    sample of it, from a generator of its own seeded with `image_seed(seed, i)` (`flowbook.noise.per_image`):
+    its bpd then depends neither on the batches nor on how the set is shared between processes.
     Non-finite values are kept (never dropped): a mean over them is non-finite too, as it should be."""
     device = next(model.parameters()).device
-    batches = images.split(batch_size)
-    out = [model.bits_per_dim(b.to(device), importance_samples).float().cpu()
-           for b in tqdm(batches, desc=desc, disable=not progress, leave=False, file=sys.stdout, mininterval=2)]
-    return torch.cat(out)
+    out = []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False,
+                      file=sys.stdout, mininterval=2):
+        batch = images[start:start + batch_size].to(device)
+        seeds = [image_seed(seed, first_index + start + i) for i in range(len(batch))] if seed is not None else None
+        with noise.per_image(seeds) if seeds is not None else contextlib.nullcontext():
+            out.append(model.bits_per_dim(batch, importance_samples).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index`'s noise in an evaluation seeded with `seed`."""
+    return seed * 1_000_003 + index
+
+
+def shard(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """(start, stop) of process `rank`'s images among n: whole batches of `batch_size`, split evenly, so that
+    every process computes the batches one process would."""
+    batches = -(-n // batch_size)
+    return min(n, batches * rank // world * batch_size), min(n, batches * (rank + 1) // world * batch_size)
+
+
+def sharded_bpd(model, images: torch.Tensor, importance_samples: int, batch_size: int, seed: int, fabric=None,
+                **kwargs) -> torch.Tensor:
+    """`bpd_per_image` of all `images` with the noise seeded per image, each process of `fabric` (a
+    lightning Fabric; None: this process alone) computing its `shard`; the values gathered in order on
+    every process. Equal, value for value, to one process's."""
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    start, stop = shard(len(images), batch_size, rank, world)
+    mine = bpd_per_image(model, images[start:stop], importance_samples, batch_size, seed=seed, first_index=start,
+                         **kwargs)
+    if world == 1:
+        return mine
+    longest = max(stop - start for start, stop in (shard(len(images), batch_size, r, world) for r in range(world)))
+    padded = torch.full((longest,), float("nan"))
+    padded[:len(mine)] = mine
+    gathered = fabric.all_gather(padded.to(fabric.device)).cpu()  # [world, longest]
+    return torch.cat([gathered[r, :stop - start] for r, (start, stop) in
+                      enumerate(shard(len(images), batch_size, r, world) for r in range(world))])
 
 
 def mean_bpd(model: ImageFlow, images: torch.Tensor, importance_samples: int = 8, **kwargs) -> float:
@@ -148,7 +190,8 @@ def training_totals(meta: dict) -> dict:
 def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_samples: int | None = None,
                         eval_images: int | None = None, progress: bool = True, graphs: bool = False,
                         val_importance_samples: int | None = None, out: str | Path | None = None,
-                        overwrite: bool = False) -> dict:
+                        overwrite: bool = False, devices: int = 1, bpd_only: bool = False,
+                        batch_size: int | None = None) -> dict | None:
     """Evaluate the checkpoint at `path` and write the results JSON to `out` (default: beside it, same
     name, .json). The test set gets `importance_samples`, the validation set `val_importance_samples`
     (default the same); left as None, 8 for a flow and 1 for a flow-matching model, whose log-likelihood is
@@ -156,44 +199,63 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     every JSON the standard error of the test bpd over images. An existing JSON for the same weights is only replaced by an evaluation at
     least as thorough (test images, importance samples), unless `overwrite`. With `graphs`, likelihood
     and sampling are also timed through compiled calls (CUDA graphs on a GPU): inference_ms_graphs and
-    sampling_ms_graphs."""
+    sampling_ms_graphs.
+
+    The test and validation bpd draw each image's noise from a seed of its own (`bpd_per_image` with
+    EVAL_SEED), so that they depend neither on the batches nor on `devices`: with devices N > 1, N processes
+    (Lightning Fabric's DDP; started from the command line) each evaluate a shard of the images, the values
+    are gathered, and the first process computes the rest and writes the JSON; the others return None.
+    `bpd_only`: the test and validation bpd alone, without the slice fingerprint and the timings (a quick look
+    at a training run's weights; the JSON says so)."""
     path = Path(path)
+    for name, k in (("devices", devices), ("batch_size", 1 if batch_size is None else batch_size)):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
     out = Path(out) if out is not None else path.with_suffix(".json")
     for name, k in (("importance_samples", importance_samples), ("val_importance_samples", val_importance_samples)):
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
     device = torch.device(device) if device else config.get_device()
     ckpt = read_checkpoint(path)
-    model = model_from_checkpoint(ckpt, map_location=device)
+    model = model_from_checkpoint(ckpt, map_location=device if devices == 1 else "cpu")
     importance_samples = importance_samples or default_importance_samples(model)
     _, val, test = load_mnist()
     val_imgs, test_imgs = val.images[:eval_images], test.images[:eval_images]
     val_k = val_importance_samples or importance_samples
     results = {"arch": ckpt["arch"], "checkpoint": path.name, "checkpoint_sha256": file_sha256(path),
                "eval_images": {"val": len(val_imgs), "test": len(test_imgs)},
-               "importance_samples": importance_samples}
+               "importance_samples": importance_samples, "eval_seed": EVAL_SEED, "processes": devices}
     if not overwrite:
         _check_replace(out, results)  # before the minutes of evaluation, not after
+    fabric = None
+    if devices > 1:
+        from lightning_fabric import Fabric
+
+        fabric = Fabric(accelerator="cuda" if device.type == "cuda" else "cpu", devices=devices, strategy="ddp")
+        fabric.launch()  # from here on, in every process
+        device = fabric.device
+        model.to(device)
+        progress = progress and fabric.global_rank == 0
     torch.manual_seed(0)
     batch = test.images[:64]
     ode = not getattr(model, "exact_likelihood", True)
     repeats = 1 if ode else 10  # an ODE solve takes seconds to minutes: time it once
-    batch_size = 64 if ode else 256
-    test_bpd = bpd_per_image(model, test_imgs, importance_samples, batch_size, progress=progress, desc="test bpd")
+    batch_size = batch_size or (64 if ode else 256)
+    test_bpd = sharded_bpd(model, test_imgs, importance_samples, batch_size, EVAL_SEED, fabric, progress=progress,
+                           desc="test bpd")
+    val_bpd = sharded_bpd(model, val_imgs, val_k, batch_size, EVAL_SEED + 1, fabric, progress=progress,
+                          desc="validation bpd")
+    if fabric is not None and fabric.global_rank != 0:
+        return None
     if ode:
         results["likelihood"] = {"estimator": "hutchinson", "probe": model.probe, "probes_per_image": 1,
                                  "method": model.method, "rtol": model.rtol, "atol": model.atol}
     results.update({
         "test_bpd": test_bpd.mean().item(),
         "test_bpd_stderr": (test_bpd.std() / len(test_bpd) ** 0.5).item() if len(test_bpd) > 1 else None,
-        "val_bpd": mean_bpd(model, val_imgs, val_k, batch_size=batch_size, progress=progress, desc="validation bpd"),
+        "val_bpd": val_bpd.mean().item(),
         "val_importance_samples": val_k,
-        "slice_bpd": slice_bpd(model, test.images),
-        "slice": slice_spec(model),
-        "inference_ms": 1000 * inference_time(model, batch, repeats=repeats),
-        "sampling_ms": 1000 * sampling_time(model, 64, repeats=repeats),
-        **({"inference_ms_graphs": 1000 * inference_time(model, batch, graphs=True),
-            "sampling_ms_graphs": 1000 * sampling_time(model, 64, graphs=True)} if graphs else {}),
+        **({"bpd_only": True} if bpd_only else _fingerprint_and_times(model, test.images, batch, repeats, graphs)),
         "parameters": num_parameters(model),
         **training_totals(ckpt["meta"]),
         "training": ckpt["meta"],
@@ -205,6 +267,18 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, out)
     return results
+
+
+def _fingerprint_and_times(model, test_images, batch, repeats, graphs) -> dict:
+    """The slice bpd (`slice_bpd`) and the times of a likelihood and of sampling 64 images."""
+    return {
+        "slice_bpd": slice_bpd(model, test_images),
+        "slice": slice_spec(model),
+        "inference_ms": 1000 * inference_time(model, batch, repeats=repeats),
+        "sampling_ms": 1000 * sampling_time(model, 64, repeats=repeats),
+        **({"inference_ms_graphs": 1000 * inference_time(model, batch, graphs=True),
+            "sampling_ms_graphs": 1000 * sampling_time(model, 64, graphs=True)} if graphs else {}),
+    }
 
 
 def main(argv=None):
@@ -220,14 +294,22 @@ def main(argv=None):
                         help="replace an existing results JSON even where it is more thorough")
     parser.add_argument("--eval-images", type=int, default=None, help="first N validation/test images only")
     parser.add_argument("--graphs", action="store_true", help="also time compiled likelihood and sampling")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per batch (default 256; 64 for a flow-matching model); no result depends on it")
+    parser.add_argument("--bpd-only", action="store_true",
+                        help="test and validation bpd only: no slice fingerprint, no timings")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="processes (one per GPU) that each evaluate a shard of the images (default 1)")
     args = parser.parse_args(argv)
     try:
         results = evaluate_checkpoint(args.checkpoint, args.device, args.importance_samples, args.eval_images,
                                       graphs=args.graphs, val_importance_samples=args.val_importance_samples,
-                                      out=args.out, overwrite=args.overwrite)
+                                      out=args.out, overwrite=args.overwrite, devices=args.devices,
+                                      bpd_only=args.bpd_only, batch_size=args.batch_size)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         parser.exit(2, f"flowbook.evaluate: error: {err}\n")
-    print(json.dumps({k: v for k, v in results.items() if k not in ("training", "versions")}, indent=2))
+    if results is not None:  # with several processes, the first reports
+        print(json.dumps({k: v for k, v in results.items() if k not in ("training", "versions")}, indent=2))
 
 
 if __name__ == "__main__":

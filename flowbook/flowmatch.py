@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
+from flowbook import noise as noise_source
 from flowbook.layers import Dequantization
 from flowbook.layers.checks import check_images, check_latent, check_temperature
 from flowbook.ode import integrate
@@ -45,8 +46,8 @@ class LinearPath:
              x0: torch.Tensor | None = None) -> torch.Tensor:
         """The conditional flow-matching loss: the mean over the batch and dimensions of |v(x_t, t) - u_t|^2,
         with t ~ U[0, 1] and x0 ~ N(0, I) drawn here unless given. x1: [B, ...] data -> a scalar."""
-        t = torch.rand(x1.shape[0], device=x1.device) if t is None else t
-        x0 = torch.randn_like(x1) if x0 is None else x0
+        t = noise_source.rand((x1.shape[0],), device=x1.device) if t is None else t
+        x0 = noise_source.randn(x1.shape, device=x1.device, dtype=x1.dtype) if x0 is None else x0
         xt, ut = self.interpolate(x0, x1, t)
         return (velocity(xt, t).float() - ut.float()).pow(2).mean()
 

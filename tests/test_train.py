@@ -101,13 +101,13 @@ def test_bad_training_images_are_refused_before_training(tmp_path):
 
 def test_training_from_device_batches_as_on_a_gpu(tmp_path, monkeypatch):
     """The GPU's loaders (DeviceBatches, no DataLoader) through Lightning, here on the CPU."""
-    import flowbook.train as train_module
+    import flowbook.training.run as run_module
 
-    def device_loaders(train_set, val_set, batch_size, device, seed):
+    def device_loaders(train_set, val_set, batch_size, device, seed, rank=0, world=1):
         return (DeviceBatches(train_set.images, batch_size, True, True, seed),
                 DeviceBatches(val_set.images, 1000, False, False))
 
-    monkeypatch.setattr(train_module, "_loaders", device_loaders)
+    monkeypatch.setattr(run_module, "_loaders", device_loaders)
     _, summary = _tiny_run(tmp_path, epochs=2)
     assert summary["epochs"] == 2 and summary["best_val_bpd_1sample"] < 8
     state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
@@ -309,9 +309,9 @@ def test_a_run_never_replaces_weights_it_did_not_write(tmp_path):
 
 
 def test_a_diverged_run_stops_with_a_clear_error(tmp_path, monkeypatch):
-    import flowbook.train as train_module
+    import flowbook.training.module as module_module
 
-    monkeypatch.setattr(train_module, "MAX_BAD_STEPS", 3)
+    monkeypatch.setattr(module_module, "MAX_BAD_STEPS", 3)
     monkeypatch.setattr(ImageFlow, "forward", lambda self, imgs: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(TrainingDiverged, match="3 training steps in a row"):
         _tiny_run(tmp_path, epochs=5, train_images=64, datasets=(_fake_mnist(64), _fake_mnist(16)))
@@ -378,3 +378,39 @@ def test_a_diverged_run_records_it_in_its_summary_and_the_cli_exits_non_zero(tmp
     if summary["skipped_steps"] == 0:
         pytest.skip("a learning rate of 1e30 did not make this run diverge")
     assert result.returncode != 0 and summary["status"] == "diverged" and "in a row" in result.stderr
+
+
+def test_a_run_that_never_reaches_a_finite_validation_score_is_diverged_not_finished(tmp_path, monkeypatch):
+    """A short run under the 50-in-a-row rule that learns nothing (as a careless --lr 1e3 does): it ends
+    with status "diverged", a clear error, and no weights."""
+    real_forward = ImageFlow.forward
+
+    def blows_up(self, imgs):
+        loss = real_forward(self, imgs)
+        return loss * float("nan") if not self.training else loss  # validation never finite
+
+    monkeypatch.setattr(ImageFlow, "forward", blows_up)
+    with pytest.raises(TrainingDiverged, match="without a finite validation bpd"):
+        _tiny_run(tmp_path, epochs=2)
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["status"] == "diverged" and "without a finite validation" in summary["error"]
+    assert not (tmp_path / "simple.pt").exists()
+
+
+def test_a_run_that_skipped_most_of_its_steps_is_diverged_not_finished(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_forward = ImageFlow.forward
+
+    def mostly_nan(self, imgs):
+        loss = real_forward(self, imgs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] % 4 != 0:  # 3 of every 4 training steps non-finite, never 50 in a row
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(ImageFlow, "forward", mostly_nan)
+    with pytest.raises(TrainingDiverged, match="skipped 3 of its 4 training batches"):
+        _tiny_run(tmp_path, epochs=2)
+    assert json.loads((tmp_path / "train_summary.json").read_text())["status"] == "diverged"
+

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flowbook import noise as noise_source
 from flowbook.layers.checks import check_images
 
 
@@ -55,7 +56,7 @@ class Dequantization(nn.Module):
 
     forward(z, ldj, reverse=False, noise=None):
         z: int images [B, C, H, W] in 0..quants-1 -> y: [B, C, H, W] in ldj's dtype.
-        noise: optional [B, C, H, W] in [0, 1) (default: torch.rand).
+        noise: optional [B, C, H, W] in [0, 1) (default: `flowbook.noise.rand`, which is torch.rand by default).
         ldj [B] gains, summed over the D = C*H*W pixels,
             D log(1 - 2 margin)        u' = margin + (1 - 2 margin) u
           - D log(quants)              w = (x + u') / quants, in [0, 1]
@@ -83,7 +84,7 @@ class Dequantization(nn.Module):
     def dequant_noise(self, x, ldj, noise=None):
         """Noise u [B, C, H, W] in [0, 1) (float64) for images x; uniform, so ldj is unchanged."""
         if noise is None:
-            return torch.rand(x.shape, device=x.device, dtype=torch.float64), ldj
+            return noise_source.rand(x.shape, device=x.device, dtype=torch.float64), ldj
         return _check_noise(noise, x).to(torch.float64), ldj
 
     def _to_logits(self, x, u, ldj):
@@ -127,7 +128,7 @@ class VariationalDequantization(Dequantization):
     def dequant_noise(self, x, ldj, noise=None):
         cond = x.to(ldj.dtype) / (self.quants - 1) * 2 - 1
         if noise is None:
-            u0 = torch.rand(x.shape, device=x.device, dtype=ldj.dtype)
+            u0 = noise_source.rand(x.shape, device=x.device, dtype=ldj.dtype)
         else:
             u0 = _check_noise(noise, x).to(ldj.dtype)
         e, log_det = logit_transform(u0, self.alpha)
