@@ -54,6 +54,13 @@ def _run_summary(folder: Path) -> dict | None:
     return None
 
 
+def _best_val(summary: dict) -> str:
+    """The run's best validation score: bpd with one sample for a flow, the flow-matching loss otherwise."""
+    if "best_val_bpd_1sample" in summary:
+        return f"{summary['best_val_bpd_1sample']:.3f}"
+    return f"{summary['best_val_cfm']:.4f} (flow-matching loss)"
+
+
 def runs_table(folders) -> str:
     """A Markdown row per run folder (its train_summary.json, and <model>.json where evaluated): model,
     hardware, batch, peak lr, minutes, images seen, validation bpd (1 sample, during training) and test
@@ -69,7 +76,7 @@ def runs_table(folders) -> str:
         test = json.loads(results.read_text())["test_bpd"] if results.is_file() else None
         lines.append(f"| {folder.parent.name}/{folder.name} | {summary['arch']} | {stage['hardware']} | {stage['settings']['batch_size']} "
                      f"| {stage['settings']['lr']:g} | {stage['wall_s'] / 60:.0f} | {stage['epochs']} "
-                     f"| {stage['images_seen']:,} | {summary['best_val_bpd_1sample']:.3f} "
+                     f"| {stage['images_seen']:,} | {_best_val(summary)} "
                      f"| {'-' if test is None else f'{test:.3f}'} |")
     return "\n".join(lines)
 
