@@ -560,7 +560,8 @@ exercises.check_cfm_loss(cfm_loss)
 # ### Exercise 3: an Euler sampler (implementation, about 15 minutes)
 #
 # Write `euler_sample(velocity, z, steps)`: solve $dx/dt = v(x, t)$ from $x(0) = z$ at $t = 0$ to $t = 1$ with
-# `steps` equal Euler steps, evaluating $v$ at the start of each step, and return $x(1)$. The checker switches
+# `steps` equal Euler steps, evaluating $v$ at the start of each step (pass the time as a tensor [B] in z's
+# dtype), and return $x(1)$ without changing `z` in place. The checker switches
 # off `flowbook.ode.integrate` and torchdiffeq, and compares with a reference solution on a field whose
 # velocity depends on $t$ (so the times you pass matter).
 
@@ -605,7 +606,9 @@ exercises.check_euler_sample(euler_sample)
 # A paper reports 1.05 bpd for a flow-matching model, computed with `rtol = atol = 1e-3`. Which parts of the
 # computation does a loose tolerance change, in which direction can the number move, and how would you show
 # that your own number is not an artefact of the solver? (Consider the end point $z(0)$, the integral of the
-# divergence, and what happens when you halve the tolerance.)
+# divergence, and what happens when you halve the tolerance. Hint: an adaptive solver keeps the error of each
+# of its steps near `rtol` times the size of the state plus `atol`; the errors of many steps add up, and
+# nothing fixes their sign.)
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** The tolerance controls the local error of both the path and the accumulated divergence, so

@@ -327,45 +327,53 @@ def _no_volume(x, a, b):
     return torch.distributions.Normal(0.0, 1.0).log_prob((x - b) / a)
 
 
-def _hutchinson_with(probe="rademacher", times_eps=True, average=True, detach=True):
+def _hutchinson_with(probe="rademacher", times_eps=True, average=True, detach=True, sign=1.0, per_dim=False,
+                     time=None, shared=False):
     """Chapter 7's estimator with one thing changed."""
     def estimate(velocity, x, t, num_probes=1):
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            v, total = velocity(x, t), 0
+            v, total = velocity(x, t if time is None else torch.full_like(t, time)), 0
             for _ in range(num_probes):
                 eps = {"gaussian": torch.randn_like(x),
                        "zero_one": torch.randint(0, 2, x.shape).to(x.dtype)}.get(
                     probe, torch.randint(0, 2, x.shape).to(x.dtype) * 2 - 1)
+                eps = eps[:1].expand_as(x) if shared else eps
                 vjp = torch.autograd.grad(v, x, eps, retain_graph=True, create_graph=not detach)[0]
-                total = total + (vjp * eps if times_eps else vjp).flatten(1).sum(1)
+                terms = (vjp * eps if times_eps else vjp).flatten(1)
+                total = total + sign * (terms.mean(1) if per_dim else terms.sum(1))
         out = total / num_probes if average else total
         return out.detach() if detach else out
     return estimate
 
 
-def _cfm_with(t="uniform", swap=False, target="velocity", reduce="mean"):
+def _cfm_with(t="uniform", swap=False, target="velocity", reduce="mean", detach=False):
     """Chapter 7's flow-matching loss with one thing changed."""
     def loss(velocity, x1):
         b = x1.shape[0]
-        tt = {"normal": torch.randn(b), "shared": torch.full((b,), torch.rand(()).item())}.get(t, torch.rand(b))
+        tt = {"normal": torch.randn(b), "shared": torch.full((b,), torch.rand(()).item()),
+              "grid": torch.linspace(0, 1, b)}.get(t, torch.rand(b))
         tt = tt.to(x1.dtype)
         x0, tb = torch.randn_like(x1), tt.view(-1, 1)
         xt = (1 - tb) * x1 + tb * x0 if swap else (1 - tb) * x0 + tb * x1
         u = {"sign": x0 - x1, "data": x1}.get(target, x1 - x0)
-        err = (velocity(xt, tt) - u).pow(2)
+        v = velocity(xt, tt)
+        err = ((v.detach() if detach else v) - u).pow(2)
         return err.sum() if reduce == "sum" else err.mean()
     return loss
 
 
-def _euler_with(time="start", backwards=False, t_as_float=False):
+def _euler_with(time="start", backwards=False, t_as_float=False, in_place=False, dtype=None):
     """Chapter 7's Euler sampler with one thing changed."""
     def sample(velocity, z, steps):
         x, h = z, 1.0 / steps
         for k in range(steps):
             tk = {"end": (k + 1) * h}.get(time, 1 - k * h if backwards else k * h)
-            t = tk if t_as_float else torch.full((x.shape[0],), tk, dtype=x.dtype)
-            x = x - h * velocity(x, t) if backwards else x + h * velocity(x, t)
+            t = tk if t_as_float else torch.full((x.shape[0],), tk, dtype=dtype or x.dtype)
+            if in_place:
+                x += h * velocity(x, t)
+            else:
+                x = x - h * velocity(x, t) if backwards else x + h * velocity(x, t)
         return x
     return sample
 
@@ -560,6 +568,9 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_hutchinson_with(times_eps=False), "multiply the vector-Jacobian product"),
         (_hutchinson_with(average=False), "average the probes"),
         (_hutchinson_with(detach=False), "without its graph"),
+        (_hutchinson_with(sign=-1.0), "check the sign"),
+        (_hutchinson_with(per_dim=True), "do not average it"),
+        (_hutchinson_with(time=0.0), "evaluate v at the given times"),
         (lambda v, x, t, n=1: ode.divergence_hutchinson(v(x.requires_grad_(), t), x, torch.ones_like(x)),
          "implement this yourself"),
     ],
@@ -570,12 +581,15 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_cfm_with(target="sign"), "not x0 - x1"),
         (_cfm_with(target="data"), "not the data x1"),
         (_cfm_with(reduce="sum"), "not the sum"),
+        (_cfm_with(detach=True), "nothing can train on it"),
+        (_cfm_with(t="grid"), "not on a grid"),
         (lambda v, x1: LinearPath().loss(v, x1), "implement this yourself"),
     ],
     "check_euler_sample": [
         (_euler_with(time="end"), "at the start of each step"),
         (_euler_with(backwards=True), "from t = 0 (noise) to t = 1"),
         (_euler_with(t_as_float=True), "as a tensor [B]"),
+        (_euler_with(in_place=True), "changed z in place"),
         (lambda v, z, steps: ode.integrate(v, z, 0.0, 1.0, steps=steps), "implement this yourself"),
     ],
     "check_separation_auc": [
@@ -599,6 +613,12 @@ def test_checker_gives_a_plausible_mistake_its_own_hint(checker, index, capsys):
     message = str(failed.value)
     assert message.startswith(f"✗ {checker}: check ") and hint in message, message
     assert capsys.readouterr().out == "", "a failed check says its message once, in the error"
+
+
+def test_chapter_7_checkers_pass_correct_variants(capsys):
+    exercises.check_hutchinson_divergence(_hutchinson_with(shared=True))  # one probe for the whole batch
+    exercises.check_euler_sample(_euler_with(dtype=torch.float32))  # the times in float32
+    assert capsys.readouterr().out.count("✓") == 2
 
 
 @pytest.mark.parametrize("way", ["exact count", "float64 mean", "float32 mean", "torchmetrics", "chapter"])
