@@ -217,7 +217,7 @@ def draw_coupling_layer():
     _box(ax, -1.6, 2, "kept half\nz * mask", "#e8f4e0")
     _box(ax, 1.6, 2, "transformed half\nz * (1 - mask)", "#fbe3d6")
     _box(ax, -1.6, 1, "network NN\n(gated ResNet)", "#f2f2f2")
-    _box(ax, -1.6, 0, "s = tanh(s'/e^f) e^f,  t", "#f2f2f2", w=2.2)
+    _box(ax, -1.6, 0, "s = tanh(s'/e^c) e^c,  t", "#f2f2f2", w=2.2)
     _box(ax, 1.6, 0, "(z + t) * exp(s)", "#fbe3d6")
     _box(ax, 0, -1, "z'  (kept half unchanged)")
     _box(ax, -3.6, -1, "ldj += sum(s)", "#fff6cc", w=1.5)

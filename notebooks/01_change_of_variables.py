@@ -207,7 +207,9 @@ viz.plot_density_2d(flow.log_prob, data=data[:2000], samples=flow.sample(2000),
 
 # %% [markdown]
 # The density is a normal distribution bent into the shape of the moons: every sample is a draw from
-# $\mathcal N(0, I)$ pushed through the inverse of the eight layers. The flow's log-determinant is exactly
+# $\mathcal N(0, I)$ pushed through the inverse of the eight layers. Look for a thin band of density and samples
+# between the two moons, where the data have none: a flow is a continuous bijection of the plane, so it can
+# stretch the single Gaussian blob thin but never tear it into two pieces; longer training thins the band. The flow's log-determinant is exactly
 # the autograd one, also after training:
 
 # %%
@@ -226,7 +228,7 @@ flow = flow.float()
 # For images we report the negative log-likelihood in **bits per dimension** (bpd): the number of bits an
 # ideal entropy coder built on the model needs per pixel,
 #
-# $$\text{bpd}(x) = \frac{-\log_2 p(x)}{D} = \frac{-\ln p(x)}{D \ln 2},$$
+# $$\text{bpd}(x) = \frac{-\log_2 P(x)}{D} = \frac{-\ln P(x)}{D \ln 2},$$
 #
 # with $D = C \cdot H \cdot W$ ($784$ for MNIST). Dividing by $D$ makes datasets of different resolution
 # comparable. A baseline every model must beat: a uniform distribution over 8-bit pixels gives each image
@@ -234,7 +236,7 @@ flow = flow.float()
 #
 # $$\text{bpd} = \frac{-\log_2 256^{-D}}{D} = \log_2 256 = 8 \text{ bits}.$$
 #
-# Note that $p(x)$ here is the probability of a *discrete* image; chapter 2 shows how a density over
+# Note that $P(x)$ here is the probability of a *discrete* image (a capital $P$, not a density $p$); chapter 2 shows how a density over
 # continuous values turns into one, and where the $\log 256$ that makes the uniform model cost 8 bits
 # enters the code.
 
@@ -249,8 +251,8 @@ assert abs(uniform_bpd - 8) < 1e-12
 reference = REFERENCE_TEST_BPD  # the reference tutorial's three flows, 200 epochs, full MNIST test set
 Markdown(f"Trained flows on MNIST need about one bit per pixel: the reference tutorial reports "
          f"{min(reference.values()):.3f} to {max(reference.values()):.3f} bits per dimension for its three flows, "
-         f"{uniform_bpd / max(reference.values()):.1f} to {uniform_bpd / min(reference.values()):.1f} times fewer bits "
-         "than the uniform model; "
+         f"{8 / max(reference.values()):.1f} to {8 / min(reference.values()):.1f} times fewer bits "
+         "than the uniform model's 8; "
          "chapter 3 and the chapters after it compare the models shipped with flowbook.")
 
 # %% [markdown]
@@ -269,7 +271,7 @@ Markdown(f"Trained flows on MNIST need about one bit per pixel: the reference tu
 # | $P(x)$ | the probability of a discrete image $x$ | ch. 1 |
 # | $J_f$ | the Jacobian $\partial f(x) / \partial x$; `ldj` in code is the running sum of $\log\lvert\det J\rvert$ | ch. 1 |
 # | $D$; $B, C, H, W$ | dimensions per image, $D = C \cdot H \cdot W$; batch, channels, height, width of a tensor | ch. 1 |
-# | $i, j, k$ | indices (a channel index is written $c$, as in $b_c$ or the squeeze's channel $4c + 2i + j$ of chapter 4, whose pixel position is $(y, x)$) | ch. 1 |
+# | $i, j, k$ | indices (in chapter 4's squeeze a channel index is written $c$, the channel $4c + 2i + j$, at pixel position $(y, x)$) | ch. 1 |
 # | $u$, $q(u \mid x)$ | dequantization noise in $[0, 1)^D$, and its distribution ($u_0$: uniform noise before a learned noise flow) | ch. 2 |
 # | $v$ | a dequantized image, $v = x + u$ | ch. 2 |
 # | $m$ | the noise margin: the noise is kept in $[m, 1 - m]$ | ch. 2 |
@@ -279,7 +281,8 @@ Markdown(f"Trained flows on MNIST need about one bit per pixel: the reference tu
 # | $\sigma$ | a standard deviation (the sigmoid is written $\mathrm{sigmoid}$) | ch. 2 |
 # | $s$, $t$ | the log-scale and the shift of a coupling layer | ch. 1, 3 |
 # | $c$ | a coupling layer's learned scale bound, one per channel: $s \leftarrow \tanh(s / e^c)\, e^c$ | ch. 3 |
-# | $b$ | the binary mask of a coupling layer: 1 where the input is kept (RealNVP's notation); with a channel index, $b_c$ is ActNorm's shift (chapter 6, Glow's notation) | ch. 3 |
+# | $b$ | the binary mask of a coupling layer: 1 where the input is kept (RealNVP's notation) | ch. 3 |
+# | $\beta_i$, $\log s_i$ | ActNorm's shift and log-scale of channel $i$ (Glow writes $b$ and $s$) | ch. 6 |
 # | $z_k$, $z_s$ | the half of the channels a split layer keeps, and the half it scores under the prior | ch. 4 |
 # | $T$ | the sampling temperature: latents are drawn from $\mathcal N(0, T^2 I)$ | ch. 4 |
 # | $t$; $v(x, t)$, $u_t$ | in chapter 7, time along an ODE ($t = 1$ data, $t = 0$ latent); the learned velocity field and a probability path's velocity (chapter 7 uses neither the coupling's shift $t$ nor the dequantized image $v$) | ch. 7 |
@@ -287,12 +290,12 @@ Markdown(f"Trained flows on MNIST need about one bit per pixel: the reference tu
 #
 # Two formulas are written differently in papers. flowbook's affine coupling shifts first and then scales,
 # $z_2' = (z_2 + t) \odot e^{s}$, where RealNVP (Dinh et al., 2017) writes $x_2 \odot e^{s} + t$; flowbook's
-# ActNorm (chapter 6, with per-channel parameters $b_c$ and $\log s_c$) computes $(z + b) \odot e^{\log s}$, where
+# ActNorm (chapter 6, with per-channel parameters $\beta_i$ and $\log s_i$) computes $(z + \beta) \odot e^{\log s}$, where
 # Glow (Kingma and Dhariwal, 2018) writes $s \odot x + b$. Each pair describes the same maps: a shift $t$
 # before the scale is the shift $t \odot e^{s}$ after it. And the log-determinants agree, because a shift adds
 # something that does not depend on the values being scaled (in a coupling layer, $t$ depends only on the
-# kept half), so in both orders the Jacobian's diagonal holds only the scales, $e^{s_j}$ or $s_c$:
-# $\log\lvert\det J\rvert = \sum_j s_j$ for the coupling layer and $H \cdot W \sum_c \log s_c$ for ActNorm.
+# kept half), so in both orders the Jacobian's diagonal holds only the scales, $e^{s_j}$ or $s_i$:
+# $\log\lvert\det J\rvert = \sum_j s_j$ for the coupling layer and $H \cdot W \sum_i \log s_i$ for ActNorm.
 
 # %% [markdown]
 # ## Summary
@@ -305,7 +308,7 @@ Markdown(f"Trained flows on MNIST need about one bit per pixel: the reference tu
 #   term added.
 # - Flow layers are designed so that $\log|\det J|$ is cheap (triangular Jacobians); we saw a 2-D coupling
 #   flow learn the two moons by maximum likelihood.
-# - Bits per dimension, $-\log_2 p(x) / D$, is the unit of image likelihood; a uniform model of 8-bit pixels
+# - Bits per dimension, $-\log_2 P(x) / D$, is the unit of image likelihood; a uniform model of 8-bit pixels
 #   costs exactly 8.
 #
 # ## Exercises

@@ -115,8 +115,7 @@ assert on_integers[0] > on_integers[-1] + 5 and np.argmax(dequantized) > 0
 # their freedom (an argument, which this chapter does not measure). Second, at initialisation every coupling
 # layer is the identity (chapter 3), so the latent is the input itself: a pixel of value 255 would be a
 # standard normal value 255 standard deviations from the mean,
-# with a log-density of about $-255^2/2 \approx -32{,}500$ nats per pixel, and gradients to match: training
-# from there diverges at once. After the logit, the same untrained flow starts at tens of bits per dimension
+# with a log-density of about $-255^2/2 \approx -32{,}500$ nats per pixel. After the logit, the same untrained flow starts at tens of bits per dimension
 # instead of thousands (measured below), and training brings it down to about one.
 # flowbook's `Dequantization` layer therefore maps $x$ to $y \in \mathbb{R}^D$ in four elementwise steps and
 # adds the log of each step's derivative to `ldj` (summed over the $D$ pixels):
@@ -384,8 +383,9 @@ Markdown("How far is $K = 16$ from the limit $K \\to \\infty$, the exact $-\\log
 #
 # ### Exercise 1: the logit transform and its log-determinant (implementation, about 20 minutes)
 #
-# Write `logit_transform(u, alpha)` for `u` of shape `[B, ...]` in $[0, 1]$: return $y = \mathrm{logit}(p)$
-# with $p = (1-\alpha)u + \alpha/2$, and `ldj` of shape `[B]`, the log-determinant of $u \mapsto y$.
+# Write `logit_transform(u, alpha)` for `u` of shape `[B, ...]` in $[0, 1]$ (the argument plays the role of
+# the pixel $w$ of the table of symbols; `u` is the package's name): return $y = \mathrm{logit}(r)$ with
+# $r = (1-\alpha)u + \alpha/2$, and `ldj` of shape `[B]`, the log-determinant of $u \mapsto y$.
 
 # %% tags=["student"]
 def logit_transform(u, alpha):
@@ -396,9 +396,9 @@ def logit_transform(u, alpha):
 # %% jupyter={"source_hidden": true} tags=["solution"]
 def logit_transform(u, alpha):
     """u: [B, ...] in [0, 1] -> (y [B, ...], ldj [B])."""
-    p = (1 - alpha) * u + alpha / 2
-    y = torch.log(p) - torch.log1p(-p)
-    per_pixel = math.log(1 - alpha) - torch.log(p) - torch.log1p(-p)  # log dp/du + log dy/dp
+    r = (1 - alpha) * u + alpha / 2
+    y = torch.log(r) - torch.log1p(-r)
+    per_pixel = math.log(1 - alpha) - torch.log(r) - torch.log1p(-r)  # log dr/du + log dy/dr
     return y, per_pixel.flatten(1).sum(dim=1)
 
 

@@ -356,8 +356,8 @@ exercises.check_checkerboard_mask(checkerboard_mask)
 # Then `AffineCoupling(network, mask, c_in)` with the flow contract `layer(z, ldj, reverse=False) -> (z, ldj)`,
 # as derived at the top of this chapter. The network maps `z * mask` (`[B, C, H, W]`) to `[B, 2C, H, W]`: its
 # first $C$ channels are the raw log-scale $s$, the last $C$ the shift $t$. Bound the log-scale with the
-# learnable factor of each channel, $s_c \leftarrow \tanh(s_c / e^{f_c})\, e^{f_c}$, apply both only where
-# `mask == 0`, and return $z' = (z + t) \odot e^{s}$ with `ldj + sum(s)` per image (and the inverse with
+# learnable factor of each channel, $s \leftarrow \tanh(s / e^{c})\, e^{c}$ with one $c$ per channel, apply
+# both only where `mask == 0`, and return $z' = (z + t) \odot e^{s}$ with `ldj + sum(s)` per image (and the inverse with
 # `reverse=True`). The checker compares with `CouplingLayer` (switched off while your code runs, also through
 # a reference to it taken earlier) on three channels with distinct factors, checks the inverse, and checks
 # `ldj` against autograd.
@@ -367,7 +367,7 @@ class AffineCoupling(torch.nn.Module):
     def __init__(self, network, mask, c_in):
         super().__init__()
         self.network = network
-        self.scaling_factor = torch.nn.Parameter(torch.zeros(c_in))  # f, one per channel
+        self.scaling_factor = torch.nn.Parameter(torch.zeros(c_in))  # c, one per channel
         self.register_buffer("mask", mask)
 
     def forward(self, z, ldj, reverse=False):
@@ -379,13 +379,13 @@ class AffineCoupling(torch.nn.Module):
     def __init__(self, network, mask, c_in):
         super().__init__()
         self.network = network
-        self.scaling_factor = torch.nn.Parameter(torch.zeros(c_in))  # f, one per channel
+        self.scaling_factor = torch.nn.Parameter(torch.zeros(c_in))  # c, one per channel
         self.register_buffer("mask", mask)
 
     def forward(self, z, ldj, reverse=False):
         s, t = self.network(z * self.mask).chunk(2, dim=1)
-        f = self.scaling_factor.exp().view(1, -1, 1, 1)
-        s = torch.tanh(s / f) * f * (1 - self.mask)  # bounded, and 0 on the kept half
+        e_c = self.scaling_factor.exp().view(1, -1, 1, 1)
+        s = torch.tanh(s / e_c) * e_c * (1 - self.mask)  # bounded, and 0 on the kept half
         t = t * (1 - self.mask)
         if not reverse:
             return (z + t) * torch.exp(s), ldj + s.sum(dim=[1, 2, 3])

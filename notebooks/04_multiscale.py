@@ -9,7 +9,8 @@
 # %% [markdown]
 # # Chapter 4: Multi-scale flows
 #
-# The single-scale flow of chapter 3 transforms all 784 dimensions in every layer, at full resolution; in
+# The single-scale flow of chapter 3 works on all 784 dimensions in every layer, at full resolution (each
+# coupling transforms half of them, conditioned on the other half); in
 # the reference tutorial, even after 200 epochs its samples show local strokes but no digits. The
 # multi-scale architecture of RealNVP changes the shape of the latent as it goes: it trades resolution for
 # channels (squeeze), and factors out half of the variables once they have been transformed enough (split).
@@ -79,8 +80,11 @@ print(inspect.getsource(SqueezeFlow.forward))
 #
 # $$\log \mathcal N\big((z_k', z_s)\big) = \log \mathcal N(z_k') + \log \mathcal N(z_s),$$
 #
-# scoring $z_s$ now (adding $\log\mathcal N(z_s)$ to `ldj`) gives the same likelihood as carrying it to the
-# end, while the layers after the split only work on half the variables. In reverse, the split layer draws a
+# where $z_k'$ is what the later layers make of $z_k$: they never touch $z_s$, so its score does not depend on
+# them. Scoring $z_s$ now gives the same likelihood as carrying it to the end, while the layers after the split
+# only work on half the variables. In code the score is added to `ldj`, which from here on holds the running
+# sum of log-determinants *and* of the split-off halves' prior terms: the final $\log \mathcal N(z) +$ `ldj` is
+# still the whole log-likelihood. In reverse, the split layer draws a
 # fresh $z_s \sim \mathcal N(0, I)$ (or takes a given one), appends it, and subtracts $\log\mathcal N(z_s)$:
 
 # %% tags=["spoiler"]

@@ -134,7 +134,7 @@ real_bright = bright(test_set.images[:1000])
 empty = {n: int((bright(x) < 0.02).sum()) for n, x in samples.items()}
 Markdown("Measured on the samples above: " + "; ".join(
     f"`{n}`: {empty[n]} of {len(x)} samples have under 2% bright pixels, the median share is {bright(x).median():.1%}"
-    for n, x in samples.items()) + f" (test digits: {real_bright.median():.1%}, and "
+    for n, x in samples.items()) + f" (the first 1,000 test digits: median {real_bright.median():.1%}, and "
     f"{int((real_bright < 0.02).sum())} of 1,000 under 2%). Look at the two grids for the rest: the single-scale "
     "flow's samples are scattered stroke fragments, the multi-scale flow's are connected, digit-like shapes, not all "
     "of them digits. Both are the models named at the top of the chapter.")
@@ -158,8 +158,8 @@ viz.show_imgs(torch.cat(rows), "multiscale at temperature " + ", ".join(map(str,
 ink = {T: bright(r) for T, r in zip(temperatures, rows)}
 spread = {T: r.float().view(len(r), -1).std(dim=0).mean().item() for T, r in zip(temperatures, rows)}
 Markdown("Measured on the rows above: the share of bright pixels (above 127) per image is " +
-         ", ".join(f"{ink[T].mean():.1%} at T = {T}" for T in temperatures) + " (real digits: "
-         f"{(test_set.images[:256] > 127).float().mean():.1%}); the pixel standard deviation across a row's "
+         ", ".join(f"{ink[T].mean():.1%} at T = {T}" for T in temperatures) + " (the first 256 "
+         f"test digits: {(test_set.images[:256] > 127).float().mean():.1%}); the pixel standard deviation across a row's "
          "samples, a measure of their diversity, is " + ", ".join(f"{spread[T]:.0f}" for T in temperatures) +
          " grey levels. At $T = 0$ every sample is the decoding of the mode $z = 0$ (chapter 6 shows it).")
 
@@ -258,7 +258,8 @@ Markdown(f"The mean pixel standard deviation within a row is {within_row:.1f} gr
 # $q(u \mid x)$, and the bound of chapter 2, $\log P(x) \ge \mathbb E_{q}[\log p(x + u) - \log q(u \mid x)]$,
 # is tight when $q(u \mid x)$ equals the flow's own conditional density of $u$ given $x$: training moves the noise
 # to where the flow puts its density within each unit interval. Where does the learned noise differ from uniform
-# most? Here is $u$ for every pixel value, from 1,000 test images, under `vardeq`:
+# most? Here is $u$ for the background pixels and the stroke centres, from 1,000 test images, under `vardeq` (the
+# printed table covers all pixel values):
 
 # %%
 imgs = test_set.images[:1000].to(device)
@@ -379,9 +380,10 @@ exercises.check_interpolate(interpolate)
 # with $e \sim \mathcal N(0, I)$, or $e$ from the normal truncated to $[-r, r]$ when `truncation=r` is given
 # (clamping is not the same: it piles the tails onto $\pm r$). Then (a) derive the standard deviation of the
 # truncated normal, $\sqrt{1 - 2 r \varphi(r) / (2\Phi(r) - 1)}$, and check it on your samples; (b) for the
-# multi-scale flow's latent (`models["multiscale"].latent_shape(n)`, $D = 392$), compare the norm of latents at
+# multi-scale flow's final latent (`models["multiscale"].latent_shape(n)`, $D_z = 392$ numbers: the other 392
+# were split off), compare the norm of latents at
 # $T = 0.7$ with that of truncated latents ($T = 1$, $r = 1$): which stays closer to the typical shell of the
-# prior, $\|z\| \approx \sqrt D$? (c) Decode a row of each with `models["multiscale"].sample(shape, z_init=z)`
+# prior, $\|z\| \approx \sqrt{D_z}$? (c) Decode a row of each with `models["multiscale"].sample(shape, z_init=z)`
 # and compare them with the temperature rows above.
 
 # %% tags=["student"]
@@ -466,4 +468,8 @@ exercises.check_sample_images(sample_images)
 # - R. T. Q. Chen, Y. Rubanova, J. Bettencourt, D. Duvenaud. *Neural ordinary differential equations.*
 #   NeurIPS 2018 (continuous flows).
 # - P. Lippe. *Normalizing Flows for Image Modeling*, UvA Deep Learning Tutorial 11 (CC BY-SA).
+# - K. Shoemake. *Animating rotation with quaternion curves.* SIGGRAPH 1985 (slerp).
+# - T. White. *Sampling generative networks.* arXiv:1609.04468, 2016.
+# - A. Brock, J. Donahue, K. Simonyan. *Large scale GAN training for high fidelity natural image synthesis.*
+#   ICLR 2019 (the truncation trick).
 # - MNIST: Y. LeCun, C. Cortes, C. J. C. Burges, *The MNIST database of handwritten digits* (CC BY-SA 3.0).

@@ -198,7 +198,7 @@ Markdown(f"The Glow-style flow has {num_parameters(fresh['glow']):,} parameters,
 # %% [markdown]
 # ## Did the Glow layers help?
 #
-# All four models were trained by `python -m flowbook.train` (Adam, a linear warm-up, then half a cosine down to
+# The four flows were trained by `python -m flowbook.train` (Adam, a linear warm-up, then half a cosine down to
 # zero at the end of each stage), but each with its own stages, peak learning rates, budgets and numbers of
 # training images (`docs/training.md` has the commands). Each shipped checkpoint's results JSON, written by
 # `python -m flowbook.evaluate`, records its test bpd (importance sampling on the test images it lists) and its
@@ -211,7 +211,7 @@ def shipped_results(name):
     return json.loads(path.with_suffix(".json").read_text()) if path and path.with_suffix(".json").exists() else None
 
 
-results = {name: shipped_results(name) for name in ALL_MODELS}
+results = {name: shipped_results(name) for name in ALL_MODELS if name != "flowmatch"}  # chapter 7 has that one
 table, history = [], []
 for name, res in results.items():
     if res is None:
@@ -263,7 +263,7 @@ def verdict(curves, results):
                f"{caught_up:,} images, {caught_up / final:.1f} times as many. " if caught_up else "")
             + "This is one run of each, with different schedules: the multi-scale flow's first stage ended its cosine "
             f"at {results['multiscale']['training']['history'][0]['images_seen']:,} images, and each later stage "
-            "restarted from its peak learning rate (the bumps in its curve), while the Glow run's single cosine "
+            "restarted from its peak learning rate, while the Glow run's single cosine "
             f"ended at {results['glow']['images_seen']:,}. "
             + ("So, at equal budgets in these runs, the Glow layers helped. " if ahead else "So these runs do not "
                "show the Glow layers helping at equal budgets. ")
@@ -398,6 +398,10 @@ Markdown(f"Knowing only the frequencies of the grey levels already charges {hist
 # $$\mathrm{bpd} = \underbrace{\frac{-\log \mathcal N(z)}{D \log 2}}_{\text{prior term}} +
 #   \underbrace{\frac{-\log|\det J_f(x + u)| + \log q(u \mid x)}{D \log 2}}_{\text{volume term}}.$$
 #
+# The volume term holds the flow's log-determinant together with the dequantization's $\log q(u \mid x)$ (chapter
+# 2: zero for uniform noise; this flow learned its noise, so not zero here). It is negative where $f$ expands
+# volume by more than the noise's density takes back, and positive where it contracts.
+#
 # In $D$ dimensions a standard normal sample has $\|z\|^2 \sim \chi^2_D$, so $\|z\| \approx \sqrt{D}$ with a
 # spread of about $1/\sqrt 2$: almost all the mass lies in a thin shell, far from the mode $z = 0$, which has
 # the highest density but is itself *atypical*. On the shell, $-\log \mathcal N(z) = \frac D2 \log 2\pi +
@@ -425,8 +429,8 @@ med = {n: {k: v.median().item() for k, v in t.items()} for n, t in terms.items()
 Markdown(f"The digits' latents lie on the prior's shell (median norm {med['digits']['norm']:.1f}, prior samples "
          f"{norms_prior.mean():.1f} ± {norms_prior.std():.1f}), so their prior term is the typical "
          f"{med['digits']['prior']:.2f} bits per dimension, and their typical bpd of {med['digits']['bpd']:.2f} is "
-         f"that plus a volume term of {med['digits']['volume']:+.2f}: around a digit, $f$ expands volume by "
-         f"{-med['digits']['volume']:.2f} bits per dimension. The all-black image's latent lies on the shell too "
+         f"that plus a volume term of {med['digits']['volume']:+.2f}: around a digit, $f$ expands volume (net of "
+         f"$\\log q$) by {-med['digits']['volume']:.2f} bits per dimension. The all-black image's latent lies on the shell too "
          f"(median norm {med['all black']['norm']:.1f}, prior term {med['all black']['prior']:.2f}): neither its "
          "latent norm nor its prior term marks it as unusual. Its low bpd comes from the volume term alone, "
          f"{med['all black']['volume']:+.2f}, about twice the digits' in bits per dimension: $f$ expands the volume "
@@ -435,7 +439,8 @@ Markdown(f"The digits' latents lie on the prior's shell (median norm {med['digit
          f"{med['constant grey']['norm']:.1f}, {med['uniform noise']['norm']:.1f} and {med['inverted']['norm']:.1f}), "
          f"and their volume terms ({med['constant grey']['volume']:+.2f}, {med['uniform noise']['volume']:+.2f}, "
          f"{med['inverted']['volume']:+.2f}) are far above the digits': $f$ spreads these inputs over much less "
-         "latent volume than a digit (for the grey image and the noise it contracts volume rather than expanding it). "
+         "latent volume than a digit (for the grey image and the noise the volume term is positive: net of $\\log q$, "
+         "$f$ contracts volume there). "
          f"The noise's latent is further out (prior term {med['uniform noise']['prior']:.2f} against "
          f"{med['constant grey']['prior']:.2f}), but the grey image's volume term is the larger: that is where the "
          "constant grey image loses to the noise.")
@@ -474,7 +479,8 @@ Markdown(f"At $T = 0$ all eight samples are one image, the decoding of the mode 
 # %% [markdown]
 # Why can the decoded mode lose to another image? The density of an image is
 # $\log p(x) = \log \mathcal N(f(x)) + \log|\det J_f(x)|$ (with dequantization, the bound of chapter 2): the
-# prior term is largest at $f(x) = 0$, but the volume term is large wherever $f$ *expands* volume, that is, where
+# prior term is largest at $f(x) = 0$, but $\log|\det J_f(x)|$ is large (and the volume term of a bpd negative)
+# wherever $f$ *expands* volume, that is, where
 # $f$ spreads a small region of images over a large region of latent space (and the sampler $f^{-1}$
 # contracts that latent region onto a few images). The next cell splits both images' bpd into the two terms.
 #
@@ -542,8 +548,8 @@ Markdown(
 # - A bpd is a prior term plus a volume term. Digits' latents, and the all-black image's, lie on the prior's
 #   typical shell, far from its mode, with a prior term of about 2.05 bits per dimension; what separates them is
 #   the volume term, which also makes the all-black image likelier than the decoded mode.
-# - A typicality test (is the bpd near the usual value?) separates some of these cases that the likelihood
-#   ranks the wrong way, and cannot separate inputs whose local statistics are those of digits.
+# - A typicality test (is the bpd near the usual value?) separates the all-black image, which the likelihood
+#   ranks above the digits, and cannot separate inputs whose local statistics are those of digits.
 #
 # ## Exercises
 #
@@ -590,8 +596,8 @@ exercises.check_lu_weight(lu_weight_and_logdet)
 # `self.training` is true and the buffer `self.initialized` is false), set `loc` and `log_scale` from the
 # batch so that it comes out with zero mean and unit standard deviation per channel (over batch, height and
 # width; the standard deviation is `torch.std`'s default, the unbiased one), and mark the layer initialised
-# in the buffer; then apply $z' = (z + b)\, e^{\log s}$ with $b$ = `loc` and $\log s$ = `log_scale`, and add
-# $H W \sum_c \log s_c$ to `ldj` (the inverse with `reverse=True`). Set the values *in place*: an optimizer
+# in the buffer; then apply $z' = (z + \beta)\, e^{\log s}$ with $\beta$ = `loc` and $\log s$ = `log_scale`, and
+# add $H W \sum_i \log s_i$ to `ldj` (the inverse with `reverse=True`). Set the values *in place*: an optimizer
 # made before the first batch holds the Parameter objects of `__init__`. The checker also reloads your
 # layer from its state dict and runs it in evaluation mode; it switches off flowbook's `ActNorm`.
 
