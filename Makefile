@@ -18,10 +18,10 @@ lab: setup
 	$(BIN)/jupyter lab notebooks/
 
 # Unit tests and every chapter under nbval, in quick mode unless FLOWBOOK_MODE says otherwise. JOBS test
-# processes side by side, one thread each; a notebook's cells stay together in one (tests/conftest.py).
+# processes side by side, one thread each; a file's tests run in one of them (a notebook in one kernel).
 JOBS ?= 2
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadgroup tests notebooks --nbval-lax --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests notebooks --nbval-lax --durations=15
 
 test-unit: setup
 	$(BIN)/python -m pytest tests

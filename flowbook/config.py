@@ -59,7 +59,7 @@ class Settings:
 
 QUICK = Settings("quick", train_images=960, demo_steps=30, epochs=1, batch_size=32,
                  eval_images=256, importance_samples=4, toy_steps=400,
-                 bound_images=64, cnf_steps=60, judged_samples=100, ode_images=16, progress=True)
+                 bound_images=64, cnf_steps=60, judged_samples=100, ode_images=8, progress=True)
 FULL = Settings("full", train_images=None, demo_steps=1000, epochs=200, batch_size=128,
                 eval_images=None, importance_samples=8, toy_steps=3000,
                 bound_images=1024, cnf_steps=600, judged_samples=1000, ode_images=None, progress=True)

@@ -447,12 +447,13 @@ print(tabulate(rows, ["model", "test bpd", "test images", "parameters", "trainin
                       f"recognisable (of {settings.judged_samples})"]))
 
 # %% [markdown]
-# What a likelihood and a sample of 16 images cost, the multi-scale flow against the flow-matching model
-# (the flow-matching likelihood is the first batch of the bpd computation above):
+# What a likelihood (of the first batch of the bpd computation above) and a sample of 16 images cost, the
+# multi-scale flow against the flow-matching model:
 
 # %%
 multiscale, _, _ = load_trained("multiscale", device=device)
-batch = test_set.images[:16].to(device)
+n_ll = len(ode_images.split(16)[0])  # the flow-matching likelihood: the first batch of the bpd cell
+batch = test_set.images[:n_ll].to(device)
 with torch.no_grad():
     start = time.perf_counter()
     multiscale.log_likelihood(batch)
@@ -466,7 +467,7 @@ with torch.no_grad():
 print(tabulate([["multiscale", f"{1000 * ms_ll:.0f}", f"{1000 * ms_sample:.0f}"],
                 ["flowmatch", f"{1000 * batch_s[0]:.0f}",
                  f"{1000 * fm_sample:.0f} ({flowmatch.last_nfe} evaluations)"]],
-               ["model", "likelihood of 16 images (ms)", "16 samples (ms)"]))
+               ["model", f"likelihood of {n_ll} images (ms)", "16 samples (ms)"]))
 print(f"on {torch.get_num_threads()} CPU threads" if device.type == "cpu" else f"on {torch.cuda.get_device_name()}")
 
 # %% [markdown]

@@ -30,10 +30,3 @@ def mnist():
 def _seed():
     torch.manual_seed(0)
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under `make test` (pytest-xdist, --dist loadgroup) tests spread over the workers one by one, but the
-    cells of a notebook run in order in one kernel: each notebook's cells form one group for one worker."""
-    for item in items:
-        if item.path.suffix == ".ipynb":
-            item.add_marker(pytest.mark.xdist_group(name=item.path.name))
