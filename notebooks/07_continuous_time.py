@@ -407,7 +407,7 @@ Markdown(f"With the model named above, the share of recognisable samples is {sco
 # %%
 ode_images = test_set.images[:settings.ode_images]
 where = ("all 10,000 test images" if settings.ode_images is None
-         else f"a {len(ode_images)}-image slice of the test set (quick mode)")
+         else f"a slice of the first {len(ode_images)} test images (quick mode)")
 bpd, batch_s = [], []
 with torch.no_grad():
     for b in config.progress_bar(ode_images.split(16), "bpd through the ODE"):
