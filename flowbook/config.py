@@ -34,6 +34,8 @@ class Settings:
     cnf_steps: maximum-likelihood steps of chapter 7's 2-D continuous flow (each solves an ODE)
     judged_samples: samples per model that chapters 7 and 8 show the digit classifier
     ode_images: test images whose bpd chapter 7 computes through the ODE (None: all 10,000)
+    slice_images: first images of a shipped model's fingerprint slice (`flowbook.evaluate.slice_spec`) that
+        chapter 5 recomputes to check the weights against the results JSON (None: the whole slice)
     progress: show progress bars (text tqdm bars) for training and evaluation, which take over ten seconds
         in a cell even in quick mode
     """
@@ -50,6 +52,7 @@ class Settings:
     cnf_steps: int
     judged_samples: int
     ode_images: int | None
+    slice_images: int | None
     progress: bool
 
     @property
@@ -59,10 +62,12 @@ class Settings:
 
 QUICK = Settings("quick", train_images=960, demo_steps=30, epochs=1, batch_size=32,
                  eval_images=256, importance_samples=4, toy_steps=400,
-                 bound_images=64, cnf_steps=60, judged_samples=100, ode_images=8, progress=True)
+                 bound_images=64, cnf_steps=60, judged_samples=100, ode_images=8, slice_images=32,
+                 progress=True)
 FULL = Settings("full", train_images=None, demo_steps=1000, epochs=200, batch_size=128,
                 eval_images=None, importance_samples=8, toy_steps=3000,
-                bound_images=1024, cnf_steps=600, judged_samples=1000, ode_images=None, progress=True)
+                bound_images=1024, cnf_steps=600, judged_samples=1000, ode_images=None, slice_images=None,
+                progress=True)
 
 
 def mode() -> str:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm  # text bars: work in a terminal and in Jupyter without ipywidgets
 
 from flowbook import config, noise
-from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
+from flowbook.checkpoints import atomic_save, model_from_checkpoint, read_checkpoint
 from flowbook.data import load_mnist
 from flowbook.fast import compiled_calls
 from flowbook.models import ImageFlow, num_parameters
@@ -39,25 +39,48 @@ def default_importance_samples(model) -> int:
     return 8 if getattr(model, "exact_likelihood", True) else 1
 
 
+def _load_partial(path: Path | None, key: str) -> dict:
+    """{batch start: [b] bpd} that an interrupted evaluation with the same `key` saved at `path`, else {}."""
+    if path is None or not path.exists():
+        return {}
+    saved = torch.load(path, weights_only=True)
+    return saved["batches"] if saved.get("key") == key else {}
+
+
 @torch.no_grad()
 def bpd_per_image(model: ImageFlow, images: torch.Tensor, importance_samples: int = 8, batch_size: int = 256,
                   progress: bool = False, desc: str = "bpd", seed: int | None = None,
-                  first_index: int = 0) -> torch.Tensor:
+                  first_index: int = 0, partial: Path | None = None, partial_key: dict | None = None) -> torch.Tensor:
     """[N] bits per dimension of int images [N, C, H, W], on the model's device, batch by batch.
 
     seed None: the dequantization noise comes from torch's global generator. With a `seed`, image i (its
     index in the whole set: `first_index` + its position in `images`) draws its noise, every importance
     sample of it, from a generator of its own seeded with `image_seed(seed, i)` (`flowbook.noise.per_image`):
     its bpd then depends neither on the batches nor on how the set is shared between processes.
-    Non-finite values are kept (never dropped): a mean over them is non-finite too, as it should be."""
+    Non-finite values are kept (never dropped): a mean over them is non-finite too, as it should be.
+
+    partial: a file where each finished batch is saved, with `partial_key` (what else decides the values:
+    the weights, the options); an evaluation started again with the same file and key takes the batches
+    saved there instead of computing them again (an hours-long ODE evaluation survives being stopped)."""
     device = next(model.parameters()).device
+    key = json.dumps({**(partial_key or {}), "importance_samples": importance_samples, "batch_size": batch_size,
+                      "seed": seed, "first_index": first_index, "images": len(images)}, sort_keys=True)
+    done = _load_partial(partial, key)
+    if done and progress:
+        print(f"{desc}: {sum(len(v) for v in done.values()):,} of {len(images):,} images from {partial}")
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False,
                       file=sys.stdout, mininterval=2):
+        if start in done:
+            out.append(done[start])
+            continue
         batch = images[start:start + batch_size].to(device)
         seeds = [image_seed(seed, first_index + start + i) for i in range(len(batch))] if seed is not None else None
         with noise.per_image(seeds) if seeds is not None else contextlib.nullcontext():
             out.append(model.bits_per_dim(batch, importance_samples).float().cpu())
+        if partial is not None:
+            done[start] = out[-1]
+            atomic_save({"key": key, "batches": done}, partial)
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -80,6 +103,8 @@ def sharded_bpd(model, images: torch.Tensor, importance_samples: int, batch_size
     every process. Equal, value for value, to one process's."""
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     start, stop = shard(len(images), batch_size, rank, world)
+    if kwargs.get("partial") is not None:  # one file per process
+        kwargs["partial"] = Path(f"{kwargs['partial']}.rank{rank}.pt")
     mine = bpd_per_image(model, images[start:stop], importance_samples, batch_size, seed=seed, first_index=start,
                          **kwargs)
     if world == 1:
@@ -136,19 +161,47 @@ def sampling_time(model: ImageFlow, num: int = 64, repeats: int = 10, graphs: bo
 
 def slice_spec(model) -> dict:
     """The test slice that `slice_bpd` evaluates for `model`: 256 images with 8 importance samples for a
-    flow, 16 images with one sample for a model whose likelihood solves an ODE."""
+    flow, 16 images with one sample for a model whose likelihood solves an ODE; each image's noise drawn
+    from a seed of its own (`bpd_per_image`), so that the first n images of the slice are a slice too."""
     exact = getattr(model, "exact_likelihood", True)
     return {"images": SLICE_IMAGES if exact else ODE_SLICE_IMAGES, "seed": SLICE_SEED,
-            "importance_samples": default_importance_samples(model)}
+            "importance_samples": default_importance_samples(model), "noise": "per image"}
 
 
-def slice_bpd(model: ImageFlow, test_images: torch.Tensor) -> float:
-    """bpd of the first test images of `slice_spec(model)` with the noise seeded: a fingerprint of the
-    weights that any machine can recompute in seconds (a minute for a flow-matching model)."""
+def slice_bpd_per_image(model: ImageFlow, test_images: torch.Tensor, images: int | None = None) -> torch.Tensor:
+    """[n] bpd of the first n = `images` test images of `slice_spec(model)` (default: all of them), with
+    its importance samples and each image's noise seeded: a fingerprint of the weights that any machine can
+    recompute in seconds (a minute for a flow-matching model)."""
     spec = slice_spec(model)
-    torch.manual_seed(spec["seed"])
-    return mean_bpd(model, test_images[:spec["images"]], importance_samples=spec["importance_samples"],
-                    batch_size=256 if spec["images"] == SLICE_IMAGES else spec["images"])
+    n = spec["images"] if images is None else images
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= spec["images"]:
+        raise ValueError(f"images must be an integer in 1..{spec['images']} (the slice), got {images!r}")
+    return bpd_per_image(model, test_images[:n], spec["importance_samples"],
+                         batch_size=SLICE_IMAGES if spec["images"] == SLICE_IMAGES else spec["images"],
+                         seed=spec["seed"])
+
+
+def slice_bpd(model: ImageFlow, test_images: torch.Tensor, images: int | None = None) -> float:
+    """Mean of `slice_bpd_per_image`: the bpd of the first `images` images of the slice (default all)."""
+    return slice_bpd_per_image(model, test_images, images).mean().item()
+
+
+def check_slice(model: ImageFlow, results: dict, test_images: torch.Tensor, images: int | None = None,
+                tolerance: float = 0.01) -> tuple[float, float]:
+    """(live, recorded): the slice bpd of `model` on the first `images` images of the slice, recomputed now
+    and as its results JSON `results` records it (the mean of the same images' recorded values). Raises
+    ValueError where they differ by more than `tolerance`: the weights on screen are not the ones evaluated."""
+    per_image = results.get("slice_bpd_per_image")
+    if per_image is None:
+        raise ValueError(f"the results JSON of {results.get('checkpoint', 'this model')} has no per-image slice "
+                         "values: refresh it with python -m flowbook.evaluate --checkpoint ... --refresh-slice")
+    n = len(per_image) if images is None else min(images, len(per_image))
+    live = slice_bpd(model, test_images, n)
+    recorded = sum(per_image[:n]) / n
+    if not abs(live - recorded) <= tolerance:
+        raise ValueError(f"{results.get('checkpoint', 'the model')}: slice bpd {live:.4f} on {n} images, but its "
+                         f"results JSON records {recorded:.4f}: the weights on screen are not the ones evaluated")
+    return live, recorded
 
 
 def thoroughness(results: dict) -> tuple:
@@ -205,6 +258,9 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     EVAL_SEED), so that they depend neither on the batches nor on `devices`: with devices N > 1, N processes
     (Lightning Fabric's DDP; started from the command line) each evaluate a shard of the images, the values
     are gathered, and the first process computes the rest and writes the JSON; the others return None.
+    An evaluation that is stopped keeps its finished batches in hidden files beside `out`
+    (`.<name>.test.partial.rank0.pt`, ...); started again for the same weights and options, it continues from
+    them, and deletes them once both sets are done.
     `bpd_only`: the test and validation bpd alone, without the slice fingerprint and the timings (a quick look
     at a training run's weights; the JSON says so)."""
     path = Path(path)
@@ -241,11 +297,17 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     ode = not getattr(model, "exact_likelihood", True)
     repeats = 1 if ode else 10  # an ODE solve takes seconds to minutes: time it once
     batch_size = batch_size or (64 if ode else 256)
+    partial = {split: out.with_name(f".{out.stem}.{split}.partial") for split in ("test", "val")}
+    key = {"checkpoint_sha256": results["checkpoint_sha256"], "world": devices,
+           **{name: getattr(model, name) for name in ("method", "rtol", "atol", "probe") if hasattr(model, name)}}
     test_bpd = sharded_bpd(model, test_imgs, importance_samples, batch_size, EVAL_SEED, fabric, progress=progress,
-                           desc="test bpd")
+                           desc="test bpd", partial=partial["test"], partial_key=key)
     val_bpd = sharded_bpd(model, val_imgs, val_k, batch_size, EVAL_SEED + 1, fabric, progress=progress,
-                          desc="validation bpd")
-    if fabric is not None and fabric.global_rank != 0:
+                          desc="validation bpd", partial=partial["val"], partial_key=key)
+    rank = fabric.global_rank if fabric is not None else 0
+    for split in partial.values():  # both sets are done: the saved batches have served
+        Path(f"{split}.rank{rank}.pt").unlink(missing_ok=True)
+    if rank != 0:
         return None
     if ode:
         results["likelihood"] = {"estimator": "hutchinson", "probe": model.probe, "probes_per_image": 1,
@@ -263,17 +325,44 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
         "git_commit": git_commit(),
         "versions": versions(),
     })
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
+    _write_json(out, results)
     return results
 
 
+def refresh_slice(path: str | Path, out: str | Path | None = None, device: str | None = None) -> dict:
+    """Recompute the slice fields (`_fingerprint`) of the results JSON `out` (default: beside the checkpoint
+    at `path`) for the same weights, and nothing else: for a JSON written before the slice recorded its
+    per-image values. The JSON names the commit that did it (`slice_git_commit`)."""
+    path = Path(path)
+    out = Path(out) if out is not None else path.with_suffix(".json")
+    if not out.exists():
+        raise FileNotFoundError(f"{out} does not exist: evaluate the checkpoint first")
+    results = json.loads(out.read_text())
+    if results.get("checkpoint_sha256") != file_sha256(path):
+        raise ValueError(f"{out} was written for other weights than {path}: evaluate it again instead")
+    model = model_from_checkpoint(read_checkpoint(path), map_location=device or config.get_device())
+    results.update(_fingerprint(model, load_mnist()[2].images), slice_git_commit=git_commit())
+    _write_json(out, results)
+    return results
+
+
+def _write_json(out: Path, results: dict) -> None:
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out)
+
+
+def _fingerprint(model, test_images) -> dict:
+    """The slice's bpd, its per-image values and its spec (`slice_bpd_per_image`), for a results JSON."""
+    per_image = slice_bpd_per_image(model, test_images)
+    return {"slice_bpd": per_image.mean().item(), "slice_bpd_per_image": [round(v, 6) for v in per_image.tolist()],
+            "slice": slice_spec(model)}
+
+
 def _fingerprint_and_times(model, test_images, batch, repeats, graphs) -> dict:
-    """The slice bpd (`slice_bpd`) and the times of a likelihood and of sampling 64 images."""
+    """The slice (`_fingerprint`) and the times of a likelihood and of sampling 64 images."""
     return {
-        "slice_bpd": slice_bpd(model, test_images),
-        "slice": slice_spec(model),
+        **_fingerprint(model, test_images),
         "inference_ms": 1000 * inference_time(model, batch, repeats=repeats),
         "sampling_ms": 1000 * sampling_time(model, 64, repeats=repeats),
         **({"inference_ms_graphs": 1000 * inference_time(model, batch, graphs=True),
@@ -300,8 +389,14 @@ def main(argv=None):
                         help="test and validation bpd only: no slice fingerprint, no timings")
     parser.add_argument("--devices", type=int, default=1,
                         help="processes (one per GPU) that each evaluate a shard of the images (default 1)")
+    parser.add_argument("--refresh-slice", action="store_true",
+                        help="recompute only the slice fields of the existing results JSON of these weights")
     args = parser.parse_args(argv)
     try:
+        if args.refresh_slice:
+            results = refresh_slice(args.checkpoint, args.out, args.device)
+            print(json.dumps({k: results[k] for k in ("checkpoint", "slice_bpd", "slice")}, indent=2))
+            return
         results = evaluate_checkpoint(args.checkpoint, args.device, args.importance_samples, args.eval_images,
                                       graphs=args.graphs, val_importance_samples=args.val_importance_samples,
                                       out=args.out, overwrite=args.overwrite, devices=args.devices,

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from torchdiffeq import odeint
 
+from flowbook import noise
+
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 
@@ -43,11 +45,12 @@ def divergence_hutchinson(v: torch.Tensor, x: torch.Tensor, eps: torch.Tensor,
 
 
 def draw_probe(like: torch.Tensor, probe: str = "rademacher") -> torch.Tensor:
-    """A probe of the shape of `like`: Rademacher (+-1, each with probability 1/2) or standard normal."""
+    """A probe of the shape of `like` [B, ...]: Rademacher (+-1, each with probability 1/2) or standard normal,
+    drawn from `flowbook.noise` (so that an evaluation seeded per image draws each image's probe from its seed)."""
     if probe == "rademacher":
-        return torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
+        return (noise.rand(like.shape, device=like.device) < 0.5).to(like.dtype) * 2 - 1
     if probe == "gaussian":
-        return torch.randn_like(like)
+        return noise.randn(like.shape, device=like.device, dtype=like.dtype)
     raise ValueError(f"unknown probe {probe!r}; choose one of {PROBES}")
 
 

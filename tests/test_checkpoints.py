@@ -6,7 +6,7 @@ import torch
 
 from conftest import ROOT, perturb_
 from flowbook.checkpoints import CheckpointError, load_model, read_checkpoint, save_checkpoint
-from flowbook.evaluate import slice_bpd
+from flowbook.evaluate import check_slice
 from flowbook.gallery import SEED, sample_grid
 from flowbook.provenance import file_sha256
 from flowbook.models import ALL_MODELS, create_flow
@@ -105,9 +105,13 @@ def test_shipped_checkpoint_reproduces_its_recorded_slice_bpd(path, mnist):
     results = json.loads(path.with_suffix(".json").read_text())
     assert path.stat().st_size < 5 * 2 ** 20
     model = load_model(path, map_location="cpu", arch=results["arch"])
-    bpd = slice_bpd(model, mnist[2].images)
-    assert abs(bpd - results["slice_bpd"]) <= 0.02, (bpd, results["slice_bpd"])
-    assert results["test_bpd"] >= bpd - 0.1, "the recorded test bpd is far better than the slice shows"
+    per_image = results["slice_bpd_per_image"]
+    assert len(per_image) == results["slice"]["images"] and results["slice"]["noise"] == "per image"
+    assert abs(sum(per_image) / len(per_image) - results["slice_bpd"]) < 1e-4, "the slice's mean is its values' mean"
+    bpd, recorded = check_slice(model, results, mnist[2].images, images=32)  # raises if the weights differ
+    assert results["test_bpd"] >= bpd - 0.15, "the recorded test bpd is far better than the slice shows"
+    with pytest.raises(ValueError, match="not the ones evaluated"):
+        check_slice(model, {**results, "slice_bpd_per_image": [v + 0.05 for v in per_image]}, mnist[2].images, 8)
 
 
 def test_metadata_with_paths_loads_back_and_other_objects_are_refused_before_writing(tmp_path):

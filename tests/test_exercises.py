@@ -95,16 +95,20 @@ class _Wrapped(torch.nn.Module):
         return self.change(z, ldj, reverse, self.inner, **kw)
 
 
+class _CouplingShell(torch.nn.Module):
+    """The attributes of the exercise's AffineCoupling: a wrong forward is all that the cases below differ in."""
+
+    def __init__(self, network, mask, c_in):
+        super().__init__()
+        self.network = network
+        self.scaling_factor = torch.nn.Parameter(torch.zeros(c_in))
+        self.register_buffer("mask", mask)
+
+
 def _affine_with(bound=lambda s, f: torch.tanh(s / f) * f, order="shift first", swap=False, mask_s=True, sign=1.0,
                  mask_all=True, factor=lambda f: f.exp().view(1, -1, 1, 1), sees=lambda z, mask: z * mask,
                  ldj_sum=lambda s: s.sum(dim=[1, 2, 3])):
-    class Wrong(torch.nn.Module):
-        def __init__(self, network, mask, c_in):
-            super().__init__()
-            self.network = network
-            self.scaling_factor = torch.nn.Parameter(torch.zeros(c_in))
-            self.register_buffer("mask", mask)
-
+    class Wrong(_CouplingShell):
         def forward(self, z, ldj, reverse=False):
             s, t = self.network(sees(z, self.mask)).chunk(2, dim=1)
             if swap:
@@ -260,13 +264,7 @@ def _copy_of_an_earlier_model():
     return copy.deepcopy(_MADE_EARLIER)
 
 
-class _BorrowingCoupling(torch.nn.Module):
-    def __init__(self, network, mask, c_in):
-        super().__init__()
-        self.network = network
-        self.scaling_factor = torch.nn.Parameter(torch.zeros(c_in))
-        self.register_buffer("mask", mask)
-
+class _BorrowingCoupling(_CouplingShell):
     def forward(self, z, ldj, reverse=False):
         return _BORROWED_FORWARD(self, z, ldj, reverse)
 

@@ -20,18 +20,62 @@ from flowbook.pretrained import load_trained  # noqa: E402
 from flowbook.toy import ToyFlow, sample_toy, train_toy_flow  # noqa: E402
 
 
-def test_evaluate_checkpoint_writes_a_complete_results_json(tmp_path, mnist):
+def test_evaluate_checkpoint_writes_a_complete_results_json(tmp_path, mnist, monkeypatch):
+    import flowbook.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "SLICE_IMAGES", 8)
     model = perturb_(create_flow("simple"), scale=0.01)
     save_checkpoint(model, "simple", tmp_path / "simple.pt", epochs=1, settings={"lr": 1e-3})
     results = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=2, eval_images=16,
                                   progress=False)
     on_disk = json.loads((tmp_path / "simple.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    for key in ("val_bpd", "test_bpd", "slice_bpd", "inference_ms", "sampling_ms", "parameters", "training",
-                "device", "git_commit", "versions"):
+    for key in ("val_bpd", "test_bpd", "slice_bpd", "slice_bpd_per_image", "inference_ms", "sampling_ms",
+                "parameters", "training", "device", "git_commit", "versions"):
         assert key in results, key
     assert results["parameters"] == 335_128 and results["training"]["epochs"] == 1
     assert 0 < results["test_bpd"] < 100 and results["eval_images"] == {"val": 16, "test": 16}
+    assert results["slice"] == {"images": 8, "seed": 0, "importance_samples": 8, "noise": "per image"}
+    # The first images of the slice are a slice of their own: each image's noise has its own seed.
+    first = evaluate.slice_bpd_per_image(model, mnist[2].images, images=3)
+    assert first.tolist() == pytest.approx(results["slice_bpd_per_image"][:3], abs=1e-4)
+    # --refresh-slice rewrites the slice fields, and only them, for the same weights alone.
+    on_disk.update(slice_bpd=0.0, slice_bpd_per_image=[0.0] * 8)
+    (tmp_path / "simple.json").write_text(json.dumps(on_disk))
+    refreshed = evaluate.refresh_slice(tmp_path / "simple.pt", device="cpu")
+    assert refreshed["slice_bpd"] == pytest.approx(results["slice_bpd"], abs=1e-4)
+    assert {k: v for k, v in refreshed.items() if not k.startswith("slice")} == \
+        {k: v for k, v in on_disk.items() if not k.startswith("slice")}
+    save_checkpoint(perturb_(create_flow("simple"), scale=0.01), "simple", tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other weights"):
+        evaluate.refresh_slice(tmp_path / "other.pt", out=tmp_path / "simple.json")
+
+
+def test_a_stopped_evaluation_continues_from_its_saved_batches(tmp_path, mnist):
+    from flowbook.evaluate import bpd_per_image
+
+    model = perturb_(create_flow("simple"), scale=0.01)
+    images, key = mnist[2].images[:12], {"checkpoint_sha256": "abc"}
+    whole = bpd_per_image(model, images, 2, batch_size=4, seed=0)
+    calls, stop_at = [], [3]
+    original = model.bits_per_dim
+
+    def stopping(batch, k):  # the first evaluation is killed during its third batch
+        calls.append(len(batch))
+        if len(calls) in stop_at:
+            raise RuntimeError("killed")
+        return original(batch, k)
+    model.bits_per_dim = stopping
+    with pytest.raises(RuntimeError, match="killed"):
+        bpd_per_image(model, images, 2, batch_size=4, seed=0, partial=tmp_path / "p.pt", partial_key=key)
+    calls.clear()
+    stop_at.clear()
+    again = bpd_per_image(model, images, 2, batch_size=4, seed=0, partial=tmp_path / "p.pt", partial_key=key)
+    assert calls == [4], "only the batch that was not finished is computed again"
+    assert torch.allclose(again, whole, atol=1e-5)
+    calls.clear()  # other weights (another key): nothing is taken from the file
+    bpd_per_image(model, images, 2, batch_size=4, seed=0, partial=tmp_path / "p.pt", partial_key={"other": 1})
+    assert calls == [4, 4, 4]
 
 
 def test_bpd_per_image_keeps_non_finite_values():
@@ -116,8 +160,9 @@ def test_load_trained_prefers_a_shipped_checkpoint(tmp_path, monkeypatch):
 def test_evaluation_never_replaces_a_more_thorough_json_of_the_same_weights(tmp_path, mnist, monkeypatch):
     import flowbook.evaluate as evaluate
 
-    for slow in ("slice_bpd", "inference_time", "sampling_time"):  # not what this test is about
+    for slow in ("inference_time", "sampling_time"):  # not what this test is about
         monkeypatch.setattr(evaluate, slow, lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(evaluate, "slice_bpd_per_image", lambda *args, **kwargs: torch.ones(4))
     model = perturb_(create_flow("simple"), scale=0.01)
     save_checkpoint(model, "simple", tmp_path / "simple.pt", epochs=1)
     thorough = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=2, eval_images=16,
