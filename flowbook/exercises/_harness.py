@@ -3,6 +3,7 @@ one clear message, naming known mistakes, and switching off the flowbook code an
 from __future__ import annotations
 
 import contextlib
+import sys
 import traceback
 import types
 from dataclasses import dataclass
@@ -55,8 +56,10 @@ def is_close(a, b, atol=1e-6) -> bool:
 def diagnose(got, right, mistakes: dict, atol=1e-6):
     """Fail with the hint of the first known mistake whose result `got` reproduces (unless `got` is `right`).
 
-    mistakes: {hint: value or zero-argument function returning what that mistake computes}."""
-    if is_close(got, right, atol):
+    mistakes: {hint: value or zero-argument function returning what that mistake computes}. These are a
+    checker's mistake-specific tests: with hints switched off (`grade(..., hints=False)`) they do not run, and
+    the check that follows them fails with its general message instead."""
+    if is_close(got, right, atol) or not _HINTS[0]:
         return
     for hint, value in mistakes.items():
         if callable(value):
@@ -90,6 +93,18 @@ def perturbed(module, scale=0.3, seed=0):
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return module
+
+
+_HINTS = [True]  # False while grade(..., hints=False) runs: diagnose() names no mistake
+
+
+@contextlib.contextmanager
+def _hints(on: bool):
+    before, _HINTS[0] = _HINTS[0], on
+    try:
+        yield
+    finally:
+        _HINTS[0] = before
 
 
 # Switching off flowbook's own code ----------------------------------------------------------------------
@@ -273,3 +288,35 @@ def run_checks(name: str, checks, blocks=()) -> None:
         except Exception as err:  # the student's code crashed: say where and how
             raise CheckFailed(f"✗ {where}: your code raised {type(err).__name__}{_where(err)}: {err}") from None
     print(f"✓ {name}: all {len(checks)} checks passed")
+
+
+# Grading -----------------------------------------------------------------------------------------------
+
+def grade(*parts, hints: bool = True) -> float:
+    """The points an exercise earns, for an autograder test cell: each part, `(points, checker, *args)`, earns
+    its points when `checker(*args)` passes, and none otherwise (so an exercise in separable parts gets partial
+    credit). Never raises for the student's code: each part prints its checker's line (a failure's message, or
+    the stub's NotImplementedError), everything the code writes to stderr goes to stdout (nbgrader gives no
+    points to a test cell with output on stderr), and the total is returned (nbgrader takes a test cell's
+    returned number as its score). `hints=False` runs the checks without their mistake-specific tests (see
+    `diagnose`): a wrong answer still fails, with the general message of the check."""
+    earned, total = 0.0, 0.0
+    with contextlib.redirect_stderr(sys.stdout), _hints(hints):
+        for points, checker, *args in parts:
+            total += points
+            name = getattr(checker, "__name__", "the check")
+            try:
+                checker(*args)
+            except NotImplementedError as err:
+                print(f"✗ {name}: your code raised NotImplementedError{': ' if str(err) else ''}{err} (the exercise is "
+                      "not done yet)")
+            except CheckFailed as err:
+                print(err)
+            except Exception as err:  # anything a checker does not turn into CheckFailed is still the student's
+                print(f"✗ {name}: your code raised {type(err).__name__}{_where(err)}: {err}")
+            else:
+                earned += points
+                continue
+            print(f"  0 of {points:g} points for {name}")
+    print(f"{earned:g} of {total:g} points" + ("" if hints else " in the checks you see (the grader runs more)"))
+    return earned
