@@ -48,9 +48,10 @@ CONFIG = '''\
 # Once you change this file, `make nbgrader` keeps it (and writes its new version to new/); FORCE=1 overwrites.
 c = get_config()  # noqa: F821 (nbgrader defines get_config)
 c.CourseDirectory.course_id = "flowbook"
-# Autograding runs the whole chapter, then its tests. The slowest cell, chapter 3's training-loop check, takes
-# about a minute on a 2-core CPU; a cell that runs longer than this many seconds is stopped and scores zero.
-c.Execute.timeout = 300
+# Autograding runs the whole chapter in quick mode, then its tests. Its slowest cell, chapter 3's live training
+# of two small flows, took 141 s on a 2-core CPU shared with two other jobs (docs/teaching.md); a cell that runs
+# longer than this many seconds is stopped, and a test cell stopped scores zero.
+c.Execute.timeout = 600
 '''
 
 
@@ -96,11 +97,11 @@ def _points(value: float) -> str:
     return f"{value:g}"
 
 
-def _answer_source(stub: str, solution: str, where: str) -> tuple[str, list]:
+def _answer_source(stub: str, solution: str, where: str) -> str:
     """The solution with the lines that the stub leaves out between nbgrader's solution markers, so that
-    nbgrader's release is the stub (with nbgrader's own `raise NotImplementedError()`), and those lines."""
+    nbgrader's release is the stub (with nbgrader's own `raise NotImplementedError()` for the stub's)."""
     a, b = stub.splitlines(), solution.splitlines()
-    out, hidden = [], []
+    out = []
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
         removed = [line for line in a[i1:i2] if line.strip()]
         if op == "equal" or (not removed and not any(line.strip() for line in b[j1:j2])):
@@ -114,8 +115,7 @@ def _answer_source(stub: str, solution: str, where: str) -> tuple[str, list]:
                                "replaced (a helper function or a decorator goes inside the function)")
         indent = re.match(r"\s*", removed[0]).group(0)
         out += [f"{indent}### BEGIN SOLUTION", *b[j1:j2], f"{indent}### END SOLUTION"]
-        hidden += [line for line in b[j1:j2] if line.strip()]
-    return "\n".join(out), hidden
+    return "\n".join(out)
 
 
 def _nbgrader(cell, grade_id: str, *, grade=False, solution=False, locked=False, points=None):
@@ -133,7 +133,8 @@ def _nbgrader(cell, grade_id: str, *, grade=False, solution=False, locked=False,
 
 
 def _grade_call(parts, hints: bool) -> str:
-    calls = ", ".join(f"({_points(p)}, exercises.{checker}, {args})" for p, checker, args in parts)
+    """exercises.grade(...) of `parts`, one part a line."""
+    calls = f",\n{' ' * 16}".join(f"({_points(p)}, exercises.{checker}, {args})" for p, checker, args in parts)
     return f"exercises.grade({calls}{'' if hints else ', hints=False'})"
 
 
@@ -188,7 +189,7 @@ def course_notebook(source: Path) -> nbformat.NotebookNode:
             if stub is None:
                 raise GradingError(f"{where}: a solution cell without a stub cell (tagged student) before it")
             k = part[n] = part.get(n, 0) + 1
-            cell.source, _ = _answer_source(stub, cell.source, where)
+            cell.source = _answer_source(stub, cell.source, where)
             out.append(_nbgrader(cell, f"exercise{n}-part{k}-answer", solution=True))
             stub = None
         elif "answer" in tags:
@@ -258,8 +259,11 @@ def check_release(name: str, nb: nbformat.NotebookNode) -> None:
         if meta["solution"] and cell.cell_type == "code":
             hidden = re.findall(r"### BEGIN SOLUTION\n(.*?)\n\s*### END SOLUTION", cell.source, flags=re.S)
             leaked = [line for block in hidden for line in block.splitlines() if line.strip() and line in text]
-            if leaked or "NotImplementedError" not in text:
-                raise GradingError(f"{name}, cell {grade_id}: the release shows the solution line {leaked[:1]}")
+            if leaked:
+                raise GradingError(f"{name}, cell {grade_id}: the release shows the solution line {leaked[0]!r}")
+            if "NotImplementedError" not in text or not re.search(r"^\s*(def|class) ", text, flags=re.M):
+                raise GradingError(f"{name}, cell {grade_id}: the release has no stub (the def or class of the "
+                                   "exercise, raising NotImplementedError): mark the solution's lines")
         if meta["solution"] and cell.cell_type == "markdown" and cell.source.strip() in text:
             raise GradingError(f"{name}, cell {grade_id}: the release shows the lecturer's answer")
         if meta["grade"] and cell.cell_type == "code" and "hints=False" not in text:
@@ -335,7 +339,8 @@ def main(argv=None):
             inside = path.relative_to(root / "new")
             print(f"  {root / inside if inside.name == 'nbgrader_config.py' else root / 'source' / inside}")
         print("Copy what you need from the new versions, or run again with --force (make nbgrader FORCE=1).")
-    print(f"\nNext: cd {root} && nbgrader generate_assignment <chapter> (see docs/teaching.md)")
+    print(f"\nNext, with flowbook's environment active (docs/teaching.md): cd {root} && nbgrader generate_assignment "
+          f"{editions.chapters()[0].stem}, then collect, autograde, generate_feedback")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ def test_course_notebook_has_answer_test_and_locked_cells_and_no_spoiler():
     assert "### BEGIN SOLUTION" in answer.source and "def forward(self, z, ldj, reverse=False):" in answer.source
     test, meta = cells["exercise1-test"]  # an exercise in two parts: 1 + 4 points, graded in one cell
     assert meta == {**meta, "grade": True, "locked": True, "solution": False, "points": 5.0}
-    assert ("(1, exercises.check_checkerboard_mask, checkerboard_mask), (4, exercises.check_affine_coupling"
-            in test.source)
+    assert ("(1, exercises.check_checkerboard_mask, checkerboard_mask),\n                (4, exercises.check_affine_"
+            "coupling" in test.source)
     visible, hidden = test.source.split("### BEGIN HIDDEN TESTS")
     assert "hints=False" in visible and "hints=False" not in hidden and "### END HIDDEN TESTS" in hidden
     part1, meta1 = cells["exercise1-part1-check"]
@@ -72,6 +72,14 @@ def test_the_release_shows_no_solution_answer_or_hidden_test_for_every_chapter()
         assert "exercises.grade(" in release and "HIDDEN" not in release and "**Answer.**" not in release
         assert release.count("YOUR CODE HERE") == len([c for c in nb.cells if c.metadata["nbgrader"]["solution"]
                                                        and c.cell_type == "code"])
+
+
+def test_the_release_check_refuses_a_solution_left_unmarked():
+    nb = grading.course_notebook(CH1)
+    cell, _ = _meta(nb)["exercise2-part1-answer"]
+    cell.source = re.sub(r"\s*### (BEGIN|END) SOLUTION", "", cell.source)
+    with pytest.raises(grading.GradingError, match="exercise2-part1-answer: the release has no stub"):
+        grading.check_release(CH1.stem, nb)
 
 
 def test_a_solution_that_differs_from_its_stub_outside_the_body_is_refused():
@@ -119,6 +127,42 @@ def test_grade_without_hints_still_fails_a_mistake_but_does_not_name_it(capsys):
     assert exercises.grade((1, exercises.check_bits_per_dim, wrong)) == 0
     assert "divide by log 2" in capsys.readouterr().out
     assert exercises.grade((1, exercises.check_bits_per_dim, lambda ll, d: -ll / (d * math.log(2))), hints=False) == 1
+
+
+def test_grade_runs_a_part_again_with_hints_only_when_it_failed_without_them(capsys):
+    calls = []
+
+    def check(fn):
+        calls.append(fn)
+        if fn is not ok:
+            raise exercises.CheckFailed("✗ check: failed")
+
+    def ok():
+        pass
+
+    def wrong():
+        pass
+    assert exercises.grade((2, check, ok), hints=False) == 2 and exercises.grade((2, check, ok)) == 2
+    assert calls == [ok], "a part that passed without hints passes with them"
+    assert exercises.grade((2, check, wrong), hints=False) == 0 and exercises.grade((2, check, wrong)) == 0
+    assert calls == [ok, wrong, wrong]
+    assert exercises.grade((2, check, ok)) == 2 and len(calls) == 3  # still remembered: not run again
+
+
+def test_every_mistake_specific_test_is_followed_by_a_check_that_fails_without_it():
+    """What lets grade() skip the hidden run of a part that passed: diagnose() only names a mistake that the
+    close() or expect() after it fails anyway."""
+    import ast
+
+    for module in sorted((ROOT / "flowbook" / "exercises").glob("ch*.py")):
+        tree = ast.parse(module.read_text())
+        for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+            calls = [(n.lineno, n.func.id) for n in ast.walk(fn) if isinstance(n, ast.Call)
+                     and isinstance(n.func, ast.Name) and n.func.id in {"diagnose", "close", "expect"}]
+            for line, name in calls:
+                if name == "diagnose":
+                    assert any(other != "diagnose" and later > line for later, other in calls), \
+                        f"{module.name}, line {line}: a diagnose() with no close() or expect() after it"
 
 
 def test_grade_gives_no_points_for_calling_the_switched_off_flowbook_function(capsys):
@@ -233,3 +277,40 @@ def test_nbgrader_grades_the_solution_the_untouched_release_and_named_mistakes(c
         assert hint in feedback, f"the feedback lacks the checker's hint {hint!r}"
     assert re.search(r"0(\.0)? of 2 points", feedback)
     print(f"autograde of chapter 1 per submission: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}")
+
+
+# docs/teaching.md repeats what the chapters and checkers say; these keep it from drifting.
+
+TEACHING = (ROOT / "docs" / "teaching.md").read_text()
+
+
+def test_teaching_guide_lists_each_chapters_learning_objectives_as_the_chapter_does():
+    for src in CHAPTERS:
+        cell = next(c for c in editions.read_source(src).cells if c.source.startswith("**Learning objectives.**"))
+        bullets = cell.source.split("\n", 1)[1].strip()
+        assert 3 <= bullets.count("\n- ") + 1 <= 5, f"{src.name}: 3 to 5 learning objectives"
+        assert bullets in TEACHING, f"docs/teaching.md lacks {src.stem}'s learning objectives as the chapter has them"
+
+
+def test_teaching_guide_menu_gives_every_exercise_with_the_points_of_its_heading():
+    for src in CHAPTERS:
+        for e in grading.exercises_of(src):
+            row = (f"| {src.stem[:2]} | {e.number}: {e.title} | {e.kind} | {' + '.join(f'{p:g}' for p in e.points)} "
+                   f"| {e.minutes} min |")
+            assert row in TEACHING, f"docs/teaching.md's exercise menu lacks {row}"
+
+
+def test_teaching_guide_lists_the_mistakes_each_checker_names():
+    import inspect
+
+    for name in exercises.__all__:
+        if name.startswith("check_"):
+            catches = inspect.getdoc(getattr(exercises, name)).split("Catches:", 1)[1].strip()
+            block = "\n".join("  " + line for line in catches.splitlines())
+            assert f"`{name}`:\n{block}" in TEACHING, f"docs/teaching.md lacks the mistakes of {name}"
+
+
+def test_readme_links_the_teaching_guide_in_the_lecturers_section():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## For lecturers and students", 1)[1].split("\n## ", 1)[0]
+    assert "docs/teaching.md" in section and "make nbgrader" in section
