@@ -44,7 +44,8 @@ def test_chapter_has_learning_goals_summary_exercises_and_references(source):
     assert len(implementation) >= (2 if source.name.startswith("01_") else 3), "too few implementation exercises"
     assert len(exercises) > len(implementation), "every chapter has a conceptual question too"
     for heading in re.findall(r"^### Exercise .*$", markdown, flags=re.M):  # a lecturer picks by kind, points, size
-        assert re.search(r"\((implementation|conceptual), \d+(?: \+ \d+)* points?, about \d+ minutes\)$", heading), heading
+        kind = r"\((implementation|conceptual), \d+(?: \+ \d+)* points?, about \d+ minutes\)$"
+        assert re.search(kind, heading), heading
 
 
 def test_the_chapters_have_at_least_14_implementation_exercises():
