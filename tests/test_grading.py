@@ -314,3 +314,16 @@ def test_readme_links_the_teaching_guide_in_the_lecturers_section():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## For lecturers and students", 1)[1].split("\n## ", 1)[0]
     assert "docs/teaching.md" in section and "make nbgrader" in section
+
+
+def test_nbgrader_extensions_load_under_the_pinned_jupyterlab():
+    import subprocess
+
+    jupyter = str(Path(sys.executable).parent / "jupyter")
+    lab = subprocess.run([jupyter, "labextension", "list"], capture_output=True, text=True, timeout=120)
+    line = next((ln for ln in (lab.stdout + lab.stderr).splitlines() if "@jupyter/nbgrader" in ln), "")
+    assert "enabled" in line and "OK" in line, f"nbgrader's JupyterLab extension: {line or 'not installed'}"
+    import nbgrader  # its server extension: the formgrader, assignment list and validation, with their handlers
+    from nbgrader.server_extensions.formgrader import handlers
+
+    assert nbgrader._jupyter_server_extension_points() == [{"module": "nbgrader"}] and handlers.default_handlers
