@@ -312,7 +312,7 @@ def grade(*parts, hints: bool = True) -> float:
             name = getattr(checker, "__name__", "the check")
             if hints and any(c is checker and len(a) == len(args) and all(x is y for x, y in zip(a, args))
                              for c, a in _PASSED_WITHOUT_HINTS):
-                print(f"✓ {name}: passed above, and its mistake-specific tests only name a mistake a check fails")
+                print(f"✓ {name}: passed above (the hidden tests only add the name of a mistake to a failed check)")
                 earned += points
                 continue
             try:
