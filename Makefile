@@ -1,10 +1,10 @@
-# flowbook: `make setup && make lab` to teach, `make setup && make test` to check everything.
+# flowbook: `make setup && make lab` to teach, `make setup && make test` to check everything, `make setup && make nbgrader` to grade.
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 
-.PHONY: setup lab test test-unit test-notebooks test-gpu sync outputs html student solutions bench train-all clean
+.PHONY: setup lab test test-unit test-notebooks test-gpu sync outputs html student solutions nbgrader bench train-all clean
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,13 @@ student: setup
 
 solutions: setup
 	$(BIN)/python -m flowbook.editions solutions $(if $(FORCE),--force)
+
+# The chapters as an nbgrader course in grading/ (source/<chapter>/<chapter>.ipynb, nbgrader_config.py), each
+# checked as nbgrader will release it; see docs/teaching.md. Never touches the gradebook, release/, submitted/,
+# autograded/ or feedback/; a notebook or config the lecturer changed is kept (new version in grading/new/),
+# FORCE=1 overwrites.
+nbgrader: setup
+	$(BIN)/python -m flowbook.grading $(if $(FORCE),--force)
 
 bench: setup
 	$(BIN)/python -m flowbook.bench

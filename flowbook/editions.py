@@ -98,25 +98,37 @@ def _with_answer_cells(cells: list) -> list:
     return out
 
 
-def make_edition(source: Path, edition: str) -> nbformat.NotebookNode:
-    """The `edition` ("student" or "solutions") of one chapter source, as a notebook without outputs."""
-    if edition not in DROP:
-        raise ValueError(f"edition must be 'student' or 'solutions', got {edition!r}")
+def read_source(source: Path) -> nbformat.NotebookNode:
+    """A chapter source as a notebook, checked (an EditionError names the file and cell of a problem)."""
     try:
         nb = jupytext.read(source)
     except Exception as err:
         raise EditionError(f"{source.name}: not a readable chapter source ({type(err).__name__}: {err})") from None
     check_source(source, nb)
-    out = copy.deepcopy(nb)
+    return nb
+
+
+def without_spoilers(source: Path, cells: list) -> list:
+    """`cells` of the chapter `source` as a student sees them: a "spoiler" cell becomes SPOILER_NOTE, a
+    "spoiler-run" cell a call that runs it from the chapter source (the cells are changed in place)."""
+    cells = [nbformat.v4.new_markdown_cell(SPOILER_NOTE) if "spoiler" in _tags(c) else c for c in cells]
+    hidden = 0
+    for cell in cells:
+        if "spoiler-run" in _tags(cell):
+            cell.source, hidden = _hidden_call(source, hidden), hidden + 1
+    return cells
+
+
+def make_edition(source: Path, edition: str) -> nbformat.NotebookNode:
+    """The `edition` ("student" or "solutions") of one chapter source, as a notebook without outputs."""
+    if edition not in DROP:
+        raise ValueError(f"edition must be 'student' or 'solutions', got {edition!r}")
+    out = copy.deepcopy(read_source(source))
     if edition == "student":
         out.cells = _with_answer_cells(out.cells)
     out.cells = [c for c in out.cells if not (_tags(c) & DROP[edition])]
     if edition == "student":
-        out.cells = [nbformat.v4.new_markdown_cell(SPOILER_NOTE) if "spoiler" in _tags(c) else c for c in out.cells]
-        hidden = 0
-        for cell in out.cells:
-            if "spoiler-run" in _tags(cell):
-                cell.source, hidden = _hidden_call(source, hidden), hidden + 1
+        out.cells = without_spoilers(source, out.cells)
         # a check of an unsolved exercise raises: nbval and "Run All" expect it and go on
         for cell in out.cells:
             if cell.cell_type == "code" and "exercises.check_" in cell.source:
@@ -171,20 +183,22 @@ def answer_key(sources) -> str:
     return "".join(parts)
 
 
-def fingerprint(nb: nbformat.NotebookNode) -> str:
+def fingerprint(nb: nbformat.NotebookNode, metadata: str | None = None) -> str:
     """sha256 of a notebook's cell types and sources (not outputs or metadata: running or saving a
-    notebook in JupyterLab does not change it, editing a cell does)."""
-    cells = [[c.cell_type, c.source] for c in nb.cells]
-    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
+    notebook in JupyterLab does not change it, editing a cell does), and of each cell's `metadata` entry if
+    given (an nbgrader course's points and cell kinds, which a lecturer can change in nbgrader's toolbar)."""
+    cells = [[c.cell_type, c.source] + ([c.metadata.get(metadata)] if metadata else []) for c in nb.cells]
+    return hashlib.sha256(json.dumps(cells, sort_keys=True).encode()).hexdigest()
 
 
-def _edited(path: Path) -> bool:
-    """Whether the notebook at `path` was changed since an edition wrote it (or was not written by one)."""
+def edited(path: Path, metadata: str | None = None) -> bool:
+    """Whether the notebook at `path` was changed since flowbook wrote it (or was not written by flowbook):
+    its fingerprint (with `metadata`, see `fingerprint`) no longer matches the one stored when it was written."""
     try:
         nb = nbformat.read(path, as_version=4)
     except Exception:
         return True
-    return nb.metadata.get("flowbook", {}).get("fingerprint") != fingerprint(nb)
+    return nb.metadata.get("flowbook", {}).get("fingerprint") != fingerprint(nb, metadata)
 
 
 def write_edition(edition: str, out_dir: Path | None = None, sources=None, force: bool = False) -> list[Path]:
@@ -201,7 +215,7 @@ def write_edition(edition: str, out_dir: Path | None = None, sources=None, force
     for src, nb in editions:
         nb.metadata["flowbook"] = {"edition": edition, "fingerprint": fingerprint(nb)}
         path = out_dir / f"{src.stem}.ipynb"
-        if path.exists() and not force and _edited(path):
+        if path.exists() and not force and edited(path):
             path = out_dir / f"{src.stem}.new.ipynb"
         nbformat.write(nb, path)
         written.append(path)

@@ -23,6 +23,16 @@
 # - how to train a small flow by maximum likelihood, and read its density and samples;
 # - what bits per dimension measure, and why 8-bit pixels cost 8 bits under a uniform model.
 
+# %% [markdown]
+# **Learning objectives.** After this chapter and its exercises you can
+# - derive the density of an invertible map with the change of variables, volume term and its sign included
+#   (Exercise 1);
+# - explain why a flow keeps the dimension of its input, and what the log-determinant penalises (Exercises 3 and
+#   4);
+# - add up the log-determinants of stacked maps, and train a two-dimensional flow by maximum likelihood;
+# - turn a log-likelihood in nats into bits per dimension, and read 8 bits per pixel as the uniform baseline
+#   (Exercise 2).
+
 # %%
 import inspect
 import math
@@ -320,7 +330,7 @@ Markdown(f"Trained flows on MNIST need about one bit per pixel: the reference tu
 # is out of bounds too: copying flowbook's source into your cell, or a library function that does the whole
 # exercise for you. A stub not yet written stops its check with one line, `NotImplementedError`.
 #
-# ### Exercise 1: the density of an affine map (implementation, about 10 minutes)
+# ### Exercise 1: the density of an affine map (implementation, 2 points, about 10 minutes)
 #
 # Let $z \sim \mathcal N(0, 1)$ and $x = a z + b$ with $a \neq 0$. Use the change of variables to write
 # `log_prob_affine(x, scale, shift)`, the log-density of $x$ (elementwise). Mind the sign of $a$.
@@ -343,7 +353,7 @@ def log_prob_affine(x, scale, shift):
 exercises.check_change_of_variables(log_prob_affine)
 
 # %% [markdown]
-# ### Exercise 2: from nats to bits per dimension (implementation, about 5 minutes)
+# ### Exercise 2: from nats to bits per dimension (implementation, 1 point, about 5 minutes)
 #
 # Write `bits_per_dim(log_likelihood, num_dims)` that turns log-likelihoods in nats (a tensor `[B]`) into
 # bits per dimension.
@@ -364,7 +374,7 @@ def bits_per_dim(log_likelihood, num_dims):
 exercises.check_bits_per_dim(bits_per_dim)
 
 # %% [markdown]
-# ### Exercise 3: why the same dimension? (conceptual, about 10 minutes)
+# ### Exercise 3: why the same dimension? (conceptual, 1 point, about 10 minutes)
 #
 # A VAE can encode a 784-pixel image into 20 numbers. Why can a normalizing flow not do that, and what does
 # the multi-scale architecture of chapter 4 do instead?
@@ -377,7 +387,7 @@ exercises.check_bits_per_dim(bits_per_dim)
 # away and not transformed further, which saves computation while the total dimension stays 784.
 
 # %% [markdown]
-# ### Exercise 4: the volume term (conceptual, about 15 minutes)
+# ### Exercise 4: the volume term (conceptual, 2 points, about 15 minutes)
 #
 # In the first figure, the scale $x = 2z + 1$ halved the height of the density. What would happen to the
 # likelihood of training data if a flow could shrink volume without paying the $\log|\det J|$ term?

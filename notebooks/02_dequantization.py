@@ -21,6 +21,15 @@
 # - variational dequantization, a learned noise distribution;
 # - the Jensen bound and the tighter importance-sampled bound on the likelihood of discrete images.
 
+# %% [markdown]
+# **Learning objectives.** After this chapter and its exercises you can
+# - explain why a continuous density on integer pixels degenerates, and how uniform dequantization bounds the
+#   discrete likelihood;
+# - implement the logit transform and its log-determinant, term by term (Exercise 1);
+# - compute the importance-weighted bound stably with logsumexp, and compare it with the Jensen bound (Exercise
+#   2);
+# - write the log-determinant of variational dequantization, and say what learned noise buys (Exercises 3 to 5).
+
 # %%
 import inspect
 import math
@@ -381,7 +390,7 @@ Markdown("How far is $K = 16$ from the limit $K \\to \\infty$, the exact $-\\log
 #
 # ## Exercises
 #
-# ### Exercise 1: the logit transform and its log-determinant (implementation, about 20 minutes)
+# ### Exercise 1: the logit transform and its log-determinant (implementation, 3 points, about 20 minutes)
 #
 # Write `logit_transform(u, alpha)` for `u` of shape `[B, ...]` in $[0, 1]$ (the argument plays the role of
 # the pixel $w$ of the table of symbols; `u` is the package's name): return $y = \mathrm{logit}(r)$ with
@@ -406,7 +415,7 @@ def logit_transform(u, alpha):
 exercises.check_logit_transform(logit_transform)
 
 # %% [markdown]
-# ### Exercise 2: the importance-weighted bits per dimension (implementation, about 15 minutes)
+# ### Exercise 2: the importance-weighted bits per dimension (implementation, 2 points, about 15 minutes)
 #
 # Write `importance_weighted_bpd(log_likelihoods, num_dims)`: `log_likelihoods` has shape `[K, B]` (nats,
 # $K$ samples of $\log p(x + u_k) - \log q(u_k \mid x)$ for $B$ images); return the bpd `[B]` of the
@@ -430,7 +439,7 @@ def importance_weighted_bpd(log_likelihoods, num_dims):
 exercises.check_importance_weighted_bpd(importance_weighted_bpd)
 
 # %% [markdown]
-# ### Exercise 3: the log-determinant of variational dequantization (implementation, about 30 minutes)
+# ### Exercise 3: the log-determinant of variational dequantization (implementation, 4 points, about 30 minutes)
 #
 # Write `vardeq_noise(var_flows, x, u0, alpha)`, the noise model of variational dequantization without
 # flowbook's `VariationalDequantization`: from integer images `x` (`[B, C, H, W]`, 0..255) and uniform noise
@@ -461,7 +470,7 @@ def vardeq_noise(var_flows, x, u0, alpha):
 exercises.check_vardeq_noise(vardeq_noise)
 
 # %% [markdown]
-# ### Exercise 4: what does the margin cost? (conceptual, about 30 minutes)
+# ### Exercise 4: what does the margin cost? (conceptual, 3 points, about 30 minutes)
 #
 # flowbook squeezes the uniform noise into $[m, 1 - m]$. (a) Show that the result is still a lower bound on
 # $\log P(x)$. (b) Show that the best bound any density $p$ can reach is $\log P(x)$ with and without the
@@ -484,7 +493,7 @@ exercises.check_vardeq_noise(vardeq_noise)
 # costs. So the margin's effect on a given model has either sign; "costs at most" would be wrong.
 
 # %% [markdown]
-# ### Exercise 5: sampling with variational dequantization (conceptual, about 10 minutes)
+# ### Exercise 5: sampling with variational dequantization (conceptual, 1 point, about 10 minutes)
 #
 # Variational dequantization makes the likelihood slower to compute (it runs extra coupling layers). Why
 # does it not slow down sampling?

@@ -23,6 +23,15 @@
 # - how to build and train the single-scale flow, how the shipped models were trained, how far they are
 #   from the reference tutorial's, and what their samples look like.
 
+# %% [markdown]
+# **Learning objectives.** After this chapter and its exercises you can
+# - implement a checkerboard mask and an affine coupling layer, with its inverse and log-determinant (Exercise 1);
+# - explain why a coupling layer's log-determinant is a sum of log-scales, and why the masks alternate (Exercise
+#   4);
+# - compare additive with affine coupling (Exercises 2 and 5);
+# - write a flow's training loop (random batches, zero_grad, gradient clipping) and judge it by held-out bpd
+#   (Exercise 3).
+
 # %%
 import inspect
 
@@ -328,7 +337,7 @@ Markdown(f"Each network's receptive field is {rf}x{rf} pixels, and {couplings} s
 #
 # ## Exercises
 #
-# ### Exercise 1: the checkerboard mask and the affine coupling layer (implementation, about 40 minutes)
+# ### Exercise 1: the checkerboard mask and the affine coupling layer (implementation, 1 + 4 points, about 40 minutes)
 #
 # Write the heart of RealNVP yourself, in two steps, each with its own check. First
 # `checkerboard_mask(h, w, invert=False)`, returning a float32 tensor `[1, 1, h, w]` with 0 at the top-left
@@ -396,7 +405,7 @@ class AffineCoupling(torch.nn.Module):
 exercises.check_affine_coupling(AffineCoupling)
 
 # %% [markdown]
-# ### Exercise 2: an additive coupling layer (implementation, about 20 minutes)
+# ### Exercise 2: an additive coupling layer (implementation, 3 points, about 20 minutes)
 #
 # NICE (Dinh et al., 2015), RealNVP's predecessor, used *additive* coupling: $z_2' = z_2 + t(z_1)$. Write
 # `AdditiveCoupling(network, mask)`, an `nn.Module` with the flow contract `layer(z, ldj, reverse=False) ->
@@ -431,7 +440,7 @@ class AdditiveCoupling(torch.nn.Module):
 exercises.check_additive_coupling(AdditiveCoupling)
 
 # %% [markdown]
-# ### Exercise 3: train a flow made of your own layers (implementation, about 30 minutes)
+# ### Exercise 3: train a flow made of your own layers (implementation, 4 points, about 30 minutes)
 #
 # Write the training loop yourself: `train_flow(model, images, num_steps, batch_size=64, lr=3e-3)` draws
 # `num_steps` random batches from `images` (an int tensor `[N, 1, 28, 28]`), minimises `model(batch)` (the
@@ -477,7 +486,7 @@ def train_flow(model, images, num_steps, batch_size=64, lr=3e-3):
 exercises.check_train_flow(train_flow, AffineCoupling, checkerboard_mask)
 
 # %% [markdown]
-# ### Exercise 4: why alternate the masks? (conceptual, about 10 minutes)
+# ### Exercise 4: why alternate the masks? (conceptual, 1 point, about 10 minutes)
 #
 # What would a flow of eight coupling layers that all use the *same* checkerboard mask be able to model?
 
@@ -489,7 +498,7 @@ exercises.check_train_flow(train_flow, AffineCoupling, checkerboard_mask)
 # structure among them. Alternating the mask lets every pixel be transformed, conditioned on its neighbours.
 
 # %% [markdown]
-# ### Exercise 5: additive versus affine (conceptual, about 15 minutes)
+# ### Exercise 5: additive versus affine (conceptual, 2 points, about 15 minutes)
 #
 # Think of a flow made only of additive couplings like yours of exercise 2 (after the dequantization layer).
 # Can it change the density of the data? What does it lose compared with affine coupling?

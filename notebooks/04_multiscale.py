@@ -23,6 +23,15 @@
 # - the multi-scale architecture layer by layer, with the shape of the latent at each step;
 # - the parameter counts of the three models, and how to train and sample the multi-scale flow.
 
+# %% [markdown]
+# **Learning objectives.** After this chapter and its exercises you can
+# - implement squeeze, and check that its log-determinant is zero (Exercise 1);
+# - implement the split layer with its prior term, and explain why scoring the split-off half early is exact
+#   (Exercise 2);
+# - assemble the multi-scale flow layer by layer, following the shape of the latent (Exercise 3);
+# - reason about where a multi-scale flow spends its computation, and what an early split costs (Exercises 4 and
+#   5).
+
 # %%
 import inspect
 import math
@@ -235,7 +244,7 @@ Markdown(f"These are samples of {source}. As in chapter 3, count the pixels brig
 #
 # ## Exercises
 #
-# ### Exercise 1: squeeze (implementation, about 20 minutes)
+# ### Exercise 1: squeeze (implementation, 3 points, about 20 minutes)
 #
 # Write `squeeze(z, reverse=False)`: `[B, C, H, W] -> [B, 4C, H/2, W/2]` with the channel order of
 # `SqueezeFlow` (channel $4c + 2i + j$ holds pixel $(2y + i, 2x + j)$ of channel $c$), and the inverse with
@@ -262,7 +271,7 @@ def squeeze(z, reverse=False):
 exercises.check_squeeze(squeeze)
 
 # %% [markdown]
-# ### Exercise 2: the split layer and its prior term (implementation, about 20 minutes)
+# ### Exercise 2: the split layer and its prior term (implementation, 3 points, about 20 minutes)
 #
 # Write `Split`, an `nn.Module` with the contract of `SplitFlow`:
 # `forward(z, ldj, reverse=False, z_split=None, temperature=1.0)`. Forward keeps the first half of the
@@ -279,13 +288,11 @@ class Split(torch.nn.Module):
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
-def log_normal(v):
-    """log N(v; 0, I) per image: [B, ...] -> [B]."""
-    return (-0.5 * (v ** 2 + math.log(2 * math.pi))).flatten(1).sum(dim=1)
-
-
 class Split(torch.nn.Module):
     def forward(self, z, ldj, reverse=False, z_split=None, temperature=1.0):
+        def log_normal(v):  # log N(v; 0, I) per image: [B, ...] -> [B]
+            return (-0.5 * (v ** 2 + math.log(2 * math.pi))).flatten(1).sum(dim=1)
+
         if not reverse:
             z, z_split = z.chunk(2, dim=1)
             return z, ldj + log_normal(z_split)  # z_split leaves the flow: score it now
@@ -298,7 +305,7 @@ class Split(torch.nn.Module):
 exercises.check_split(Split)
 
 # %% [markdown]
-# ### Exercise 3: assemble the multi-scale flow (implementation, about 30 minutes)
+# ### Exercise 3: assemble the multi-scale flow (implementation, 4 points, about 30 minutes)
 #
 # Write `build_multiscale_flow()`, returning the reference's multi-scale flow as an
 # `ImageFlow(layers, img_shape=(1, 28, 28))` made from flowbook's layers (`VariationalDequantization`,
@@ -340,7 +347,7 @@ def build_multiscale_flow():
 exercises.check_multiscale_flow(build_multiscale_flow)
 
 # %% [markdown]
-# ### Exercise 4: where does the computation go? (conceptual, about 15 minutes)
+# ### Exercise 4: where does the computation go? (conceptual, 2 points, about 15 minutes)
 #
 # Count, for the multi-scale flow, how many of the 784 dimensions each group of coupling layers transforms,
 # and explain why the 7x7 layers can afford 64 hidden channels.
@@ -353,7 +360,7 @@ exercises.check_multiscale_flow(build_multiscale_flow)
 # so doubling the hidden width (32 to 64) still costs about a quarter per layer.
 
 # %% [markdown]
-# ### Exercise 5: splitting early (conceptual, about 15 minutes)
+# ### Exercise 5: splitting early (conceptual, 2 points, about 15 minutes)
 #
 # Glow runs each scale as squeeze, then many flow steps, then split. Why does the reference flow not split
 # right after its first squeeze, with no coupling layers between the squeeze and the split?

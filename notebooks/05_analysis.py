@@ -26,6 +26,14 @@
 # the trained checkpoints in `checkpoints/` (the quick-mode models stand in where there are none; the first
 # cell says which).
 
+# %% [markdown]
+# **Learning objectives.** After this chapter and its exercises you can
+# - read a results table: whole-test-set bpd with importance sampling, speed and size, next to the reference's;
+# - interpolate between latents on the line and on the sphere, and explain why linear midpoints are atypical
+#   (Exercise 1);
+# - sample at a temperature, with truncation, and by hand through the layers in reverse (Exercises 2 and 3);
+# - argue why bpd and sample quality can disagree (Exercise 4).
+
 # %%
 import torch
 from IPython.display import HTML, Markdown, display
@@ -338,7 +346,7 @@ Markdown(f"The learned noise differs from uniform most for the background: for $
 #
 # ## Exercises
 #
-# ### Exercise 1: interpolation on the line and on the sphere (implementation, about 30 minutes)
+# ### Exercise 1: interpolation on the line and on the sphere (implementation, 4 points, about 30 minutes)
 #
 # The interpolations above walk on a straight line. In $D$ dimensions a standard normal latent has norm close
 # to $\sqrt D$ (the "typical shell"), and two independent latents are nearly orthogonal, so the midpoint of the
@@ -374,7 +382,7 @@ def interpolate(z_a, z_b, num_steps, spherical=False):
 exercises.check_interpolate(interpolate)
 
 # %% [markdown]
-# ### Exercise 2: temperature and truncation (implementation, about 30 minutes)
+# ### Exercise 2: temperature and truncation (implementation, 4 points, about 30 minutes)
 #
 # Temperature is one way to trade diversity for cleaner samples; the *truncation trick* of GANs (Brock et al.,
 # 2019) is another: draw each entry of $e \sim \mathcal N(0, 1)$ again while it lies outside $[-r, r]$ (the
@@ -411,7 +419,7 @@ def temperature_latent(shape, temperature, truncation=None):
 exercises.check_temperature_latent(temperature_latent)
 
 # %% [markdown]
-# ### Exercise 3: sampling by hand (implementation, about 15 minutes)
+# ### Exercise 3: sampling by hand (implementation, 2 points, about 15 minutes)
 #
 # Write `sample_images(model, num_images, temperature)` without `model.sample` (the checker switches it off):
 # draw $z \sim \mathcal N(0, T^2 I)$ of shape `model.latent_shape(num_images)`, then run every layer of
@@ -426,16 +434,16 @@ def sample_images(model, num_images, temperature):
 
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
-@torch.no_grad()
 def sample_images(model, num_images, temperature):
     """Integer images [num_images, C, H, W] from `model` at `temperature`."""
     z = torch.randn(model.latent_shape(num_images)) * temperature
     ldj = torch.zeros(num_images)
-    for flow in reversed(model.flows):
-        if isinstance(flow, SplitFlow):
-            z, ldj = flow(z, ldj, reverse=True, temperature=temperature)
-        else:
-            z, ldj = flow(z, ldj, reverse=True)
+    with torch.no_grad():
+        for flow in reversed(model.flows):
+            if isinstance(flow, SplitFlow):
+                z, ldj = flow(z, ldj, reverse=True, temperature=temperature)
+            else:
+                z, ldj = flow(z, ldj, reverse=True)
     return z
 
 
@@ -443,7 +451,7 @@ def sample_images(model, num_images, temperature):
 exercises.check_sample_images(sample_images)
 
 # %% [markdown]
-# ### Exercise 4: bpd and sample quality (conceptual, about 15 minutes)
+# ### Exercise 4: bpd and sample quality (conceptual, 2 points, about 15 minutes)
 #
 # In the reference tutorial's results, the multi-scale flow's samples look much more like digits, yet its test
 # bpd (1.026) is only 4% lower than the single-scale flow's with variational dequantization (1.066). Why can a

@@ -31,6 +31,14 @@
 # Every number and picture below is computed by the cells of this notebook, from the trained checkpoints in
 # `checkpoints/` where they exist, else from quick-mode models (the first cell says which).
 
+# %% [markdown]
+# **Learning objectives.** After this chapter and its exercises you can
+# - implement the LU-parametrised invertible 1x1 convolution, with its inverse and log-determinant (Exercise 1);
+# - implement ActNorm with its data-dependent initialisation (Exercise 2);
+# - compute an ROC curve and its area to judge likelihood-based out-of-distribution detection (Exercise 3);
+# - explain why a flow can find simple or noisy images likely, and what a typicality test adds (Exercises 4 and
+#   5).
+
 # %%
 import json
 import math
@@ -553,7 +561,7 @@ Markdown(
 #
 # ## Exercises
 #
-# ### Exercise 1: the LU-parametrised 1x1 convolution and its inverse (implementation, about 40 minutes)
+# ### Exercise 1: the LU-parametrised 1x1 convolution and its inverse (implementation, 5 points, about 40 minutes)
 #
 # Write `lu_weight_and_logdet(perm, lower, upper, sign_s, log_s, inverse=False)` returning $W$ and
 # $\log|\det W|$ as `InvConv1x1(lu=True)` builds them from its parameters (the formula above; the
@@ -590,7 +598,7 @@ def lu_weight_and_logdet(perm, lower, upper, sign_s, log_s, inverse=False):
 exercises.check_lu_weight(lu_weight_and_logdet)
 
 # %% [markdown]
-# ### Exercise 2: ActNorm and its initialisation (implementation, about 25 minutes)
+# ### Exercise 2: ActNorm and its initialisation (implementation, 3 points, about 25 minutes)
 #
 # Write `ActNormLayer.forward(z, ldj, reverse=False)`: on the first forward call in training mode (when
 # `self.training` is true and the buffer `self.initialized` is false), set `loc` and `log_scale` from the
@@ -638,7 +646,7 @@ class ActNormLayer(torch.nn.Module):
 exercises.check_actnorm(ActNormLayer)
 
 # %% [markdown]
-# ### Exercise 3: the ROC curve and its area (implementation, about 30 minutes)
+# ### Exercise 3: the ROC curve and its area (implementation, 4 points, about 30 minutes)
 #
 # The AUC above was defined as a probability over pairs. Its name says something else: the Area Under the
 # ROC Curve of the detector "flag an input as out-of-distribution when its score is at least $\tau$". Write
@@ -672,7 +680,7 @@ def separation_auc(in_scores, out_scores):
 exercises.check_separation_auc(separation_auc)
 
 # %% [markdown]
-# ### Exercise 4: a fixed permutation versus a learned 1x1 convolution (conceptual, about 15 minutes)
+# ### Exercise 4: a fixed permutation versus a learned 1x1 convolution (conceptual, 2 points, about 15 minutes)
 #
 # RealNVP alternates two fixed channel masks; Glow puts a learned 1x1 convolution before every coupling.
 # Show that reversing the channel order is a 1x1 convolution, give its $\log|\det W|$, and explain what a
@@ -687,7 +695,7 @@ exercises.check_separation_auc(separation_auc)
 # a permutation never does.
 
 # %% [markdown]
-# ### Exercise 5: the mode of a one-dimensional flow (conceptual, about 20 minutes)
+# ### Exercise 5: the mode of a one-dimensional flow (conceptual, 2 points, about 20 minutes)
 #
 # The chapter found that the decoded mode of the prior is not the most likely image. Work the same question
 # out by hand for the simplest flow there is: $x = g(z) = e^{z}$ with $z \sim \mathcal N(0, 1)$, so that

@@ -37,6 +37,13 @@
 # Every number and picture below is computed by the cells of this notebook, from the trained checkpoints in
 # `checkpoints/` where they exist, else from quick-mode models (the cells say which).
 
+# %% [markdown]
+# **Learning objectives.** After this chapter and its exercises you can
+# - state the instantaneous change of variables, and check it numerically;
+# - implement Hutchinson's trace estimator, and say what its variance costs (Exercise 1);
+# - implement the conditional flow-matching loss, and explain why it needs no simulation (Exercises 2 and 4);
+# - sample with an Euler solver, and say what the solver tolerance does to a reported bpd (Exercises 3 and 5).
+
 # %%
 import inspect
 import math
@@ -502,7 +509,7 @@ print(f"on {torch.get_num_threads()} CPU threads" if device.type == "cpu" else f
 #
 # ## Exercises
 #
-# ### Exercise 1: Hutchinson's estimator (implementation, about 20 minutes)
+# ### Exercise 1: Hutchinson's estimator (implementation, 3 points, about 20 minutes)
 #
 # Write `hutchinson_divergence(velocity, x, t, num_probes)`: an estimate of $\operatorname{div} v(x, t)$ for
 # each of the $B$ points of `x` ([B, ...]), averaged over `num_probes` Rademacher probes (entries $\pm 1$,
@@ -535,7 +542,7 @@ def hutchinson_divergence(velocity, x, t, num_probes=1):
 exercises.check_hutchinson_divergence(hutchinson_divergence)
 
 # %% [markdown]
-# ### Exercise 2: the conditional flow-matching loss (implementation, about 20 minutes)
+# ### Exercise 2: the conditional flow-matching loss (implementation, 3 points, about 20 minutes)
 #
 # Write `cfm_loss(velocity, x1)` for data `x1` [B, ...]: draw $t \sim U[0, 1]$ (one per example) and
 # $x_0 \sim \mathcal{N}(0, I)$, form $x_t$ on the linear path from $x_0$ at $t=0$ to $x_1$ at $t=1$, and
@@ -564,7 +571,7 @@ def cfm_loss(velocity, x1):
 exercises.check_cfm_loss(cfm_loss)
 
 # %% [markdown]
-# ### Exercise 3: an Euler sampler (implementation, about 15 minutes)
+# ### Exercise 3: an Euler sampler (implementation, 2 points, about 15 minutes)
 #
 # Write `euler_sample(velocity, z, steps)`: solve $dx/dt = v(x, t)$ from $x(0) = z$ at $t = 0$ to $t = 1$ with
 # `steps` equal Euler steps, evaluating $v$ at the start of each step (pass the time as a tensor [B] in z's
@@ -592,7 +599,7 @@ def euler_sample(velocity, z, steps):
 exercises.check_euler_sample(euler_sample)
 
 # %% [markdown]
-# ### Exercise 4: why is flow matching simulation-free? (conceptual, about 10 minutes)
+# ### Exercise 4: why is flow matching simulation-free? (conceptual, 1 point, about 10 minutes)
 #
 # Maximum likelihood (section 2) solves the ODE at every training step; flow matching (section 4) never
 # does. Say exactly which quantity each loss needs that forces, or avoids, the solve, and what flow matching
@@ -608,7 +615,7 @@ exercises.check_euler_sample(euler_sample)
 # likelihood is never optimised; it has to be computed afterwards, through the ODE, as in section 5.
 
 # %% [markdown]
-# ### Exercise 5: what does the solver tolerance do to a reported bpd? (conceptual, about 15 minutes)
+# ### Exercise 5: what does the solver tolerance do to a reported bpd? (conceptual, 2 points, about 15 minutes)
 #
 # A paper reports 1.05 bpd for a flow-matching model, computed with `rtol = atol = 1e-3`. Which parts of the
 # computation does a loose tolerance change, in which direction can the number move, and how would you show

@@ -36,15 +36,16 @@ def test_notebook_pair_is_in_sync(source):
 def test_chapter_has_learning_goals_summary_exercises_and_references(source):
     nb = jupytext.read(source)
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
-    for heading in ("**You will learn**", "## Summary", "## Exercises", "## References"):
+    for heading in ("**You will learn**", "**Learning objectives.**", "## Summary", "## Exercises", "## References"):
         assert heading in markdown, f"{source.name} lacks {heading}"
     exercises = re.findall(r"^### Exercise (\d+)", markdown, flags=re.M)
     assert exercises == [str(i) for i in range(1, len(exercises) + 1)]
     implementation = re.findall(r"^### Exercise .*\(implementation", markdown, flags=re.M)
     assert len(implementation) >= (2 if source.name.startswith("01_") else 3), "too few implementation exercises"
     assert len(exercises) > len(implementation), "every chapter has a conceptual question too"
-    for heading in re.findall(r"^### Exercise .*$", markdown, flags=re.M):  # a lecturer picks by kind and size
-        assert re.search(r"\((implementation|conceptual), about \d+ minutes\)$", heading), heading
+    for heading in re.findall(r"^### Exercise .*$", markdown, flags=re.M):  # a lecturer picks by kind, points, size
+        kind = r"\((implementation|conceptual), \d+(?: \+ \d+)* points?, about \d+ minutes\)$"
+        assert re.search(kind, heading), heading
 
 
 def test_the_chapters_have_at_least_14_implementation_exercises():

@@ -3,6 +3,7 @@ one clear message, naming known mistakes, and switching off the flowbook code an
 from __future__ import annotations
 
 import contextlib
+import sys
 import traceback
 import types
 from dataclasses import dataclass
@@ -55,8 +56,10 @@ def is_close(a, b, atol=1e-6) -> bool:
 def diagnose(got, right, mistakes: dict, atol=1e-6):
     """Fail with the hint of the first known mistake whose result `got` reproduces (unless `got` is `right`).
 
-    mistakes: {hint: value or zero-argument function returning what that mistake computes}."""
-    if is_close(got, right, atol):
+    mistakes: {hint: value or zero-argument function returning what that mistake computes}. These are a
+    checker's mistake-specific tests: with hints switched off (`grade(..., hints=False)`) they do not run, and
+    the check that follows them fails with its general message instead."""
+    if is_close(got, right, atol) or not _HINTS[0]:
         return
     for hint, value in mistakes.items():
         if callable(value):
@@ -90,6 +93,18 @@ def perturbed(module, scale=0.3, seed=0):
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return module
+
+
+_HINTS = [True]  # False while grade(..., hints=False) runs: diagnose() names no mistake
+
+
+@contextlib.contextmanager
+def _hints(on: bool):
+    before, _HINTS[0] = _HINTS[0], on
+    try:
+        yield
+    finally:
+        _HINTS[0] = before
 
 
 # Switching off flowbook's own code ----------------------------------------------------------------------
@@ -273,3 +288,47 @@ def run_checks(name: str, checks, blocks=()) -> None:
         except Exception as err:  # the student's code crashed: say where and how
             raise CheckFailed(f"✗ {where}: your code raised {type(err).__name__}{_where(err)}: {err}") from None
     print(f"✓ {name}: all {len(checks)} checks passed")
+
+
+# Grading -----------------------------------------------------------------------------------------------
+
+_PASSED_WITHOUT_HINTS: list = []  # (checker, args) that passed grade(..., hints=False); the objects kept alive
+
+
+def grade(*parts, hints: bool = True) -> float:
+    """The points an exercise earns, for an autograder test cell: each part, `(points, checker, *args)`, earns
+    its points when `checker(*args)` passes, and none otherwise (so an exercise in separable parts gets partial
+    credit). Never raises for the student's code: each part prints its checker's line (a failure's message, or
+    the stub's NotImplementedError), everything the code writes to stderr goes to stdout (nbgrader gives no
+    points to a test cell with output on stderr), and the total is returned (nbgrader takes a test cell's
+    returned number as its score). `hints=False` runs the checks without their mistake-specific tests (see
+    `diagnose`): a wrong answer still fails, with the general message of the check. Those tests only name a
+    mistake that a check fails anyway, so a part that passed without them, on the same objects in this
+    kernel, passes with them and is not run again (chapter 3's training check takes a minute)."""
+    earned, total = 0.0, 0.0
+    with contextlib.redirect_stderr(sys.stdout), _hints(hints):
+        for points, checker, *args in parts:
+            total += points
+            name = getattr(checker, "__name__", "the check")
+            if hints and any(c is checker and len(a) == len(args) and all(x is y for x, y in zip(a, args))
+                             for c, a in _PASSED_WITHOUT_HINTS):
+                print(f"✓ {name}: passed above (the hidden tests only add the name of a mistake to a failed check)")
+                earned += points
+                continue
+            try:
+                checker(*args)
+            except NotImplementedError as err:
+                said = f": {err}" if str(err) else ""
+                print(f"✗ {name}: your code raised NotImplementedError{said} (the exercise is not done yet)")
+            except CheckFailed as err:
+                print(err)
+            except Exception as err:  # anything a checker does not turn into CheckFailed is still the student's
+                print(f"✗ {name}: your code raised {type(err).__name__}{_where(err)}: {err}")
+            else:
+                earned += points
+                if not hints:
+                    _PASSED_WITHOUT_HINTS.append((checker, args))
+                continue
+            print(f"  0 of {points:g} points for {name}")
+    print(f"{earned:g} of {total:g} points" + ("" if hints else " in the checks you see (the grader runs more)"))
+    return earned
