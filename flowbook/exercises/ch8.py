@@ -58,14 +58,17 @@ def check_causal_mask(causal_mask) -> None:
     exercise is to know which triangle, not to build one by hand).
 
     Catches:
-    - the upper triangle (torch.triu), or the lower one transposed (the aranges compared the other way)
-    - strictly lower (j < i): row 0 has no key (NaN or zeros), and the block's shift by one already makes it causal
+    - the upper triangle (torch.triu)
+    - the lower triangle transposed (.T), or aranges compared the other way (arange(T)[:, None] <= arange(T))
+    - strictly lower (j < i): row 0 has no key (NaN or zeros); the block's shift by one already makes it causal
     - True where attention is forbidden (nn.MultiheadAttention's convention, the opposite of SDPA's)
     - all True (no mask)
-    - a float 0/1 mask (scaled_dot_product_attention adds a float mask to the scores), or an additive 0/-inf one
-    - another shape than [T, T], or a dtype other than torch.bool
-    - a mask that hides too much (e.g. the diagonal alone)
-    - flowbook's causal_mask (switched off)
+    - a float 0/1 mask (scaled_dot_product_attention adds a float mask to the scores)
+    - an additive float mask (0 and -inf): SDPA takes it, but the exercise asks for the boolean form
+    - an integer dtype instead of torch.bool
+    - another shape than [T, T] (e.g. [1, 1, T, T])
+    - a mask that hides too much (e.g. the diagonal alone): a token's parameters miss earlier tokens
+    - flowbook's causal_mask (switched off, also through a reference taken before the check)
     """
     block = _block()
     T = block.num_tokens
@@ -134,7 +137,7 @@ def check_causal_mask(causal_mask) -> None:
     run_checks("check_causal_mask", [("a boolean [T, T] tensor", tensor),
                                      ("in a TarFlowBlock: token i's (mu, alpha) from tokens < i", in_block),
                                      ("values for T = 1, 2, 3, 16", values)],
-               blocks=[tarflow.causal_mask])
+               blocks=[(tarflow, "causal_mask")])  # named flowbook.layers.tarflow.causal_mask in the message
 
 
 # Exercise 2: the autoregressive inverse ----------------------------------------------------------------
@@ -167,12 +170,18 @@ def check_autoregressive_inverse(ar_inverse) -> None:
     - (mu, alpha) from z in one parallel pass (only token 0 right)
     - (mu, alpha) from a zero-filled x in one pass, never recomputed (only token 0 right)
     - exp(-alpha) instead of exp(alpha) (the forward again, not its inverse)
-    - mu subtracted instead of added, or added before scaling ((z + mu) * exp(alpha))
-    - log_det with the wrong sign, summed over the batch, or a mean instead of a sum
-    - a prefix x[:, :i] or the wrong dtype passed to shift_and_log_scale
+    - mu subtracted instead of added
+    - mu added before scaling ((z + mu) * exp(alpha))
+    - log_det with the wrong sign
+    - log_det a mean of alpha instead of a sum (the per-dimension mean of TarFlow's reference code)
+    - log_det summed over the batch (one number)
     - in-place writes into x (x[:, i] = ...) after shift_and_log_scale read it: autograd fails
-    - no graph (torch.no_grad or .detach()), the wrong shapes, z changed in place
-    - TarFlowBlock's own reverse (switched off: forward, _reverse_plain, _reverse_cached)
+    - x built in z itself (z changed in place)
+    - no graph (torch.no_grad or .detach() inside)
+    - a prefix x[:, :i + 1] passed to shift_and_log_scale instead of the whole sequence
+    - x in another dtype than z (torch.zeros(z.shape) is float32)
+    - x of another shape than z's
+    - TarFlowBlock's own reverse (switched off: forward, _reverse_plain and _reverse_cached)
     """
     block = _block()
     T, D, B = block.num_tokens, block.token_dim, 3
@@ -320,7 +329,8 @@ def check_tweedie_step(tweedie_denoise) -> None:
     - sigma instead of sigma^2
     - y - sigma^2 * score (the step climbs the log-density: plus)
     - the gradient of the batch's mean log-density (1/B of each score)
-    - the gradient of a y that does not require grad, or of the [B] log-densities without .sum()
+    - the gradient of a y that does not require grad
+    - the gradient of the [B] log-densities without .sum()
     - a result that still requires grad
     - y changed in place (y += ..., or y.requires_grad_() on the y passed in)
     - no torch.enable_grad() (fails inside torch.no_grad())
