@@ -817,6 +817,19 @@ def test_ch8_checks_leave_flowbook_working_even_after_a_failed_one():
     assert torch.allclose(block(x, ldj)[0], z)
 
 
+def test_ch8_tweedie_checker_switches_off_a_flowbook_denoiser_where_one_exists(monkeypatch):
+    import sys
+    import types
+
+    denoise = types.ModuleType("flowbook.denoise")  # stands in for a flowbook.denoise that another branch may add
+    solution = SOLUTIONS["tweedie_denoise"]
+    denoise.tweedie_denoise = types.FunctionType(solution.__code__, solution.__globals__, "tweedie_denoise")
+    monkeypatch.setitem(sys.modules, "flowbook.denoise", denoise)
+    with pytest.raises(exercises.CheckFailed, match=r"called flowbook\.denoise\.tweedie_denoise.*implement this"):
+        exercises.check_tweedie_step(lambda log_density, y, sigma: denoise.tweedie_denoise(log_density, y, sigma))
+    assert denoise.tweedie_denoise(lambda y: -y.pow(2).sum(1) / 2, torch.ones(2, 3), 1.0).abs().max() == 0
+
+
 @pytest.mark.parametrize("way", ["exact count", "float64 mean", "float32 mean", "torchmetrics", "chapter"])
 def test_auc_checker_passes_every_correct_way_to_count(way, capsys):
     def separation_auc(in_scores, out_scores):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import types
 
 import torch
 
@@ -291,10 +292,11 @@ def _mixture_log_density(y):
 def _optional_blocks():
     """flowbook's own Tweedie denoiser, where one exists (flowbook.denoise.tweedie_denoise)."""
     try:
-        fn = getattr(importlib.import_module("flowbook.denoise"), "tweedie_denoise", None)
+        module = importlib.import_module("flowbook.denoise")
     except ImportError:
         return []
-    return [fn] if callable(fn) and hasattr(fn, "__code__") else []
+    fn = getattr(module, "tweedie_denoise", None)
+    return [(module, "tweedie_denoise")] if isinstance(fn, types.FunctionType) else []
 
 
 _NO_GRAD = ("autograd has nothing to differentiate: the y you differentiate does not require grad. Take the score "
