@@ -7,13 +7,13 @@ import torch
 import torch.nn as nn
 
 from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, GlowStep, SplitFlow, SqueezeFlow,
-                             VariationalDequantization, create_channel_mask, create_checkerboard_mask)
+                             TarFlowBlock, VariationalDequantization, create_channel_mask, create_checkerboard_mask)
 from flowbook.layers.checks import check_images, check_latent, check_temperature
 from flowbook.prior import gaussian_log_prob
 
 MNIST_SHAPE = (1, 28, 28)
 MODEL_NAMES = ("simple", "vardeq", "multiscale")  # the reference tutorial's three models
-ALL_MODELS = (*MODEL_NAMES, "glow", "flowmatch")  # and the ones flowbook adds
+ALL_MODELS = (*MODEL_NAMES, "glow", "flowmatch", "tarflow")  # and the ones flowbook adds
 
 
 class ImageFlow(nn.Module):
@@ -205,6 +205,15 @@ def create_glow_flow() -> ImageFlow:
     return ImageFlow(flows, img_shape=MNIST_SHAPE)
 
 
+def create_tarflow(blocks: int = 4, depth: int = 2, width: int = 128, patch_size: int = 4) -> ImageFlow:
+    """A transformer flow (TarFlow): uniform dequantization and `blocks` TarFlow blocks on [1, 28, 28], cut into
+    patches of patch_size x patch_size (4: 49 tokens of 16 values), each block a causal transformer of
+    `depth` layers of `width`, the token order flipped from block to block. Single scale: latent [B, 1, 28, 28]."""
+    flows = [Dequantization(), *[TarFlowBlock(MNIST_SHAPE, patch_size, width=width, depth=depth, flip=i % 2 == 1)
+                                 for i in range(blocks)]]
+    return ImageFlow(flows, img_shape=MNIST_SHAPE)
+
+
 def _create_flowmatch():
     from flowbook.flowmatch import create_flowmatch_model  # it builds on this module's layers
     return create_flowmatch_model()
@@ -216,12 +225,13 @@ MODEL_FACTORIES = {  # name -> factory: one registry of the models flowbook trai
     "multiscale": create_multiscale_flow,
     "glow": create_glow_flow,
     "flowmatch": _create_flowmatch,
+    "tarflow": create_tarflow,
 }
 
 
 def create_flow(name: str) -> nn.Module:
-    """A model by name: the reference's "simple", "vardeq" or "multiscale", "glow", or "flowmatch" (a
-    `flowbook.flowmatch.FlowMatchingModel`, with the interface of `ImageFlow`)."""
+    """A model by name: the reference's "simple", "vardeq" or "multiscale", "glow", "tarflow" (a transformer
+    flow), or "flowmatch" (a `flowbook.flowmatch.FlowMatchingModel`, with the interface of `ImageFlow`)."""
     if name not in MODEL_FACTORIES:
         raise ValueError(f"unknown model {name!r}; choose one of {ALL_MODELS}")
     return MODEL_FACTORIES[name]()

@@ -249,6 +249,10 @@ def _layer_label(layer) -> str:
         coupling = layer.flows[-1]
         width = next(m for m in coupling.network.modules() if isinstance(m, torch.nn.Conv2d)).out_channels
         return f"Glow step: actnorm, 1x1 conv, coupling ({width} hidden)"
+    if name == "TarFlowBlock":
+        order = ", flipped" if layer.flip else ""
+        return (f"TarFlow block: {layer.num_tokens} tokens of {layer.token_dim}, {len(layer.layers)} layers x "
+                f"{layer.proj_in.out_features}{order}")
     if name == "VariationalDequantization":
         return f"variational dequantization ({len(layer.flows)} couplings)"
     return {"Dequantization": "dequantization (uniform)", "SqueezeFlow": "squeeze", "SplitFlow": "split: half to the prior"}.get(name, name)
@@ -259,8 +263,8 @@ def draw_architectures(models: dict):
     """The layers of each model in {name: ImageFlow} from image (top) to latent (bottom), with the shape each
     layer outputs, traced through the models themselves."""
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 7.2))
-    colors = {"coupling": "#dbe9f6", "Glow": "#e6def5", "variational": "#e8f4e0", "dequantization": "#e8f4e0",
-              "squeeze": "#fff6cc", "split": "#fbe3d6"}
+    colors = {"coupling": "#dbe9f6", "Glow": "#e6def5", "TarFlow": "#f6e0ec", "variational": "#e8f4e0",
+              "dequantization": "#e8f4e0", "squeeze": "#fff6cc", "split": "#fbe3d6"}
     for ax, (name, model) in zip(np.atleast_1d(axes), models.items()):
         z = torch.zeros(1, *model.img_shape, dtype=torch.int32, device=next(model.parameters()).device)
         ldj = torch.zeros(1, device=z.device)

@@ -21,10 +21,12 @@ from flowbook.exercises.ch4 import check_multiscale_flow, check_split, check_squ
 from flowbook.exercises.ch5 import check_interpolate, check_sample_images, check_temperature_latent
 from flowbook.exercises.ch6 import check_actnorm, check_lu_weight, check_separation_auc
 from flowbook.exercises.ch7 import check_cfm_loss, check_euler_sample, check_hutchinson_divergence
+from flowbook.exercises.ch8 import check_autoregressive_inverse, check_causal_mask, check_tweedie_step
 
 __all__ = ["CheckFailed", "grade", "check_change_of_variables", "check_bits_per_dim", "check_logit_transform",
            "check_importance_weighted_bpd", "check_vardeq_noise", "check_checkerboard_mask",
            "check_affine_coupling", "check_additive_coupling", "check_train_flow", "check_squeeze", "check_split",
            "check_multiscale_flow", "check_interpolate", "check_temperature_latent", "check_sample_images",
            "check_lu_weight", "check_actnorm", "check_separation_auc", "check_hutchinson_divergence",
-           "check_cfm_loss", "check_euler_sample"]
+           "check_cfm_loss", "check_euler_sample", "check_causal_mask", "check_autoregressive_inverse",
+           "check_tweedie_step"]

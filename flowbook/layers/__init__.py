@@ -4,9 +4,11 @@ from flowbook.layers.coupling import CouplingLayer, create_channel_mask, create_
 from flowbook.layers.dequantization import Dequantization, VariationalDequantization
 from flowbook.layers.glow import ActNorm, GlowStep, InvConv1x1
 from flowbook.layers.multiscale import SplitFlow, SqueezeFlow
+from flowbook.layers.tarflow import TarFlowBlock, causal_mask, patchify, unpatchify
 from flowbook.nets import ConcatELU, GatedConv, GatedConvNet, LayerNormChannels
 
 __all__ = [
     "ActNorm", "GlowStep", "InvConv1x1", "ConcatELU", "CouplingLayer", "Dequantization", "GatedConv", "GatedConvNet", "LayerNormChannels",
-    "SplitFlow", "SqueezeFlow", "VariationalDequantization", "create_channel_mask", "create_checkerboard_mask",
+    "SplitFlow", "SqueezeFlow", "TarFlowBlock", "VariationalDequantization", "causal_mask", "create_channel_mask",
+    "create_checkerboard_mask", "patchify", "unpatchify",
 ]

@@ -37,8 +37,7 @@ class CouplingLayer(nn.Module):
         # the sum of log-scales added to ldj stay in float32 (a bfloat16 sum over 784 pixels is off by
         # hundredths of a bit per dimension).
         s, t = self.network(z_in).to(z.dtype).chunk(2, dim=1)
-        s_fac = self.scaling_factor.exp().view(1, -1, 1, 1)
-        s = torch.tanh(s / s_fac) * s_fac
+        s = soft_clamp(s, self.scaling_factor.exp().view(1, -1, 1, 1))
         transformed = 1 - self.mask
         s, t = s * transformed, t * transformed
         if not reverse:
@@ -48,6 +47,12 @@ class CouplingLayer(nn.Module):
             z = z * torch.exp(-s) - t
             ldj = ldj - s.sum(dim=[1, 2, 3])
         return z, ldj
+
+
+def soft_clamp(s: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """bound * tanh(s / bound): s itself near zero, smoothly limited to (-bound, bound) (chapter 3's c tanh(s / c),
+    with bound = exp(c) for a learned c). Every flowbook layer with a learned log-scale bounds it this way."""
+    return torch.tanh(s / bound) * bound
 
 
 def create_checkerboard_mask(h: int, w: int, invert: bool = False) -> torch.Tensor:
