@@ -21,59 +21,6 @@ from flowbook.models import ImageFlow, create_multiscale_flow, interpolate_laten
 
 CHAPTERS = editions.chapters()
 
-# Chapter 8's exercise cells, as the chapter will hold them. Until notebooks/08_*.py exists they stand in for its
-# "solution" and "student" cells (and its checkers are exempt from the tests that read the chapters' text); once it
-# exists, the chapter's own cells are used and these are ignored.
-CHAPTER_8_CHECKERS = {"check_causal_mask", "check_autoregressive_inverse", "check_tweedie_step"}
-CHAPTER_8_PENDING = not any(src.name.startswith("08_") for src in CHAPTERS)
-CHAPTER_8_CELLS = {
-    "student": '''
-def causal_mask(T):
-    """T -> [T, T] torch.bool attention mask, True where query i may attend to key j (j <= i)."""
-    raise NotImplementedError("Exercise 1: implement causal_mask")
-
-
-def ar_inverse(shift_and_log_scale, z):
-    """shift_and_log_scale(x [B, T, D]) -> (mu, alpha), each [B, T, D], row i computed from x_<i only;
-    z [B, T, D] latent tokens -> (x [B, T, D], log_det [B]): x_i = z_i * exp(alpha_i) + mu_i, token by token."""
-    raise NotImplementedError("Exercise 2: implement ar_inverse")
-
-
-def tweedie_denoise(log_density, y, sigma):
-    """log_density(y [B, ...]) -> [B]; y [B, ...] noisy, sigma the noise level -> y + sigma^2 * grad_y log p(y)
-    [B, ...], without a graph."""
-    raise NotImplementedError("Exercise 3: implement tweedie_denoise")
-''',
-    "solution": '''
-def causal_mask(T):
-    """T -> [T, T] torch.bool attention mask, True where query i may attend to key j (j <= i)."""
-    return torch.ones(T, T, dtype=torch.bool).tril()  # row i (query), column j (key): the lower triangle
-
-
-def ar_inverse(shift_and_log_scale, z):
-    """shift_and_log_scale(x [B, T, D]) -> (mu, alpha), each [B, T, D], row i computed from x_<i only;
-    z [B, T, D] latent tokens -> (x [B, T, D], log_det [B]): x_i = z_i * exp(alpha_i) + mu_i, token by token."""
-    x = torch.zeros_like(z)  # the tokens not inverted yet are never read: row i sees x_0 .. x_{i-1} only
-    log_det = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-    for i in range(z.shape[1]):
-        mu, alpha = shift_and_log_scale(x)
-        x = x.clone()  # a new tensor each step: autograd keeps the x that shift_and_log_scale read
-        x[:, i] = z[:, i] * torch.exp(alpha[:, i]) + mu[:, i]
-        log_det = log_det + alpha[:, i].sum(dim=1)
-    return x, log_det
-
-
-def tweedie_denoise(log_density, y, sigma):
-    """log_density(y [B, ...]) -> [B]; y [B, ...] noisy, sigma the noise level -> y + sigma^2 * grad_y log p(y)
-    [B, ...], without a graph."""
-    with torch.enable_grad():  # also inside torch.no_grad(), at the end of a sampler
-        y_ = y.detach().requires_grad_(True)
-        score = torch.autograd.grad(log_density(y_).sum(), y_)[0]  # the sum: each example's own score
-    return (y + sigma ** 2 * score).detach()
-''',
-}
-
-
 def _tagged_cells(tag):
     return [(src, c) for src in CHAPTERS for c in jupytext.read(src).cells if tag in c.metadata.get("tags", [])]
 
@@ -84,8 +31,6 @@ def _namespace(tag):
     exec("from flowbook.layers import *\nfrom flowbook.models import ImageFlow", ns)
     for _, cell in _tagged_cells(tag):
         exec(cell.source, ns)
-    if CHAPTER_8_PENDING:
-        exec(CHAPTER_8_CELLS[tag], ns)
     return ns
 
 
@@ -108,7 +53,7 @@ CHECKS = {  # checker: name defined by the chapter's exercise
     "check_lu_weight": "lu_weight_and_logdet", "check_actnorm": "ActNormLayer", "check_separation_auc": "separation_auc",
     "check_hutchinson_divergence": "hutchinson_divergence", "check_cfm_loss": "cfm_loss",
     "check_euler_sample": "euler_sample", "check_causal_mask": "causal_mask",
-    "check_autoregressive_inverse": "ar_inverse", "check_tweedie_step": "tweedie_denoise",
+    "check_autoregressive_inverse": "ar_inverse", "check_tweedie_step": "tweedie_step",
 }
 QUICK = [c for c in CHECKS if c != "check_train_flow"]  # the training check has its own, shortened tests
 
@@ -122,8 +67,6 @@ def _check(checker, fn):
 def test_every_checker_is_used_by_a_chapter():
     used = set(re.findall(r"exercises\.(check_\w+)", " ".join(c.source for src in CHAPTERS
                                                              for c in jupytext.read(src).cells)))
-    if CHAPTER_8_PENDING:  # its checkers are ready before its text
-        used |= CHAPTER_8_CHECKERS
     assert used == set(CHECKS) == set(exercises.__all__) - {"CheckFailed", "grade"}
 
 
@@ -449,26 +392,26 @@ def _ar_inverse_with(params="x", scale=1.0, shift=1.0, order="scale first", sign
     def ar_inverse(shift_and_log_scale, z):
         with contextlib.nullcontext() if graph else torch.no_grad():
             if params in ("z", "zeros"):  # one parallel pass
-                mu, alphas = shift_and_log_scale(z if params == "z" else torch.zeros_like(z))
-                x = z * torch.exp(scale * alphas) + shift * mu
+                t, scales = shift_and_log_scale(z if params == "z" else torch.zeros_like(z))
+                x = z * torch.exp(-scale * scales) - shift * t
             else:
                 x = z if write == "alias" else torch.zeros(z.shape, dtype=dtype or z.dtype)
-                alphas = []
+                scales = []
                 for i in range(z.shape[1]):
-                    mu, alpha = shift_and_log_scale(x[:, :i + 1] if prefix else x)
-                    mu, alpha = mu[:, i], alpha[:, i]
-                    xi = z[:, i] * torch.exp(scale * alpha) + shift * mu if order == "scale first" else (
-                        (z[:, i] + mu) * torch.exp(alpha))
+                    t, s = shift_and_log_scale(x[:, :i + 1] if prefix else x)
+                    t, s = t[:, i], s[:, i]
+                    xi = z[:, i] * torch.exp(-scale * s) - shift * t if order == "scale first" else (
+                        (z[:, i] - t) * torch.exp(-s))
                     if write == "list":  # the tokens so far, then zeros
                         x = torch.cat([x[:, :i], xi.unsqueeze(1), torch.zeros_like(z[:, i + 1:])], dim=1)
                     else:
                         if write == "clone":
                             x = x.clone()
                         x[:, i] = xi  # "in place" and "alias" write into the tensor read (or into z itself)
-                    alphas.append(alpha)
-                alphas = torch.stack(alphas, dim=1)
-            log_det = sign * {"sum": alphas.flatten(1).sum(1), "mean": alphas.flatten(1).mean(1),
-                              "batch": alphas.sum()}[reduce]
+                    scales.append(s)
+                scales = torch.stack(scales, dim=1)
+            log_det = -sign * {"sum": scales.flatten(1).sum(1), "mean": scales.flatten(1).mean(1),
+                               "batch": scales.sum()}[reduce]
         return (x.flatten(1) if shape == "flat" else x), log_det
     return ar_inverse
 
@@ -738,9 +681,9 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
     "check_autoregressive_inverse": [
         (_ar_inverse_with(params="z"), "from z in one parallel pass"),
         (_ar_inverse_with(params="zeros"), "zero-filled x"),
-        (_ar_inverse_with(scale=-1.0), "exp(+alpha_i)"),
-        (_ar_inverse_with(shift=-1.0), "add mu back"),
-        (_ar_inverse_with(order="shift first"), "scales first, then adds mu"),
+        (_ar_inverse_with(scale=-1.0), "ran the forward again"),
+        (_ar_inverse_with(shift=-1.0), "subtract t"),
+        (_ar_inverse_with(order="shift first"), "unscales first, then subtracts t"),
         (_ar_inverse_with(sign=-1.0), "wrong sign"),
         (_ar_inverse_with(reduce="mean"), "sums log-scales over all tokens"),
         (_ar_inverse_with(reduce="batch"), "one number for the whole batch"),
@@ -792,9 +735,9 @@ def test_ch8_checkers_pass_correct_variants(capsys):
     def ar_inverse_stacked(shift_and_log_scale, z):  # a growing list, the rest padded with zeros at each step
         xs, log_det = [], 0
         for i in range(z.shape[1]):
-            mu, alpha = shift_and_log_scale(torch.stack(xs + [torch.zeros_like(z[:, 0])] * (z.shape[1] - i), dim=1))
-            xs.append(z[:, i] * alpha[:, i].exp() + mu[:, i])
-            log_det = log_det + alpha[:, i].sum(-1)
+            t, s = shift_and_log_scale(torch.stack(xs + [torch.zeros_like(z[:, 0])] * (z.shape[1] - i), dim=1))
+            xs.append(z[:, i] * (-s[:, i]).exp() - t[:, i])
+            log_det = log_det - s[:, i].sum(-1)
         return torch.stack(xs, dim=1), log_det
 
     exercises.check_autoregressive_inverse(ar_inverse_stacked)
@@ -820,7 +763,7 @@ def test_ch8_tweedie_checker_switches_off_a_flowbook_denoiser_where_one_exists(m
     import types
 
     denoise = types.ModuleType("flowbook.denoise")  # stands in for a flowbook.denoise that another branch may add
-    solution = SOLUTIONS["tweedie_denoise"]
+    solution = SOLUTIONS["tweedie_step"]
     denoise.tweedie_denoise = types.FunctionType(solution.__code__, solution.__globals__, "tweedie_denoise")
     monkeypatch.setitem(sys.modules, "flowbook.denoise", denoise)
     with pytest.raises(exercises.CheckFailed, match=r"called flowbook\.denoise\.tweedie_denoise.*implement this"):
@@ -955,8 +898,7 @@ def test_student_edition_has_stubs_and_neither_solutions_nor_answers_and_key_has
     assert key.count("**Answer.**") == len(_tagged_cells("answer")) >= len(CHAPTERS)
     assert key.count("**Solution.**") == len(_tagged_cells("student")) >= 14
     assert key.count("### Exercise") == len(_tagged_cells("answer")) + len(_tagged_cells("student"))
-    for checker in set(CHECKS) - (CHAPTER_8_CHECKERS if CHAPTER_8_PENDING else set()):  # each implementation
-        # exercise lists the mistakes its checker names
+    for checker in CHECKS:  # each implementation exercise lists the mistakes its checker names
         assert f"`exercises.{checker}`" in key
         catches = [line.strip() for line in getattr(exercises, checker).__doc__.split("Catches:")[1].split("\n    - ")[1:]]
         assert catches and all(f"- {line}" in key for line in catches), checker

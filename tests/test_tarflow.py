@@ -112,15 +112,15 @@ def test_tarflow_jacobian_is_block_lower_triangular_with_diagonal_blocks_in_toke
         return block._tokens(block(block._image(v), torch.zeros(1, dtype=F64))[0])
 
     jac = jacobian(tokens_out, x).reshape(T, D, T, D)  # [i, d, j, e] = dz_{i,d} / dx_{j,e}
-    _, alpha = block.shift_and_log_scale(x)
+    _, s = block.shift_and_log_scale(x)
     for i in range(T):
         for j in range(T):
             blk = jac[i, :, j, :]
             if j > i:
                 assert torch.all(blk == 0), f"token {i} depends on the later token {j}"
             elif j == i:
-                torch.testing.assert_close(blk, torch.diag(torch.exp(-alpha[0, i])), rtol=1e-12, atol=1e-12,
-                                           msg=f"token {i}'s own block is not diag(exp(-alpha))")
+                torch.testing.assert_close(blk, torch.diag(torch.exp(s[0, i])), rtol=1e-12, atol=1e-12,
+                                           msg=f"token {i}'s own block is not diag(exp(s))")
     below = torch.stack([jac[i, :, j, :].abs().max() for i in range(T) for j in range(i)])
     assert below.min() > 0, "some token does not depend on an earlier one: the transformer should see them all"
 

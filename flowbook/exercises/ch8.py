@@ -55,7 +55,7 @@ def _mask_mistakes(T):
 def check_causal_mask(causal_mask) -> None:
     """causal_mask(T) -> [T, T] torch.bool, True where query i may attend to key j: j <= i (the lower triangle,
     diagonal included), the mask scaled_dot_product_attention takes. Checked as a tensor, inside a TarFlowBlock
-    (a later token must not change an earlier token's (mu, alpha), and token k must reach every later token's), and
+    (a later token must not change an earlier token's (t, s), and token k must reach every later token's), and
     entry by entry for several T. flowbook's causal_mask is switched off; torch.tril and torch.triu are not (the
     exercise is to know which triangle, not to build one by hand).
 
@@ -99,25 +99,25 @@ def check_causal_mask(causal_mask) -> None:
         block.mask = m
         try:
             with torch.no_grad():
-                mu, alpha = block.shift_and_log_scale(x)
-                mu2, alpha2 = block.shift_and_log_scale(later)
+                t, s = block.shift_and_log_scale(x)
+                t2, s2 = block.shift_and_log_scale(later)
         finally:
             with reference():
                 block.mask = tarflow.causal_mask(T)
-        finite = bool(torch.isfinite(mu).all() and torch.isfinite(alpha).all())
-        params, params2 = torch.cat([mu, alpha], -1), torch.cat([mu2, alpha2], -1)
+        finite = bool(torch.isfinite(t).all() and torch.isfinite(s).all())
+        params, params2 = torch.cat([t, s], -1), torch.cat([t2, s2], -1)
         changed = [(params[:, i] - params2[:, i]).abs().max().item() > 1e-12 for i in range(T)]
         leak = any(changed[:k + 1])
         blind = not all(changed[k + 1:])
         if not finite or leak or blind:
             diagnose(m.double(), torch.ones(T, T, dtype=torch.float64).tril(), _mask_mistakes(T), 0)
-        expect(finite, "with your mask, the block's (mu, alpha) have NaN: a row of your mask without any True is a "
+        expect(finite, "with your mask, the block's (t, s) have NaN: a row of your mask without any True is a "
                "query with no key (a softmax over nothing); every query i may attend to keys j <= i")
         first = changed.index(True) if leak else None
         unseen = changed.index(False, k + 1) if blind else None
-        expect(not leak, f"with your mask in a TarFlowBlock, changing token {k} changed the (mu, alpha) of token "
+        expect(not leak, f"with your mask in a TarFlowBlock, changing token {k} changed the (t, s) of token "
                f"{first}: a token's parameters saw a later token. Query i may attend only to keys j <= i")
-        expect(not blind, f"with your mask in a TarFlowBlock, changing token {k} did not change the (mu, alpha) of "
+        expect(not blind, f"with your mask in a TarFlowBlock, changing token {k} did not change the (t, s) of "
                f"token {unseen}: your mask hides keys that query i may see (j <= i, itself "
                "included)")
 
@@ -137,7 +137,7 @@ def check_causal_mask(causal_mask) -> None:
                        "the lower triangle with the diagonal")
 
     run_checks("check_causal_mask", [("a boolean [T, T] tensor", tensor),
-                                     ("in a TarFlowBlock: token i's (mu, alpha) from tokens < i", in_block),
+                                     ("in a TarFlowBlock: token i's (t, s) from tokens < i", in_block),
                                      ("values for T = 1, 2, 3, 16", values)],
                blocks=[(tarflow, "causal_mask")])  # named flowbook.layers.tarflow.causal_mask in the message
 
@@ -147,35 +147,35 @@ def check_causal_mask(causal_mask) -> None:
 def _inverse_variant(f, z, params="x", scale=1.0, shift=1.0, order="scale then shift"):
     """The token-by-token inverse with one thing changed (the right one with the defaults); x only."""
     if params in ("z", "zeros"):
-        mu, alpha = f(z if params == "z" else torch.zeros_like(z))
-        return z * torch.exp(scale * alpha) + shift * mu
+        t, s = f(z if params == "z" else torch.zeros_like(z))
+        return z * torch.exp(-scale * s) - shift * t
     xs = []
     for i in range(z.shape[1]):
         done = torch.stack(xs + [torch.zeros_like(z[:, 0])] * (z.shape[1] - i), dim=1)
-        mu, alpha = (t[:, i] for t in f(done))
+        t, s = (p[:, i] for p in f(done))
         if order == "scale then shift":
-            xs.append(z[:, i] * torch.exp(scale * alpha) + shift * mu)
+            xs.append(z[:, i] * torch.exp(-scale * s) - shift * t)
         else:
-            xs.append((z[:, i] + mu) * torch.exp(scale * alpha))
+            xs.append((z[:, i] - t) * torch.exp(-scale * s))
     return torch.stack(xs, dim=1)
 
 
 def check_autoregressive_inverse(ar_inverse) -> None:
     """ar_inverse(shift_and_log_scale, z) -> (x, log_det): the inverse of a TarFlow block's forward
-    z_i = (x_i - mu_i) * exp(-alpha_i), for latent tokens z [B, T, D]. Token by token, i = 0 .. T-1:
-    (mu, alpha) = shift_and_log_scale(x) [B, T, D] each, whose row i reads only the tokens x_<i already
-    inverted; x_i = z_i * exp(alpha_i) + mu_i. log_det [B] = +sum of alpha over tokens and dimensions, the
+    z_i = (x_i + t_i) * exp(s_i), for latent tokens z [B, T, D]. Token by token, i = 0 .. T-1:
+    (t, s) = shift_and_log_scale(x) [B, T, D] each, whose row i reads only the tokens x_<i already
+    inverted; x_i = z_i * exp(-s_i) - t_i. log_det [B] = -sum of s over tokens and dimensions, the
     log-determinant of z -> x. Checked in float64 on a perturbed block (8 tokens of 4 values): the round trip
     x -> forward -> z -> your inverse -> x, log_det against the forward's ldj and against autograd.
 
     Catches:
-    - (mu, alpha) from z in one parallel pass (only token 0 right)
-    - (mu, alpha) from a zero-filled x in one pass, never recomputed (only token 0 right)
-    - exp(-alpha) instead of exp(alpha) (the forward again, not its inverse)
-    - mu subtracted instead of added
-    - mu added before scaling ((z + mu) * exp(alpha))
+    - (t, s) from z in one parallel pass (only token 0 right)
+    - (t, s) from a zero-filled x in one pass, never recomputed (only token 0 right)
+    - exp(s) instead of exp(-s) (the forward again, not its inverse)
+    - t added instead of subtracted
+    - t subtracted before unscaling ((z - t) * exp(-s))
     - log_det with the wrong sign
-    - log_det a mean of alpha instead of a sum (the per-dimension mean of TarFlow's reference code)
+    - log_det a mean of s instead of a sum (the per-dimension mean of TarFlow's reference code)
     - log_det summed over the batch (one number)
     - in-place writes into x (x[:, i] = ...) after shift_and_log_scale read it: autograd fails
     - x built in z itself (z changed in place)
@@ -198,9 +198,9 @@ def check_autoregressive_inverse(ar_inverse) -> None:
 
     x_true = _tokens(block, batch=B)
     with torch.no_grad():
-        mu, alpha = block.shift_and_log_scale(x_true)
-        z = (x_true - mu) * torch.exp(-alpha)
-    forward_ldj = -alpha.flatten(1).sum(1)
+        t, s = block.shift_and_log_scale(x_true)
+        z = (x_true + t) * torch.exp(s)
+    forward_ldj = s.flatten(1).sum(1)
     out = {}
 
     def shapes():
@@ -213,29 +213,29 @@ def check_autoregressive_inverse(ar_inverse) -> None:
                f"x must have z's shape [B, T, D] = {list(z.shape)}, got {_shape(x)}")
         expect(isinstance(ld, torch.Tensor), f"log_det must be a tensor [B] = [{B}], got {type(ld).__name__}")
         expect(ld.numel() != 1, f"log_det is one number for the whole batch: one log-determinant per example, "
-               f"alpha summed over tokens and dimensions only, shape [B] = [{B}]")
-        expect(ld.shape == (B,), f"log_det must have shape [B] = [{B}], got {list(ld.shape)}: sum alpha over the "
+               f"s summed over tokens and dimensions only, shape [B] = [{B}]")
+        expect(ld.shape == (B,), f"log_det must have shape [B] = [{B}], got {list(ld.shape)}: sum s over the "
                "tokens and the token dimensions")
         out["x"], out["log_det"] = x.detach(), ld.detach()
 
     def inverse():
         with torch.no_grad():
             diagnose(out["x"], x_true, {
-                "(mu, alpha) came from z in one parallel pass, so only token 0 is right: token i's parameters "
+                "(t, s) came from z in one parallel pass, so only token 0 is right: token i's parameters "
                 "come from the data-side tokens x_<i, which exist only once tokens 0 .. i-1 are inverted. Go token "
                 "by token, calling shift_and_log_scale on the x built so far":
                     lambda: _inverse_variant(shift_and_log_scale, z, params="z"),
                 "only token 0 is right: one pass of shift_and_log_scale on a zero-filled x gives every token the "
-                "parameters of a sequence of zeros. Loop over i = 0 .. T-1 and recompute (mu, alpha) from the x "
+                "parameters of a sequence of zeros. Loop over i = 0 .. T-1 and recompute (t, s) from the x "
                 "built so far before inverting token i":
                     lambda: _inverse_variant(shift_and_log_scale, z, params="zeros"),
-                "x_i = z_i * exp(+alpha_i) + mu_i: the forward multiplied by exp(-alpha), so its inverse multiplies "
-                "by exp(alpha); with exp(-alpha) you ran the forward again":
+                "x_i = z_i * exp(-s_i) - t_i: the forward multiplied by exp(s), so its inverse multiplies "
+                "by exp(-s); with exp(s) you ran the forward again":
                     lambda: _inverse_variant(shift_and_log_scale, z, scale=-1.0),
-                "add mu back, x_i = z_i * exp(alpha_i) + mu_i: the forward subtracted it":
+                "subtract t, x_i = z_i * exp(-s_i) - t_i: the forward added it":
                     lambda: _inverse_variant(shift_and_log_scale, z, shift=-1.0),
-                "undo the forward's steps in reverse order: it subtracted mu, then scaled, so the inverse scales "
-                "first, then adds mu: x_i = z_i * exp(alpha_i) + mu_i, not (z_i + mu_i) * exp(alpha_i)":
+                "undo the forward's steps in reverse order: it added t, then scaled, so the inverse unscales "
+                "first, then subtracts t: x_i = z_i * exp(-s_i) - t_i, not (z_i - t_i) * exp(-s_i)":
                     lambda: _inverse_variant(shift_and_log_scale, z, order="shift then scale"),
             }, 1e-9)
         close(out["x"], x_true, "x from z (the round trip x -> forward -> z -> your inverse)", 1e-9)
@@ -243,13 +243,13 @@ def check_autoregressive_inverse(ar_inverse) -> None:
     def log_det():
         got, right = out["log_det"], -forward_ldj
         diagnose(got, right, {
-            "log_det has the wrong sign: the inverse multiplies by exp(+alpha), so log|det dx/dz| = +sum of alpha "
+            "log_det has the wrong sign: the inverse multiplies by exp(-s), so log|det dx/dz| = -sum of s "
             "(minus the forward's ldj)": forward_ldj,
-            "log_det is a mean of alpha: the log-determinant sums log-scales over all tokens and dimensions, "
-            "alpha.sum(dim=(1, 2)) (TarFlow's reference code takes a mean per dimension; flowbook does not)":
+            "log_det is a mean of s: the log-determinant sums log-scales over all tokens and dimensions, "
+            "-s.sum(dim=(1, 2)) (TarFlow's reference code takes a mean per dimension; flowbook does not)":
                 right / (T * D),
         }, 1e-9)
-        close(got, right, "log_det (= sum of alpha = minus the forward's ldj)", 1e-9)
+        close(got, right, "log_det (= minus the sum of s = minus the forward's ldj)", 1e-9)
 
     def autograd():
         z1 = z[:1].clone().requires_grad_(True)

@@ -4,14 +4,17 @@ An image is cut into patches, the patches are a sequence of T tokens, and one `T
 autoregressive affine flow over that sequence: token i is shifted and scaled by parameters that a causal
 transformer computes from the tokens before it,
 
-    z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i)),        i = 0 .. T-1.
+    z_i = (x_i + t_i(x_<i)) * exp(s_i(x_<i)),        i = 0 .. T-1,
+
+with chapter 3's names: t the shift, s the log-scale (the TarFlow paper writes z_i = (x_i - mu_i) exp(-alpha_i):
+mu = -t, alpha = -s).
 
 Going forward (data -> latent) every token's parameters come from the data alone, so one parallel pass of
-the transformer gives all of them, and the log-density. Going back (sampling), x_i needs mu_i and alpha_i,
+the transformer gives all of them, and the log-density. Going back (sampling), x_i needs t_i and s_i,
 which need x_0 .. x_{i-1}: T sequential steps.
 
 The Jacobian dz/dx is block lower triangular in token order (token i depends on tokens < i) with diagonal
-blocks diag(exp(-alpha_i)), so log|det dz/dx| = -sum over tokens and token dimensions of alpha.
+blocks diag(exp(s_i)), so log|det dz/dx| = sum over tokens and token dimensions of s.
 """
 from __future__ import annotations
 
@@ -118,19 +121,19 @@ class TarFlowBlock(nn.Module):
 
     The network: the tokens are projected to width d and shifted right by one position behind a learned
     start token, a learned positional embedding is added, `depth` pre-norm causal transformer layers run
-    (attention mask `causal_mask`), and a final LayerNorm and linear map give (mu, alpha_raw) [B, T, D] each.
+    (attention mask `causal_mask`), and a final LayerNorm and linear map give (t, s_raw) [B, T, D] each.
     Position i sees the start token and tokens 0 .. i-1 only; token 0's parameters come from the start
     token alone. The output map starts at zero, so a new block is the identity.
-    alpha = soft_clamp(alpha_raw, exp(c)) bounds the log-scale by exp(c), c = `scaling_factor` (one per token
+    s = soft_clamp(s_raw, exp(c)) bounds the log-scale by exp(c), c = `scaling_factor` (one per token
     dimension, learned, starting at 0: a bound of 1), the convention of `CouplingLayer`.
 
     forward(z, ldj, reverse=False, kv_cache=True):
         z: [B, C, H, W], ldj: [B]; returns (z', ldj') of the same shapes and dtype.
         forward (data -> latent, one parallel pass):
-            z'_i = (z_i - mu_i) * exp(-alpha_i),   ldj += -sum over i and D of alpha_i
+            z'_i = (z_i + t_i) * exp(s_i),      ldj += sum over i and D of s_i
         reverse (latent -> data, T sequential steps, i = 0 .. T-1):
-            z_i = z'_i * exp(alpha_i) + mu_i,      ldj += +sum of alpha_i
-        (mu_i, alpha_i computed from the data-side tokens z_<i, so reverse inverts forward exactly and
+            z_i = z'_i * exp(-s_i) - t_i,      ldj += -sum of s_i
+        (t_i, s_i computed from the data-side tokens z_<i, so reverse inverts forward exactly and
         undoes its ldj.) With `kv_cache` the reverse pass keeps each layer's keys and values and runs the
         transformer on one new position per step, O(T) work per step; without, it reruns the transformer on
         the whole sequence at every step, O(T^2). Both compute the same numbers up to rounding.
@@ -160,10 +163,10 @@ class TarFlowBlock(nn.Module):
         self.register_buffer("mask", causal_mask(self.num_tokens), persistent=False)
 
     def _params(self, h, dtype):
-        """(mu, alpha) [B, n, D] in `dtype` from the transformer's output h [B, n, width]: under bfloat16
+        """(t, s) [B, n, D] in `dtype` from the transformer's output h [B, n, width]: under bfloat16
         autocast the network runs in bfloat16, but the scale, the shift and the ldj stay in z's dtype."""
-        mu, alpha = self.proj_out(self.norm(h)).to(dtype).chunk(2, dim=-1)
-        return mu, soft_clamp(alpha, self.scaling_factor.exp())
+        t, s = self.proj_out(self.norm(h)).to(dtype).chunk(2, dim=-1)
+        return t, soft_clamp(s, self.scaling_factor.exp())
 
     def _inputs(self, x):
         """The transformer's input for tokens x [B, T, D]: start token, then x_0 .. x_{T-2}, plus positions."""
@@ -171,7 +174,7 @@ class TarFlowBlock(nn.Module):
         return torch.cat([self.start.expand(x.shape[0], 1, -1).to(h.dtype), h], dim=1) + self.pos
 
     def shift_and_log_scale(self, x: torch.Tensor):
-        """(mu, alpha), each [B, T, D], for tokens x [B, T, D] in the block's order: row i from x_<i only."""
+        """(t, s), each [B, T, D], for tokens x [B, T, D] in the block's order: row i from x_<i only."""
         h = self._inputs(x)
         for layer in self.layers:
             h = layer(h, self.mask)
@@ -191,26 +194,26 @@ class TarFlowBlock(nn.Module):
         check_latent(z)
         x = self._tokens(z)
         if not reverse:
-            mu, alpha = self.shift_and_log_scale(x)
-            return self._image((x - mu) * torch.exp(-alpha)), ldj - alpha.flatten(1).sum(dim=1)
-        x, alpha_sum = self._reverse_cached(x) if kv_cache else self._reverse_plain(x)
-        return self._image(x), ldj + alpha_sum
+            t, s = self.shift_and_log_scale(x)
+            return self._image((x + t) * torch.exp(s)), ldj + s.flatten(1).sum(dim=1)
+        x, s_sum = self._reverse_cached(x) if kv_cache else self._reverse_plain(x)
+        return self._image(x), ldj - s_sum
 
     def _reverse_plain(self, z):
         """Tokens x from latent tokens z [B, T, D], one token per step, rerunning the whole transformer."""
         x = torch.zeros_like(z)
-        alpha_sum = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
+        s_sum = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
         for i in range(self.num_tokens):
-            mu, alpha = (t[:, i] for t in self.shift_and_log_scale(x))  # row i reads x_<i, already final
+            t, s = (p[:, i] for p in self.shift_and_log_scale(x))  # row i reads x_<i, already final
             x = x.clone()
-            x[:, i] = z[:, i] * torch.exp(alpha) + mu
-            alpha_sum = alpha_sum + alpha.sum(dim=1)
-        return x, alpha_sum
+            x[:, i] = z[:, i] * torch.exp(-s) - t
+            s_sum = s_sum + s.sum(dim=1)
+        return x, s_sum
 
     def _reverse_cached(self, z):
         """As `_reverse_plain`, running each layer on the one new position with the earlier keys and values."""
         caches = [[] for _ in self.layers]
-        xs, alpha_sum = [], torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
+        xs, s_sum = [], torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
         for i in range(self.num_tokens):
             if i == 0:
                 h = self.start.expand(z.shape[0], 1, -1)
@@ -219,7 +222,7 @@ class TarFlowBlock(nn.Module):
             h = h + self.pos[:, i:i + 1]
             for layer, cache in zip(self.layers, caches):
                 h = layer.step(h, cache)
-            mu, alpha = (t[:, 0] for t in self._params(h, z.dtype))
-            xs.append(z[:, i] * torch.exp(alpha) + mu)
-            alpha_sum = alpha_sum + alpha.sum(dim=1)
-        return torch.stack(xs, dim=1), alpha_sum
+            t, s = (p[:, 0] for p in self._params(h, z.dtype))
+            xs.append(z[:, i] * torch.exp(-s) - t)
+            s_sum = s_sum + s.sum(dim=1)
+        return torch.stack(xs, dim=1), s_sum
