@@ -25,7 +25,7 @@ from flowbook import config, noise
 from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
 from flowbook.data import load_mnist
 from flowbook.fast import compiled_calls
-from flowbook.models import ImageFlow, num_parameters
+from flowbook.models import ImageFlow, noise_record, num_parameters
 from flowbook.provenance import file_sha256, git_commit, hardware, versions
 
 SLICE_IMAGES, SLICE_SEED = 256, 0
@@ -49,7 +49,12 @@ def bpd_per_image(model: ImageFlow, images: torch.Tensor, importance_samples: in
     index in the whole set: `first_index` + its position in `images`) draws its noise, every importance
     sample of it, from a generator of its own seeded with `image_seed(seed, i)` (`flowbook.noise.per_image`):
     its bpd then depends neither on the batches nor on how the set is shared between processes.
-    Non-finite values are kept (never dropped): a mean over them is non-finite too, as it should be."""
+    Non-finite values are kept (never dropped): a mean over them is non-finite too, as it should be.
+    A model that draws Gaussian noise now (a noise-trained model in training mode) is refused: its numbers would
+    be the bpd of noisy images, no bound on MNIST's likelihood."""
+    if not getattr(model, "gives_bound", True):
+        raise ValueError("this model draws Gaussian noise now (training mode, or its noise_kind set), so its bpd "
+                         "would be that of noisy images, not a bound on MNIST's: call model.eval() first")
     device = next(model.parameters()).device
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False,
@@ -224,7 +229,8 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     val_k = val_importance_samples or importance_samples
     results = {"arch": ckpt["arch"], "checkpoint": path.name, "checkpoint_sha256": file_sha256(path),
                "eval_images": {"val": len(val_imgs), "test": len(test_imgs)},
-               "importance_samples": importance_samples, "eval_seed": EVAL_SEED, "processes": devices}
+               "importance_samples": importance_samples, "eval_seed": EVAL_SEED, "processes": devices,
+               **noise_record(model)}
     if not overwrite:
         _check_replace(out, results)  # before the minutes of evaluation, not after
     fabric = None
