@@ -141,6 +141,13 @@ def test_sample_denoised_is_reproducible_from_a_seed_and_returns_valid_pixels():
     assert not torch.equal(sample_denoised(model, 3), sample_denoised(model, 3)), "unseeded draws must differ"
 
 
+def test_the_gallery_shows_a_noise_trained_model_denoised_from_the_same_latents():
+    from flowbook.gallery import sample_grid
+
+    model = small_noise_tarflow().eval()
+    assert torch.equal(sample_grid(model, 4, 0.7, seed=3), sample_denoised(model, 4, temperature=0.7, seed=3))
+
+
 def test_sample_denoised_refuses_bad_arguments_and_needs_a_sigma_for_a_model_without_noise():
     model = small_noise_tarflow()
     with pytest.raises(ValueError, match="num must be an integer >= 1"):
