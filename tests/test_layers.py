@@ -303,7 +303,8 @@ def test_noise_augmentation_ldj_is_the_log_determinant_of_x_plus_u_to_y(kind):
     layer.noise_kind = kind
     x = torch.randint(0, 256, (B, 1, 4, 4), dtype=torch.int32)
     x[0, 0, 0, :2] = torch.tensor([0, 255])
-    noise = torch.rand(B, 1, 4, 4, dtype=torch.float64) if kind == "uniform" else torch.randn(B, 1, 4, 4, dtype=torch.float64)
+    draw = torch.rand if kind == "uniform" else torch.randn
+    noise = draw(B, 1, 4, 4, dtype=torch.float64)
     zero = torch.zeros(B, dtype=torch.float64)
     _, ldj = layer(x, zero, noise=noise)
     from_noise = torch.cat([autograd_logdet(lambda v: layer(x[b:b + 1], zero[:1], noise=v)[0], noise[b:b + 1])
