@@ -25,7 +25,7 @@ from flowbook import config, noise
 from flowbook.checkpoints import atomic_save, model_from_checkpoint, read_checkpoint
 from flowbook.data import load_mnist
 from flowbook.fast import compiled_calls
-from flowbook.models import ImageFlow, num_parameters
+from flowbook.models import ImageFlow, noise_record, num_parameters
 from flowbook.provenance import file_sha256, git_commit, hardware, versions
 
 SLICE_IMAGES, SLICE_SEED = 256, 0
@@ -58,10 +58,15 @@ def bpd_per_image(model: ImageFlow, images: torch.Tensor, importance_samples: in
     sample of it, from a generator of its own seeded with `image_seed(seed, i)` (`flowbook.noise.per_image`):
     its bpd then depends neither on the batches nor on how the set is shared between processes.
     Non-finite values are kept (never dropped): a mean over them is non-finite too, as it should be.
+    A model that draws Gaussian noise now (a noise-trained model in training mode) is refused: its numbers would
+    be the bpd of noisy images, no bound on MNIST's likelihood.
 
     partial: a file where each finished batch is saved, with `partial_key` (what else decides the values:
     the weights, the options); an evaluation started again with the same file and key takes the batches
     saved there instead of computing them again (an hours-long ODE evaluation survives being stopped)."""
+    if not getattr(model, "gives_bound", True):
+        raise ValueError("this model draws Gaussian noise now (training mode, or its noise_kind set), so its bpd "
+                         "would be that of noisy images, not a bound on MNIST's: call model.eval() first")
     device = next(model.parameters()).device
     key = json.dumps({**(partial_key or {}), "importance_samples": importance_samples, "batch_size": batch_size,
                       "seed": seed, "first_index": first_index, "images": len(images)}, sort_keys=True)
@@ -280,7 +285,8 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     val_k = val_importance_samples or importance_samples
     results = {"arch": ckpt["arch"], "checkpoint": path.name, "checkpoint_sha256": file_sha256(path),
                "eval_images": {"val": len(val_imgs), "test": len(test_imgs)},
-               "importance_samples": importance_samples, "eval_seed": EVAL_SEED, "processes": devices}
+               "importance_samples": importance_samples, "eval_seed": EVAL_SEED, "processes": devices,
+               **noise_record(model)}
     if not overwrite:
         _check_replace(out, results)  # before the minutes of evaluation, not after
     fabric = None

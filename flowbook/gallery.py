@@ -5,6 +5,8 @@
 
 Each picture shows `n` samples at each temperature, all drawn after `torch.manual_seed(seed)`, so the
 same weights give the same picture on any machine of the same kind (tests/test_checkpoints.py checks it).
+A model trained on Gaussian-noised images ("tarflow_noise") is shown denoised, one Tweedie step with the
+noise it was trained with (`flowbook.denoise.sample_denoised`, from the same latents).
 """
 from __future__ import annotations
 
@@ -24,7 +26,12 @@ TEMPERATURES = (1.0, 0.7)
 
 @torch.no_grad()
 def sample_grid(model: ImageFlow, n: int = 32, temperature: float = 1.0, seed: int = SEED) -> torch.Tensor:
-    """int32 images [n, 1, 28, 28] sampled at `temperature` after torch.manual_seed(seed)."""
+    """int32 images [n, 1, 28, 28] sampled at `temperature` after torch.manual_seed(seed); denoised for a model
+    trained on Gaussian-noised images (its `noise_sigma` set)."""
+    if getattr(model, "noise_sigma", None) is not None:
+        from flowbook.denoise import sample_denoised
+
+        return sample_denoised(model, n, temperature=temperature, seed=seed)
     shape = model.latent_shape(n)  # before seeding: its first call runs the flow once and draws noise
     torch.manual_seed(seed)
     return model.sample(shape, temperature=temperature)

@@ -6,14 +6,20 @@ import math
 import torch
 import torch.nn as nn
 
-from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, GlowStep, SplitFlow, SqueezeFlow,
-                             TarFlowBlock, VariationalDequantization, create_channel_mask, create_checkerboard_mask)
+from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, GlowStep, NoiseAugmentation, SplitFlow,
+                             SqueezeFlow, TarFlowBlock, VariationalDequantization, create_channel_mask,
+                             create_checkerboard_mask)
 from flowbook.layers.checks import check_images, check_latent, check_temperature
 from flowbook.prior import gaussian_log_prob
 
 MNIST_SHAPE = (1, 28, 28)
 MODEL_NAMES = ("simple", "vardeq", "multiscale")  # the reference tutorial's three models
-ALL_MODELS = (*MODEL_NAMES, "glow", "flowmatch", "tarflow")  # and the ones flowbook adds
+ALL_MODELS = (*MODEL_NAMES, "glow", "flowmatch", "tarflow", "tarflow_noise")  # and the ones flowbook adds
+# The noise of "tarflow_noise" in [-1, 1] pixel units: TarFlow's value for ImageNet 64 in the same units. On
+# MNIST it is 6.4 grey levels (a bin is 2/256 = 0.0078 wide), 1/40 of the ink-to-paper contrast of 2: enough to
+# smooth the spikes of a nearly binary data set at -1 and 1, small enough that one Tweedie step (which moves a
+# pixel by sigma^2 times the score) recovers the strokes, leaving digits that a classifier reads as clean ones.
+TARFLOW_NOISE_SIGMA = 0.05
 
 
 class ImageFlow(nn.Module):
@@ -25,7 +31,7 @@ class ImageFlow(nn.Module):
         img_shape: (C, H, W) of the images, checked on every call when given.
     """
 
-    loss_name = "bpd"  # what forward returns: the training loss
+    loss_name = "bpd"  # what forward returns in evaluation: the validation score
     exact_likelihood = True  # log_likelihood is exact for its dequantization sample: importance sampling applies
 
     def __init__(self, flows, import_samples: int = 8, img_shape: tuple | None = None):
@@ -38,6 +44,24 @@ class ImageFlow(nn.Module):
     def _param(self):
         """A tensor whose device and dtype the model works in (float32 on the CPU for a flow without weights)."""
         return next(self.parameters(), torch.zeros(()))
+
+    @property
+    def noise_sigma(self) -> float | None:
+        """The standard deviation of the Gaussian noise the model trains on (`NoiseAugmentation`, in [-1, 1] pixel
+        units), or None for a model trained with dequantization noise inside the bins."""
+        return getattr(self.flows[0], "sigma", None)
+
+    @property
+    def gives_bound(self) -> bool:
+        """Whether `log_likelihood` now bounds log P(x) of the discrete images: True unless the first layer draws
+        Gaussian noise (a noise-trained model in training mode, or one set to on purpose)."""
+        return getattr(self.flows[0], "gives_bound", True)
+
+    @property
+    def train_loss_name(self) -> str:
+        """What forward returns in training: "bpd", or "noisy_bpd" for a noise-trained model, whose training
+        loss is -log2 p / D of Gaussian-noised images: a density of another data set, no bpd of MNIST."""
+        return "noisy_bpd" if self.noise_sigma is not None else self.loss_name
 
     def _check_precision(self):
         if self._param.dtype in (torch.bfloat16, torch.float16):
@@ -66,7 +90,8 @@ class ImageFlow(nn.Module):
         return (z, ldj, splits) if return_splits else (z, ldj)
 
     def log_likelihood(self, imgs):
-        """[B]: log p(x + u) + (bound terms) for one dequantization sample u, in nats."""
+        """[B]: log p(x + u) + (bound terms) for one dequantization sample u, in nats (for a noise-trained
+        model in training mode, u is Gaussian noise and this is the log-density of the noisy image)."""
         z, ldj = self.encode(imgs)
         return gaussian_log_prob(z) + ldj
 
@@ -74,10 +99,16 @@ class ImageFlow(nn.Module):
         """[B]: -log2 p(x) / D, D = C*H*W, estimated with K = `importance_samples` dequantization samples:
             log p(x) >= logsumexp_k(log_likelihood_k) - log K,
         a bound that tightens with K (K = 1 is the plain Jensen bound). Includes the log(256) term of
-        the discretisation, so a uniform model of 8-bit pixels scores 8.
+        the discretisation, so a uniform model of 8-bit pixels scores 8. Where the first layer draws Gaussian
+        noise (`gives_bound` False), it is -log2 p(y) / D of the noisy images instead, no bound on MNIST's
+        likelihood, and importance sampling (K > 1) is refused.
         """
         if isinstance(importance_samples, bool) or not isinstance(importance_samples, int) or importance_samples < 1:
             raise ValueError(f"importance_samples must be an integer >= 1, got {importance_samples!r}")
+        if importance_samples > 1 and not self.gives_bound:
+            raise ValueError("importance sampling needs dequantization noise inside the bins, but this model now "
+                             "draws Gaussian noise: call model.eval() (uniform noise, a bound on -log2 P(x)), or "
+                             "pass importance_samples=1 for the likelihood of the noisy images")
         if importance_samples == 1:
             ll = self.log_likelihood(imgs)
         else:
@@ -86,7 +117,8 @@ class ImageFlow(nn.Module):
         return -ll / (math.log(2) * imgs[0].numel())
 
     def forward(self, imgs):
-        """Mean bits per dimension of a batch with one dequantization sample (the training loss)."""
+        """Mean bits per dimension of a batch with one dequantization sample (the training loss; named by
+        `train_loss_name` in training and `loss_name` in evaluation)."""
         return self.bits_per_dim(imgs).mean()
 
     @torch.no_grad()
@@ -113,9 +145,16 @@ class ImageFlow(nn.Module):
             if not torch.isfinite(z_init).all():
                 raise ValueError("z_init holds NaN or infinite values: a latent must be finite")
             z = z_init.to(device=param.device, dtype=param.dtype)
-        splits = self._check_splits(z_splits, z.shape[0])
+        return self.decode(z, temperature=temperature, z_splits=self._check_splits(z_splits, z.shape[0]))
+
+    def decode(self, z, temperature: float = 1.0, z_splits=None, stop: int = 0):
+        """The layers flows[stop:] in reverse order on the latent z [B, C', H', W'] (as `sample` runs them, which
+        checks its arguments first): int32 images [B, C, H, W] for stop = 0, the first layer's output y
+        [B, C, H, W] (float) for stop = 1. Split layers draw their half at `temperature`, or take it from
+        `z_splits` (a list, one tensor per split layer among flows[stop:], in encode's order)."""
+        splits = list(z_splits) if z_splits is not None else None
         ldj = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
-        for flow in reversed(self.flows):
+        for flow in reversed(self.flows[stop:]):
             if isinstance(flow, SplitFlow):
                 z_split = splits.pop().to(device=z.device, dtype=z.dtype) if splits is not None else None
                 z, ldj = flow(z, ldj, reverse=True, temperature=temperature, z_split=z_split)
@@ -149,6 +188,18 @@ class ImageFlow(nn.Module):
                 zeros = torch.zeros((1, *self.img_shape), dtype=torch.int32, device=self._param.device)
                 self._latent = tuple(self.encode(zeros)[0].shape[1:])
         return (batch_size, *self._latent)
+
+
+def noise_record(model) -> dict:
+    """For a model trained on Gaussian-noised images, {"noise": ...}: which noise its training loss and its
+    validation and evaluation draw (training summaries and results JSONs carry it); {} for every other model."""
+    sigma = getattr(model, "noise_sigma", None)
+    if sigma is None:
+        return {}
+    return {"noise": {"training": "gaussian", "sigma": sigma, "training_loss": "noisy_bpd", "evaluation": "uniform",
+                      "note": "the training loss (train_noisy_bpd) is -log2 p / D of Gaussian-noised images in "
+                              "[-1, 1], the density of another data set, not a bpd of MNIST; validation and evaluation draw "
+                              "uniform noise inside each pixel's bin: bpd, a bound on -log2 P(x) / D of MNIST"}}
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -205,12 +256,16 @@ def create_glow_flow() -> ImageFlow:
     return ImageFlow(flows, img_shape=MNIST_SHAPE)
 
 
-def create_tarflow(blocks: int = 4, depth: int = 2, width: int = 128, patch_size: int = 4) -> ImageFlow:
+def create_tarflow(blocks: int = 4, depth: int = 2, width: int = 128, patch_size: int = 4,
+                   noise_sigma: float | None = None) -> ImageFlow:
     """A transformer flow (TarFlow): uniform dequantization and `blocks` TarFlow blocks on [1, 28, 28], cut into
     patches of patch_size x patch_size (4: 49 tokens of 16 values), each block a causal transformer of
-    `depth` layers of `width`, the token order flipped from block to block. Single scale: latent [B, 1, 28, 28]."""
-    flows = [Dequantization(), *[TarFlowBlock(MNIST_SHAPE, patch_size, width=width, depth=depth, flip=i % 2 == 1)
-                                 for i in range(blocks)]]
+    `depth` layers of `width`, the token order flipped from block to block. Single scale: latent [B, 1, 28, 28].
+    With `noise_sigma`, the first layer is `NoiseAugmentation(noise_sigma)` instead of dequantization and logit:
+    the pixels in [-1, 1] with Gaussian noise in training, uniform noise in evaluation ("tarflow_noise")."""
+    first = Dequantization() if noise_sigma is None else NoiseAugmentation(noise_sigma)
+    flows = [first, *[TarFlowBlock(MNIST_SHAPE, patch_size, width=width, depth=depth, flip=i % 2 == 1)
+                      for i in range(blocks)]]
     return ImageFlow(flows, img_shape=MNIST_SHAPE)
 
 
@@ -226,12 +281,14 @@ MODEL_FACTORIES = {  # name -> factory: one registry of the models flowbook trai
     "glow": create_glow_flow,
     "flowmatch": _create_flowmatch,
     "tarflow": create_tarflow,
+    "tarflow_noise": lambda: create_tarflow(noise_sigma=TARFLOW_NOISE_SIGMA),
 }
 
 
 def create_flow(name: str) -> nn.Module:
     """A model by name: the reference's "simple", "vardeq" or "multiscale", "glow", "tarflow" (a transformer
-    flow), or "flowmatch" (a `flowbook.flowmatch.FlowMatchingModel`, with the interface of `ImageFlow`)."""
+    flow), "tarflow_noise" (the same, trained on Gaussian-noised pixels: sample it with `flowbook.denoise`),
+    or "flowmatch" (a `flowbook.flowmatch.FlowMatchingModel`, with the interface of `ImageFlow`)."""
     if name not in MODEL_FACTORIES:
         raise ValueError(f"unknown model {name!r}; choose one of {ALL_MODELS}")
     return MODEL_FACTORIES[name]()

@@ -9,7 +9,8 @@ quick model and says so: no chapter starts a long training run inside a cell una
 trains the real models). `train_quick` trains a small model now, apart from the shipped one: a few dozen
 steps in quick mode, `Settings.demo_steps` in full mode; it is cached in runs/quick/<name>/.
 `source` is a sentence saying which model it is, so that a chapter can say so next to every number;
-`curve` is the list of (step, training bpd) where the model was trained just now, else None.
+`curve` is the list of (step, training bpd) where the model was trained just now, else None (for
+"tarflow_noise", the bpd of the Gaussian-noised training images, `train_noisy_bpd`: no bpd of MNIST).
 `training_history(name)` lists how the shipped checkpoint was trained, one row per stage;
 `shipped_results(name)` is its results JSON (test bpd on the full test set), the numbers a chapter compares
 with the reference tutorial's.

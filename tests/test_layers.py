@@ -2,14 +2,17 @@
 
 All checks run in float64 on small inputs with weights perturbed away from their zero initialisation.
 """
+import math
+
 import pytest
 import torch
 from torch.autograd.functional import jacobian
 
 from conftest import perturb_
-from flowbook.layers import (ActNorm, CouplingLayer, Dequantization, GatedConvNet, GlowStep, InvConv1x1, SplitFlow,
-                             SqueezeFlow,
-                             VariationalDequantization, create_channel_mask, create_checkerboard_mask)
+from flowbook import noise as noise_source
+from flowbook.layers import (ActNorm, CouplingLayer, Dequantization, GatedConvNet, GlowStep, InvConv1x1,
+                             NoiseAugmentation, SplitFlow, SqueezeFlow, VariationalDequantization,
+                             create_channel_mask, create_checkerboard_mask)
 
 B = 3
 
@@ -250,6 +253,123 @@ def test_dequantization_round_trip_is_exact_on_the_whole_mnist_test_set(mnist, n
     back, _ = deq(y, ldj, reverse=True)
     assert y.dtype == torch.float32
     assert torch.equal(back, images), f"{(back != images).sum()} of {images.numel()} pixels differ"
+
+
+# Noise augmentation (TarFlow's input layer): pixels to [-1, 1], Gaussian noise in training, uniform in evaluation.
+
+SIGMA = 0.05
+EVERY_VALUE = torch.arange(256, dtype=torch.int32).view(1, 1, 16, 16)
+
+
+def bin_centres(x):
+    return (2 * x.to(torch.float64) + 1) / 256 - 1
+
+
+@pytest.mark.parametrize("u0", [0.0, 1 - 2 ** -24, 0.5, "random"])
+def test_noise_augmentation_with_uniform_noise_gives_back_every_pixel_value_in_float32(u0):
+    layer = NoiseAugmentation(SIGMA).eval()
+    x = EVERY_VALUE.repeat(4, 1, 1, 1)
+    u = torch.rand(x.shape) if u0 == "random" else torch.full(x.shape, u0)
+    y, ldj = layer(x, torch.zeros(4), noise=u)
+    assert y.dtype == torch.float32 and layer.current_noise == "uniform"
+    back, ldj_back = layer(y, ldj, reverse=True)
+    assert back.dtype == torch.int32 and torch.equal(back, x), f"{(back != x).sum()} pixels differ for noise {u0}"
+    margin_term = 256 * math.log(1 - 2 * layer.margin)
+    torch.testing.assert_close(ldj_back, torch.full((4,), margin_term), rtol=1e-6, atol=1e-4,
+                               msg="reverse must take back the D log(2 / quants) term, and only it")
+
+
+def test_noise_augmentation_with_gaussian_noise_reverses_to_the_bin_that_y_falls_in():
+    layer = NoiseAugmentation(SIGMA).train()
+    x = EVERY_VALUE.repeat(8, 1, 1, 1)
+    eps = torch.randn(x.shape, dtype=torch.float64)
+    zero = torch.zeros(8, dtype=torch.float64)
+    centre, _ = layer(x, zero, noise=torch.zeros(x.shape, dtype=torch.float64))
+    assert torch.equal(layer(centre, zero, reverse=True)[0], x), "the bin centre (no noise) must give x back"
+    inside = eps.clamp(-1, 1) * (0.99 / (256 * SIGMA))  # |sigma eps| < 1 / 256: y stays in x's bin
+    assert torch.equal(layer(layer(x, zero, noise=inside)[0], zero, reverse=True)[0], x)
+    y, _ = layer(x, zero, noise=eps)
+    expected = torch.floor(x + 0.5 + 128 * SIGMA * eps).clamp(0, 255).to(torch.int32)
+    assert torch.equal(layer(y, zero, reverse=True)[0], expected), "reverse must give the bin of y, clamped"
+    assert (expected != x).float().mean() > 0.5, "sigma = 0.05 is 6.4 grey levels: most pixels leave their bin"
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+def test_noise_augmentation_ldj_is_the_log_determinant_of_x_plus_u_to_y(kind):
+    """ldj is log|dy / d(x + u)| = D log(2 / quants) (+ D log(1 - 2 margin) for the uniform density), checked
+    against the autograd Jacobian of noise -> y: for Gaussian noise, u = 1/2 + (quants / 2) sigma eps, so the
+    map eps -> y has D log(quants sigma / 2) more."""
+    layer = NoiseAugmentation(SIGMA).double()
+    layer.noise_kind = kind
+    x = torch.randint(0, 256, (B, 1, 4, 4), dtype=torch.int32)
+    x[0, 0, 0, :2] = torch.tensor([0, 255])
+    draw = torch.rand if kind == "uniform" else torch.randn
+    noise = draw(B, 1, 4, 4, dtype=torch.float64)
+    zero = torch.zeros(B, dtype=torch.float64)
+    _, ldj = layer(x, zero, noise=noise)
+    from_noise = torch.cat([autograd_logdet(lambda v: layer(x[b:b + 1], zero[:1], noise=v)[0], noise[b:b + 1])
+                            for b in range(B)])
+    noise_to_u = 0.0 if kind == "uniform" else 16 * math.log(256 * SIGMA / 2)
+    torch.testing.assert_close(ldj, from_noise - noise_to_u, rtol=1e-9, atol=1e-8)
+    expected = 16 * math.log(2 / 256) + (16 * math.log(1 - 2 * layer.margin) if kind == "uniform" else 0.0)
+    torch.testing.assert_close(ldj, torch.full((B,), expected, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_noise_augmentation_draws_gaussian_noise_in_training_and_uniform_noise_in_evaluation():
+    layer = NoiseAugmentation(SIGMA)
+    x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.int32)
+    zero = torch.zeros(64)
+    y, _ = layer.train()(x, zero)
+    d = y.double() - bin_centres(x)
+    assert abs(d.std().item() / SIGMA - 1) < 0.01 and abs(d.mean().item()) < 1e-3, \
+        f"train mode: y - y_clean should be N(0, {SIGMA}^2), got mean {d.mean():.2e}, std {d.std():.4f}"
+    y, _ = layer.eval()(x, zero)
+    d = (y.double() - bin_centres(x)) * 128  # in bins: uniform on (-1/2, 1/2)
+    assert d.abs().max() < 0.5, "eval mode: the noise must stay inside the pixel's bin"
+    assert abs(d.std().item() * math.sqrt(12) - 1) < 0.01, f"eval mode: uniform noise, got std {d.std():.4f} bins"
+    with layer.using("gaussian"):
+        assert layer.current_noise == "gaussian" and not layer.gives_bound
+        assert ((layer(x, zero)[0].double() - bin_centres(x)) * 128).abs().max() > 1, "gaussian on demand in eval"
+    assert layer.current_noise == "uniform" and layer.gives_bound and layer.noise_kind is None
+    layer.train().noise_kind = "uniform"
+    assert layer.current_noise == "uniform", "noise_kind overrides the mode"
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+def test_noise_augmentation_draws_through_flowbook_noise_so_that_each_image_has_its_seed(kind):
+    layer = NoiseAugmentation(SIGMA)
+    layer.noise_kind = kind
+    x = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.int32)
+    with noise_source.per_image([5, 6, 7]):
+        y_batch, _ = layer(x, torch.zeros(3))
+    with noise_source.per_image([6]):
+        y_alone, _ = layer(x[1:2], torch.zeros(1))
+    assert torch.equal(y_batch[1:2], y_alone), "an image's noise must depend on its seed alone"
+
+
+@pytest.mark.parametrize("sigma", [0, -0.1, float("nan"), float("inf"), True, "0.05"])
+def test_noise_augmentation_rejects_a_sigma_that_is_not_positive(sigma):
+    with pytest.raises(ValueError, match=r"sigma.* must be a finite number > 0"):
+        NoiseAugmentation(sigma)
+
+
+def test_noise_augmentation_rejects_bad_images_noise_and_non_finite_values_with_clear_errors():
+    layer = NoiseAugmentation(SIGMA)
+    with pytest.raises(ValueError, match=r"expected integer images.*got float32 \[2, 1, 4, 4\]"):
+        layer(torch.rand(2, 1, 4, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match="got values in 256..256"):
+        layer(torch.full((2, 1, 4, 4), 256), torch.zeros(2))
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"expected noise as a float tensor of shape \[2, 1, 4, 4\]"):
+        layer.eval()(x, torch.zeros(2), noise=torch.rand(2, 16))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        layer(torch.full((2, 1, 4, 4), float("nan")), torch.zeros(2), reverse=True)
+    with pytest.raises(ValueError, match="the noise must be one of"):
+        with layer.using("laplace"):
+            pass
+    layer.noise_kind = "laplace"
+    with pytest.raises(ValueError, match="noise_kind must be one of"):
+        layer(x, torch.zeros(2))
 
 
 def test_actnorm_initialises_from_the_first_batch_to_zero_mean_and_unit_variance():

@@ -1,6 +1,6 @@
 """Dequantization: from integer pixels to a continuous density, as flow layers.
 
-Both layers map integer images x in 0..quants-1 to continuous y in R, through
+`Dequantization` and `VariationalDequantization` map integer images x in 0..quants-1 to continuous y in R, through
     x  --(add noise u in [0, 1))-->  x + u  --(/quants: w in [0, 1], squeeze by alpha)-->  r in (0, 1)  --(logit)-->  y
 and back by the sigmoid and a floor. Every term they add to `ldj` is listed in the docstrings; chapter 2
 derives them one by one, with the same letters (alpha: the logit margin; margin: the noise margin m).
@@ -11,9 +11,14 @@ in float32. Two details make it so (the reference implementation misses one pixe
     `ldj` accounts for), so that no value sits on the border between two integers, and
   * the pixel-level arithmetic (logit, sigmoid, floor) is done in float64 and only y is stored in the
     working dtype. The rounding of y then moves x + u by less than 1e-5, far inside the margin.
+
+`NoiseAugmentation` (TarFlow's input layer) maps the pixels linearly to [-1, 1], without a logit, and adds
+Gaussian noise in training (a density of noisy images, not a bound on MNIST's likelihood) or uniform noise
+inside the pixel's bin in evaluation (the same bound as `Dequantization`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -89,16 +94,14 @@ class Dequantization(nn.Module):
 
     def _to_logits(self, x, u, ldj):
         num_dims = x[0].numel()
-        u = self.margin + (1 - 2 * self.margin) * u
+        u = _squeeze_noise(u, self.margin)
         w = (x.to(torch.float64) + u) / self.quants
         y, log_det = logit_transform(w, self.alpha)
         log_det = log_det + num_dims * (math.log(1 - 2 * self.margin) - math.log(self.quants))
         return y.to(ldj.dtype), ldj + log_det.to(ldj.dtype)
 
     def _to_images(self, y, ldj):
-        if not torch.compiler.is_compiling() and not torch.isfinite(y).all():
-            raise ValueError("the flow's reverse pass produced NaN or infinite values, which are no pixels: "
-                             "the latent was too large for the trained model (lower the temperature)")
+        _check_finite(y)
         r, log_det = sigmoid_transform(y.to(torch.float64))
         w = (r - 0.5 * self.alpha) / (1 - self.alpha)
         num_dims = y[0].numel()
@@ -139,8 +142,132 @@ class VariationalDequantization(Dequantization):
         return u, ldj + log_det.to(ldj.dtype)
 
 
-def _check_noise(noise, x):
-    if noise.shape != x.shape or not noise.is_floating_point():
-        raise ValueError(f"expected noise as a float tensor of shape {list(x.shape)} in [0, 1), "
-                         f"got {str(noise.dtype).replace('torch.', '')} {list(noise.shape)}")
+NOISE_KINDS = ("gaussian", "uniform")
+
+
+class NoiseAugmentation(nn.Module):
+    """Pixels to [-1, 1] plus noise: Gaussian noise augmentation in training (TarFlow: Zhai et al., 2024),
+    uniform dequantization in evaluation. No logit: the flow sees y in about [-1, 1].
+
+    Args:
+        sigma: standard deviation of the Gaussian noise in y's units (y in [-1, 1], a bin 2 / quants wide), > 0.
+        quants: number of integer values (256 for 8-bit images).
+        margin: the uniform noise is squeezed to [margin, 1 - margin], as in `Dequantization`, so that
+            quantizing gives every pixel back in float32.
+
+    Which noise a forward pass draws (`current_noise`): the attribute `noise_kind` when set ("gaussian" or
+    "uniform"), else the mode: "gaussian" in training (`model.train()`), "uniform" in evaluation
+    (`model.eval()`). Set `noise_kind` (or use `with layer.using("gaussian"):`) to compute on purpose the
+    likelihood of noisy images with a model in evaluation mode. `gives_bound` says whether the current
+    noise makes the model's log-likelihood a bound on the discrete log P(x) (uniform noise only).
+
+    forward(z, ldj, reverse=False, noise=None):
+        z: int images x [B, C, H, W] in 0..quants-1 -> y = 2 (x + u) / quants - 1: [B, C, H, W] in ldj's
+        dtype (computed in float64), with, per pixel,
+            uniform:   u = margin + (1 - 2 margin) u0, u0 ~ U[0, 1)   (y inside x's bin)
+            gaussian:  u = 1/2 + (quants / 2) sigma eps, eps ~ N(0, 1),
+                       that is y = y_clean + sigma eps, y_clean = (2 x + 1) / quants - 1 the bin's centre.
+        noise: optional [B, C, H, W] float, u0 in [0, 1) (uniform) or eps (gaussian); default drawn by
+            `flowbook.noise.rand` / `flowbook.noise.randn` (seeded per image in evaluation).
+        ldj [B] gains, summed over the D = C*H*W pixels,
+            D log(1 - 2 margin)     uniform only: the density 1 / (1 - 2 margin) of the squeezed noise
+          + D log(2 / quants)       y = 2 (x + u) / quants - 1, dy / d(x + u) = 2 / quants
+        so the model's log-likelihood is a log-density of x + u in pixel units, as for `Dequantization`,
+        and bpd carries the log 256 term: a uniform density on [-1, 1]^D, p(y) = 2^-D, scores
+        -log2(2^-D (2 / 256)^D) / D = 8 bits per dimension (plus -log2(1 - 2 margin) = 3e-4 for the margin).
+        With uniform noise, E_u[log p(x + u)] + D log(1 - 2 margin) <= log P(x) (Jensen): a bound on the
+        discrete likelihood. With Gaussian noise it is log p of a noisy image, the density of another,
+        continuous data set: the noise leaves the bin (|sigma eps| > 1 / quants), so it bounds nothing of MNIST.
+    forward(y, ldj, reverse=True):
+        y: [B, C, H, W] float -> int32 images floor((y + 1) quants / 2), clamped to 0..quants-1: the bin y
+        lies in, the exact inverse of the uniform forward (the Gaussian forward's y falls outside x's bin
+        unless its noise is small: denoise it first, `flowbook.denoise`). ldj [B] loses D log(2 / quants).
+    """
+
+    def __init__(self, sigma: float, quants: int = 256, margin: float = 1e-4):
+        super().__init__()
+        if (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma)
+                or sigma <= 0):
+            raise ValueError(f"sigma, the standard deviation of the noise in [-1, 1] pixel units, must be a finite "
+                             f"number > 0, got {sigma!r}; for uniform dequantization alone use Dequantization")
+        if isinstance(quants, bool) or not isinstance(quants, int) or quants < 2:
+            raise ValueError(f"quants must be an integer >= 2, got {quants!r}")
+        if not 0 <= margin < 0.5:
+            raise ValueError(f"margin must be in [0, 0.5), got {margin}")
+        self.sigma = float(sigma)
+        self.quants = quants
+        self.margin = margin
+        self.noise_kind = None  # None: "gaussian" in training, "uniform" in evaluation
+
+    @property
+    def current_noise(self) -> str:
+        """The noise the next forward pass draws: `noise_kind` where set, else by the mode."""
+        if self.noise_kind is None:
+            return "gaussian" if self.training else "uniform"
+        if self.noise_kind not in NOISE_KINDS:
+            raise ValueError(f"noise_kind must be one of {NOISE_KINDS} or None (by the mode), got {self.noise_kind!r}")
+        return self.noise_kind
+
+    @property
+    def gives_bound(self) -> bool:
+        """Whether the current noise makes log-likelihoods bounds on log P(x) (uniform noise)."""
+        return self.current_noise == "uniform"
+
+    @contextlib.contextmanager
+    def using(self, kind: str | None):
+        """Within this block, forward passes draw `kind` noise ("gaussian", "uniform"; None: by the mode)."""
+        if kind is not None and kind not in NOISE_KINDS:
+            raise ValueError(f"the noise must be one of {NOISE_KINDS} or None (by the mode), got {kind!r}")
+        before, self.noise_kind = self.noise_kind, kind
+        try:
+            yield self
+        finally:
+            self.noise_kind = before
+
+    def forward(self, z, ldj, reverse=False, noise=None):
+        if reverse:
+            return self._to_images(z, ldj)
+        check_images(z, self.quants)
+        num_dims = z[0].numel()
+        log_det = num_dims * math.log(2 / self.quants)
+        if self.current_noise == "uniform":
+            if noise is None:
+                noise = noise_source.rand(z.shape, device=z.device, dtype=torch.float64)
+            u = _squeeze_noise(_check_noise(noise, z).to(torch.float64), self.margin)
+            log_det += num_dims * math.log(1 - 2 * self.margin)
+        else:
+            if noise is None:
+                noise = noise_source.randn(z.shape, device=z.device, dtype=torch.float64)
+            eps = _check_noise(noise, z, "of standard normal noise").to(torch.float64)
+            u = 0.5 + (self.quants / 2 * self.sigma) * eps
+        y = 2 * (z.to(torch.float64) + u) / self.quants - 1
+        return y.to(ldj.dtype), ldj + log_det
+
+    def _to_images(self, y, ldj):
+        _check_finite(y)
+        x = torch.floor((y.to(torch.float64) + 1) * (self.quants / 2)).clamp(0, self.quants - 1).to(torch.int32)
+        return x, ldj - y[0].numel() * math.log(2 / self.quants)
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}, quants={self.quants}, margin={self.margin}"
+
+
+def _squeeze_noise(u, margin: float):
+    """u in [0, 1) -> margin + (1 - 2 margin) u, in [margin, 1 - margin): no value on a bin's border. Its
+    density is 1 / (1 - 2 margin): the caller adds D log(1 - 2 margin) to ldj."""
+    return margin + (1 - 2 * margin) * u
+
+
+def _check_finite(y):
+    """A ValueError where the reverse pass reached the pixels with NaN or infinite values."""
+    if not torch.compiler.is_compiling() and not torch.isfinite(y).all():
+        raise ValueError("the flow's reverse pass produced NaN or infinite values, which are no pixels: "
+                         "the latent was too large for the trained model (lower the temperature)")
+
+
+def _check_noise(noise, x, what: str = "in [0, 1)"):
+    if not isinstance(noise, torch.Tensor) or noise.shape != x.shape or not noise.is_floating_point():
+        got = (f"{str(noise.dtype).replace('torch.', '')} {list(noise.shape)}" if isinstance(noise, torch.Tensor)
+               else type(noise).__name__)
+        raise ValueError(f"expected noise as a float tensor of shape {list(x.shape)} {what}, got {got}")
     return noise

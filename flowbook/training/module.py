@@ -22,7 +22,10 @@ class TrainingDiverged(RuntimeError):
 class FlowModule(pl.LightningModule):
     """Training of one of the MNIST models: the loss is what the model's forward returns, named by its
     `loss_name`: the mean bpd of a batch for the flows (maximum likelihood), the flow-matching loss ("cfm")
-    for the flow-matching model. Logged as train_<loss_name> and val_<loss_name>.
+    for the flow-matching model. Logged as train_<train_loss_name> and val_<loss_name>: the two differ for a
+    model trained on Gaussian-noised images ("tarflow_noise"), whose training loss is the bpd of the noisy
+    images (train_noisy_bpd, no bpd of MNIST) and whose validation, in evaluation mode, draws uniform noise
+    inside the bins (val_bpd, a bound on MNIST's -log2 P(x) / D, like every other flow's).
 
     Adam(lr) with the learning-rate schedule `LRFactor`. A batch with a non-finite loss is skipped (no
     backward, no step) and counted in `skipped_steps`; MAX_BAD_STEPS in a row raise TrainingDiverged.
@@ -85,7 +88,7 @@ class FlowModule(pl.LightningModule):
             self._drop_gradients = True
             return sum(p.sum() for p in self.parameters()) * 0.0
         self.bad_in_a_row = 0
-        self.log(f"train_{self.flow.loss_name}", loss, prog_bar=True)
+        self.log(f"train_{train_loss_name(self.flow)}", loss, prog_bar=True)
         return loss
 
     def on_before_optimizer_step(self, optimizer):
@@ -137,6 +140,11 @@ class FlowModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self.batches = checkpoint.get("batches", 0)
+
+
+def train_loss_name(flow) -> str:
+    """What the training loss of `flow` is called: its `train_loss_name` where it has one, else its `loss_name`."""
+    return getattr(flow, "train_loss_name", flow.loss_name)
 
 
 def _best_key(flow) -> str:

@@ -6,6 +6,9 @@ import sys
 import pytorch_lightning as pl
 from tqdm import tqdm  # text bars: work in a terminal and in Jupyter without ipywidgets
 
+from flowbook.training.module import train_loss_name
+
+
 class StepProgress(pl.Callback):
     """One compact text bar of the run's optimizer steps and its latest training bpd, refreshed every few
     seconds: for notebooks, where Lightning's bar would store a line per refresh."""
@@ -18,7 +21,7 @@ class StepProgress(pl.Callback):
         self.bar.update(trainer.global_step - self.bar.n)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
-            self.bar.set_postfix({module.flow.loss_name: f"{float(loss):.3f}"}, refresh=False)
+            self.bar.set_postfix({train_loss_name(module.flow): f"{float(loss):.3f}"}, refresh=False)
 
     def on_train_end(self, trainer, module):
         self.bar.close()

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from flowbook.checkpoints import load_state, read_checkpoint, save_checkpoint
-from flowbook.models import num_parameters
+from flowbook.models import noise_record, num_parameters
 from flowbook.provenance import hardware
 from flowbook.training.module import FlowModule, _best_key
 from flowbook.training.settings import RESUMABLE_CHANGES, RunSettings
@@ -32,7 +32,7 @@ class RunCheckpoints(pl.Callback):
         self.best_epoch = -1
         self.wall_before = 0.0
         self._start = time.time()
-        self.curve = []  # (step, train bpd) of this process, for plots; not saved
+        self.curve = []  # (step, training loss: bpd, or noisy_bpd for a noise-trained model) of this process; not saved
         self.epoch_s = []  # duration of each epoch of this process, validation included; not saved
         self._epoch_start = time.monotonic()
 
@@ -91,7 +91,7 @@ class RunCheckpoints(pl.Callback):
     def summary(self, trainer, module, epochs):
         history = [*self.history, self.stage(trainer, epochs)]
         return {"settings": dataclasses.asdict(self.settings), "epochs": epochs,
-                "best_epoch": self.best_epoch + 1, _best_key(module.flow): self.best_val,
+                "best_epoch": self.best_epoch + 1, _best_key(module.flow): self.best_val, **noise_record(module.flow),
                 "skipped_steps": module.skipped_steps, "batches": module.batches,
                 "processes": trainer.world_size, "wall_s": round(self.wall_s(), 1),
                 "train_img_per_s": self.images_per_s(trainer),
