@@ -289,14 +289,16 @@ Markdown(f"Trained flows on MNIST need about one bit per pixel: the reference tu
 # | $w$, $r$, $y$ | a pixel in $[0, 1]$, the same pixel squeezed by $\alpha$, and its logit | ch. 2 |
 # | $K$ | the number of importance samples (dequantization samples per image), $\rho_k$ their importance weights | ch. 2 |
 # | $\sigma$ | a standard deviation (the sigmoid is written $\mathrm{sigmoid}$) | ch. 2 |
-# | $s$, $t$ | the log-scale and the shift of a coupling layer | ch. 1, 3 |
+# | $s$, $t$ | the log-scale and the shift of a coupling layer (in chapter 8, $s_i$ and $t_i$ of token $i$ in an autoregressive layer) | ch. 1, 3, 8 |
 # | $c$ | a coupling layer's learned scale bound, one per channel: $s \leftarrow \tanh(s / e^c)\, e^c$ | ch. 3 |
 # | $b$ | the binary mask of a coupling layer: 1 where the input is kept (RealNVP's notation) | ch. 3 |
 # | $\beta_i$, $\log s_i$ | ActNorm's shift and log-scale of channel $i$ (Glow writes $b$ and $s$) | ch. 6 |
 # | $z_k$, $z_s$ | the half of the channels a split layer keeps, and the half it scores under the prior | ch. 4 |
 # | $T$ | the sampling temperature: latents are drawn from $\mathcal N(0, T^2 I)$ | ch. 4 |
 # | $t$; $v(x, t)$, $u_t$ | in chapter 7, time along an ODE ($t = 1$ data, $t = 0$ latent); the learned velocity field and a probability path's velocity (chapter 7 uses neither the coupling's shift $t$ nor the dequantized image $v$) | ch. 7 |
-# | $a$, $\epsilon$ | in chapter 7, the accumulated divergence $a(t)$ ($a(0) = \log\lvert\det J_f\rvert$) and a probe of Hutchinson's estimator | ch. 7 |
+# | $a$, $\epsilon$ | in chapter 7, the accumulated divergence $a(t)$ ($a(0) = \log\lvert\det J_f\rvert$) and a probe of Hutchinson's estimator; in chapter 8, $\epsilon$ is the standard normal noise of noise augmentation | ch. 7, 8 |
+# | $n$, $d$, $\ell$ | in chapter 8, the number of tokens (patches) of an image, the values per token, and a patch's side: $d = \ell^2 C$, $n d = D$ | ch. 8 |
+# | $x'$, $\tilde x$ | in chapter 8, an image scaled to $[-1, 1]$ and the same image with Gaussian noise, $\tilde x = x' + \sigma \epsilon$ | ch. 8 |
 #
 # Two formulas are written differently in papers. flowbook's affine coupling shifts first and then scales,
 # $z_2' = (z_2 + t) \odot e^{s}$, where RealNVP (Dinh et al., 2017) writes $x_2 \odot e^{s} + t$; flowbook's
