@@ -127,16 +127,17 @@ class TarFlowBlock(nn.Module):
     s = soft_clamp(s_raw, exp(c)) bounds the log-scale by exp(c), c = `scaling_factor` (one per token
     dimension, learned, starting at 0: a bound of 1), the convention of `CouplingLayer`.
 
-    forward(z, ldj, reverse=False, kv_cache=True):
+    forward(z, ldj, reverse=False, kv_cache=None):
         z: [B, C, H, W], ldj: [B]; returns (z', ldj') of the same shapes and dtype.
         forward (data -> latent, one parallel pass):
             z'_i = (z_i + t_i) * exp(s_i),      ldj += sum over i and D of s_i
         reverse (latent -> data, T sequential steps, i = 0 .. T-1):
             z_i = z'_i * exp(-s_i) - t_i,      ldj += -sum of s_i
         (t_i, s_i computed from the data-side tokens z_<i, so reverse inverts forward exactly and
-        undoes its ldj.) With `kv_cache` the reverse pass keeps each layer's keys and values and runs the
-        transformer on one new position per step, O(T) work per step; without, it reruns the transformer on
-        the whole sequence at every step, O(T^2). Both compute the same numbers up to rounding.
+        undoes its ldj.) With `kv_cache` (None: the block's attribute `kv_cache`, True unless set) the
+        reverse pass keeps each layer's keys and values and runs the transformer on one new position per step,
+        O(T) work per step; without, it reruns the transformer on the whole sequence at every step, O(T^2).
+        Both compute the same numbers up to rounding.
     """
 
     def __init__(self, img_shape, patch_size: int = 4, width: int = 128, depth: int = 2, heads: int | None = None,
@@ -161,6 +162,7 @@ class TarFlowBlock(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
         self.scaling_factor = nn.Parameter(torch.zeros(self.token_dim))
         self.register_buffer("mask", causal_mask(self.num_tokens), persistent=False)
+        self.kv_cache = True  # how reverse runs where its call does not say (a model's sample calls it plainly)
 
     def _params(self, h, dtype):
         """(t, s) [B, n, D] in `dtype` from the transformer's output h [B, n, width]: under bfloat16
@@ -190,13 +192,14 @@ class TarFlowBlock(nn.Module):
     def _image(self, x):
         return unpatchify(x.flip(1) if self.flip else x, self.patch_size, self.img_shape)
 
-    def forward(self, z, ldj, reverse=False, kv_cache=True):
+    def forward(self, z, ldj, reverse=False, kv_cache=None):
         check_latent(z)
         x = self._tokens(z)
         if not reverse:
             t, s = self.shift_and_log_scale(x)
             return self._image((x + t) * torch.exp(s)), ldj + s.flatten(1).sum(dim=1)
-        x, s_sum = self._reverse_cached(x) if kv_cache else self._reverse_plain(x)
+        cached = self.kv_cache if kv_cache is None else kv_cache
+        x, s_sum = self._reverse_cached(x) if cached else self._reverse_plain(x)
         return self._image(x), ldj - s_sum
 
     def _reverse_plain(self, z):
