@@ -208,7 +208,8 @@ def create_glow_flow() -> ImageFlow:
 def create_tarflow(blocks: int = 4, depth: int = 2, width: int = 128, patch_size: int = 4) -> ImageFlow:
     """A transformer flow (TarFlow): uniform dequantization and `blocks` TarFlow blocks on [1, 28, 28], cut into
     patches of patch_size x patch_size (4: 49 tokens of 16 values), each block a causal transformer of
-    `depth` layers of `width`, the token order flipped from block to block. Single scale: latent [B, 1, 28, 28]."""
+    `depth` layers of `width`, the token order flipped from block to block. Single scale: latent [B, 1, 28, 28].
+    1,638,080 parameters with the defaults; sampling runs 49 sequential steps per block (a key-value cache each)."""
     flows = [Dequantization(), *[TarFlowBlock(MNIST_SHAPE, patch_size, width=width, depth=depth, flip=i % 2 == 1)
                                  for i in range(blocks)]]
     return ImageFlow(flows, img_shape=MNIST_SHAPE)
