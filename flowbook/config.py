@@ -60,7 +60,7 @@ class Settings:
         return self.mode == "quick"
 
 
-QUICK = Settings("quick", train_images=960, demo_steps=30, epochs=1, batch_size=32,
+QUICK = Settings("quick", train_images=960, demo_steps=20, epochs=1, batch_size=32,
                  eval_images=256, importance_samples=4, toy_steps=400,
                  bound_images=64, cnf_steps=60, judged_samples=100, ode_images=8, slice_images=32,
                  progress=True)

@@ -1,12 +1,11 @@
 """Chapter 8 checkers: the causal attention mask, the autoregressive inverse of a TarFlow block, a Tweedie step."""
 from __future__ import annotations
 
-import importlib
 import math
-import types
 
 import torch
 
+from flowbook import denoise
 from flowbook.exercises._harness import close, diagnose, expect, logdet, perturbed, reference, run_checks
 from flowbook.layers import tarflow
 from flowbook.layers.tarflow import TarFlowBlock
@@ -290,16 +289,6 @@ def _mixture_log_density(y):
     return torch.logsumexp(logw + comp, dim=1)
 
 
-def _optional_blocks():
-    """flowbook's own Tweedie denoiser, where one exists (flowbook.denoise.tweedie_denoise)."""
-    try:
-        module = importlib.import_module("flowbook.denoise")
-    except ImportError:
-        return []
-    fn = getattr(module, "tweedie_denoise", None)
-    return [(module, "tweedie_denoise")] if isinstance(fn, types.FunctionType) else []
-
-
 _NO_GRAD = ("autograd has nothing to differentiate: the y you differentiate does not require grad. Take the score "
             "on a copy that does, y = y.detach().requires_grad_(True), then torch.autograd.grad(log_density(y).sum(), "
             "y)[0]")
@@ -337,7 +326,7 @@ def check_tweedie_step(tweedie_denoise) -> None:
     - a result that still requires grad
     - y changed in place (y += ..., or y.requires_grad_() on the y passed in)
     - no torch.enable_grad() (fails inside torch.no_grad())
-    - flowbook's own denoiser, where one exists (switched off)
+    - flowbook.denoise.tweedie_denoise or score (switched off)
     """
     gen = torch.Generator().manual_seed(0)
     B, m, s, sigma = 4, torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), 0.7, 0.5
@@ -392,4 +381,4 @@ def check_tweedie_step(tweedie_denoise) -> None:
     run_checks("check_tweedie_step", [
         ("a new tensor, no graph, y untouched", result), ("a Gaussian: E[x | y] in closed form", gaussian),
         ("a mixture: the score from autograd", mixture), ("inside torch.no_grad()", no_grad),
-    ], blocks=_optional_blocks())
+    ], blocks=[denoise.tweedie_denoise, denoise.score])

@@ -1,0 +1,551 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 8: Transformer flows, from autoregressive flows to TarFlow
+#
+# After Glow (chapter 6) normalizing flows fell behind diffusion models and flow matching (chapter 7) as image
+# generators, and for some years looked like a finished chapter of the field. In 2024 they came back. TarFlow
+# (Zhai et al., 2024) stacks causal transformer blocks over image patches, each an *autoregressive* affine
+# flow; it set new likelihood records on ImageNet 64x64, and with Gaussian noise augmentation and one
+# denoising step drew samples close to those of diffusion models. STARFlow (Gu et al., 2025) scaled it up, and
+# Jet (Kolesnikov et al., 2024) showed that plain coupling flows with vision-transformer networks go far too.
+# This chapter builds a TarFlow from the ground up, next to the RealNVP-style flows of chapters 3 to 6, on the
+# same MNIST, in the same units.
+#
+# **Convention.** As in every chapter, $f$ maps data to latent, $z = f(x)$, and sampling computes
+# $f^{-1}$. This chapter cuts an image into $n$ patches of $\ell \times \ell$ pixels, the *tokens*
+# $x_1, \dots, x_n$, each a vector of $d = \ell^2 C$ values (so $n d = D$); chapter 1's table of symbols lists
+# $n$, $d$ and $\ell$. A token's shift and log-scale are $t_i$ and $s_i$, with chapter 3's meaning.
+#
+# **You will learn**
+# - what an autoregressive flow is, why its Jacobian is triangular and its log-determinant a sum of
+#   log-scales, and why a coupling layer is the special case of two tokens;
+# - how a TarFlow block computes every token's shift and log-scale with one causal transformer, and what the
+#   attention mask and the shift by one position do;
+# - a TarFlow trained on MNIST by `flowbook.train`, in the results table with every other model, and what its
+#   sequential sampling costs, with and without a key-value cache;
+# - Gaussian noise augmentation and Tweedie's denoising step, with the score from the flow's own density,
+#   judged by chapter 7's digit classifier; and why a noise-trained model's likelihood is not a bpd of MNIST.
+
+# %% [markdown]
+# **Learning objectives.** After this chapter and its exercises you can
+# - derive the log-determinant of an autoregressive affine flow, and say why its density takes one parallel
+#   pass and its sampling one pass per token (Exercise 4);
+# - write a causal attention mask and say what the shift by one position adds (Exercise 1);
+# - invert an autoregressive layer token by token, with its log-determinant (Exercise 2);
+# - derive and implement Tweedie's denoising step from a flow's score, and explain what noise augmentation
+#   does to a likelihood (Exercises 3 and 5).
+
+# %%
+import math
+import time
+
+import torch
+from IPython.display import Markdown
+from tabulate import tabulate
+from torch.autograd.functional import jacobian
+
+from flowbook import config, exercises, viz
+from flowbook.classifier import THRESHOLD, load_classifier, recognisability
+from flowbook.data import load_mnist
+from flowbook.denoise import log_density, sample_denoised, tweedie_denoise
+from flowbook.exercises._harness import perturbed
+from flowbook.layers import Dequantization, NoiseAugmentation, TarFlowBlock
+from flowbook.layers.tarflow import patchify, unpatchify
+import flowbook.layers.tarflow as tarflow_layers
+from flowbook.models import num_parameters
+from flowbook.pretrained import load_trained, training_history
+from flowbook.results import load_results
+
+settings = config.settings()
+device = config.get_device()
+train_set, val_set, test_set = load_mnist()
+print(f"mode: {settings.mode}")
+
+# %% [markdown]
+# ## 1. Autoregressive flows
+#
+# Write the data as a sequence of tokens $x = (x_1, \dots, x_n)$. An **autoregressive affine flow** maps each
+# token with a shift and a log-scale that depend only on the tokens *before* it:
+#
+# $$z_i = (x_i + t_i) \odot e^{s_i}, \qquad (t_i, s_i) = g_i(x_1, \dots, x_{i-1}), \qquad i = 1, \dots, n,$$
+#
+# where $g_i$ is any function at all, a transformer for instance; $g_1$ sees nothing and gives constants.
+# The Jacobian $\partial z / \partial x$, ordered token by token, is block lower triangular:
+# - $\partial z_i / \partial x_j = 0$ for $j > i$, since $z_i$ reads only $x_1, \dots, x_i$;
+# - $\partial z_i / \partial x_i = \operatorname{diag}(e^{s_i})$, since $t_i$ and $s_i$ do not depend on $x_i$;
+# - the blocks below the diagonal, $\partial z_i / \partial x_j$ for $j < i$, are whatever $g_i$ makes them.
+#
+# The determinant of a block triangular matrix is the product of the determinants of its diagonal blocks, so
+#
+# $$\log\lvert\det J_f\rvert = \sum_{i=1}^{n} \sum_{k=1}^{d} s_{i,k},$$
+#
+# a sum of log-scales, whatever the network: the blocks below the diagonal never enter it.
+#
+# **Density in one pass, sampling in $n$.** Given $x$, every $(t_i, s_i)$ can be computed at once, since all
+# the $x_{<i}$ are known: the log-likelihood $\log \mathcal{N}(z; 0, I) + \sum s$ costs one parallel pass of
+# $g$. The inverse, $x_i = z_i \odot e^{-s_i} - t_i$, needs $t_i$ and $s_i$, which need $x_1, \dots,
+# x_{i-1}$ *after* they were inverted: $n$ passes, one token at a time. This is the masked autoregressive
+# flow (MAF, Papamakarios et al., 2017). The inverse autoregressive flow (IAF, Kingma et al., 2016) conditions
+# on $z_{<i}$ instead and swaps the costs: sampling in one pass, density in $n$.
+#
+# **A coupling layer is a two-token autoregressive flow.** Take $n = 2$, with $x_1$ the half that chapter 3's
+# mask $b$ keeps and $x_2$ the other half, and let $g_1$ give $t_1 = s_1 = 0$: then $z_1 = x_1$ and
+# $z_2 = (x_2 + t(x_1)) \odot e^{s(x_1)}$, chapter 3's affine coupling, with the same sum of log-scales. An
+# autoregressive flow with $n$ tokens lets every token condition on all the ones before it, where a coupling
+# layer lets half of the values condition on the other half.
+#
+# A small check: a TarFlow block (section 2 builds it) on images of $8 \times 8$ pixels cut into $2 \times 2$
+# patches, $n = 16$ tokens of $d = 4$ values, with random weights, in float64. Its Jacobian by autograd,
+# ordered token by token, and the block's own `ldj` against $\log\lvert\det J\rvert$:
+
+# %%
+torch.manual_seed(0)
+small = perturbed(TarFlowBlock((1, 8, 8), patch_size=2, width=32, depth=1), scale=0.2).double()
+x_small = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+z_small, ldj_small = small(x_small, torch.zeros(1, dtype=torch.float64))
+tokens_of = lambda img: patchify(img, 2).flatten(1)  # [1, 64] in token order
+J = jacobian(lambda v: tokens_of(small(unpatchify(v.view(1, 16, 4), 2, (1, 8, 8)), torch.zeros(1, dtype=v.dtype))[0]),
+             tokens_of(x_small)).view(64, 64)
+log_det = torch.linalg.slogdet(J)[1].item()
+above = J.triu(1).abs().max().item()
+in_blocks = torch.block_diag(*[torch.ones(4, 4)] * 16).bool()
+off_diag_in_block = J[in_blocks & ~torch.eye(64, dtype=torch.bool)].abs().max().item()
+print(f"ldj of the block {ldj_small.item():.10f}, log|det J| by autograd {log_det:.10f}")
+print(f"largest entry above the diagonal: {above:.1e}; largest off-diagonal entry inside a diagonal block: "
+      f"{off_diag_in_block:.1e}")
+assert abs(ldj_small.item() - log_det) < 1e-9 and above == 0 and off_diag_in_block == 0
+viz.plot_masks({"J != 0": (J.abs() > 0).float().unsqueeze(0)},
+               title="Where the Jacobian of one block is not zero (white), tokens in order: lower triangular");
+
+# %% [markdown]
+# The picture shows what the derivation says: nothing above the diagonal, a diagonal of scales, and below it
+# blocks that the network filled in freely (the first token's four rows have no entries left of the
+# diagonal: it sees no earlier token).
+#
+# ## 2. The TarFlow block
+#
+# **Tokens.** MNIST's $28 \times 28$ images cut into $4 \times 4$ patches give $n = 49$ tokens of $d = 16$
+# values, numbered row by row (`flowbook.layers.tarflow.patchify`, with `unpatchify` its exact inverse):
+
+# %%
+digit = test_set.images[:1].float()
+tokens = patchify(digit, 4)
+print(f"image {list(digit.shape)} -> tokens {list(tokens.shape)}; back: "
+      f"{torch.equal(unpatchify(tokens, 4, (1, 28, 28)), digit)}")
+viz.show_imgs(tokens[0].view(49, 1, 4, 4).to(torch.uint8), row_size=7,
+              title="The 49 tokens of a test digit, in order (token i at row i // 7, column i % 7)", scale=0.6);
+
+# %% [markdown]
+# **The network.** One TarFlow block computes every $(t_i, s_i)$ with one causal transformer:
+# 1. the tokens are projected to the transformer's width and **shifted right by one position**: the input at
+#    position $i$ is $x_{i-1}$ (a learned start vector at position 1), plus a learned position embedding;
+# 2. a few pre-norm transformer layers run with a **causal attention mask**: position $i$ may attend to
+#    positions $j \le i$;
+# 3. a final linear map, initialised at zero so that a new block is the identity, gives $t_i$ and
+#    $s_i$, each in $\mathbb{R}^d$; the log-scale is bounded like chapter 3's, $s \leftarrow \tanh(s/e^c)\,
+#    e^c$ with a learned $c$ per token value.
+#
+# The mask alone lets position $i$ see its own input; the shift makes that input $x_{i-1}$, so that
+# $(t_i, s_i)$ depend on $x_1, \dots, x_{i-1}$ and never on $x_i$, which is what the triangular Jacobian
+# needs. The mask, $M_{ij} = 1$ where $j \le i$:
+
+# %%
+viz.plot_masks({"causal mask, n = 49": tarflow_layers.causal_mask(49).float().unsqueeze(0)},
+               title="Attention mask: query i (row) may attend to key j (column) where white");
+
+# %% [markdown]
+# **The stack.** A block only lets later tokens depend on earlier ones, so blocks alternate the order:
+# every second block reverses the sequence (`flip`), and a token's transformation then depends on tokens on
+# both sides. flowbook's `tarflow` model is chapter 2's dequantization followed by $L$ such blocks and a
+# standard normal prior. For one image, `encode` adds to `ldj`:
+# - chapter 2's dequantization terms, $D \log(1 - 2m) - D\log 256 + D\log(1 - \alpha) - \sum_i \log
+#   r_i (1 - r_i)$;
+# - for each block $k = 1, \dots, L$, its sum of log-scales $\sum_{i,j} s^{(k)}_{i,j}$;
+#
+# and the log-likelihood adds the prior, $\log \mathcal{N}(z; 0, I)$. The model and its size:
+
+# %%
+tarflow, tar_source, _ = load_trained("tarflow", device=device)
+print(f"tarflow: {tar_source}")
+print(f"{num_parameters(tarflow):,} parameters in {len(tarflow.flows)} layers:")
+for k, layer in enumerate(tarflow.flows):
+    if isinstance(layer, TarFlowBlock):
+        print(f"  {k}: TarFlowBlock, {layer.num_tokens} tokens of {layer.token_dim}, {len(layer.layers)} transformer "
+              f"layers of width {layer.proj_in.out_features}, flip={layer.flip}, {num_parameters(layer):,} parameters")
+    else:
+        print(f"  {k}: {type(layer).__name__}")
+
+# %% [markdown]
+# Section 1 checked a block on $8 \times 8$ images. The same check at MNIST's size, for a flipped block with
+# $4 \times 4$ patches and random weights (a narrow one, so that autograd's $784 \times 784$ Jacobian is quick;
+# `tests/` checks every flowbook layer this way):
+
+# %%
+check = perturbed(TarFlowBlock((1, 28, 28), patch_size=4, width=16, depth=1, flip=True), scale=0.1).double()
+y = torch.randn(1, 1, 28, 28, dtype=torch.float64)
+_, ldj_block = check(y, torch.zeros(1, dtype=torch.float64))
+J_block = jacobian(lambda v: check(v.view(1, 1, 28, 28), torch.zeros(1, dtype=v.dtype))[0].flatten(), y.flatten())
+print(f"a flipped block on a 28x28 input: ldj {ldj_block.item():.8f}, log|det J| by autograd "
+      f"{torch.linalg.slogdet(J_block)[1].item():.8f}")
+
+# %% [markdown]
+# ## 3. A TarFlow on MNIST
+#
+# The shipped model was trained by `python -m flowbook.train --model tarflow` on the CPU with uniform
+# dequantization, like the flows of chapters 3 to 6 (the runbook `docs/training.md` has the command). Its
+# training, stage by stage:
+
+# %%
+history = training_history("tarflow")
+if history:
+    print(tabulate([[r["stage"], r["start"], r["epochs"], r["batch_size"], f"{r['peak_lr']:g}", f"{r['minutes']:.0f}",
+                     r["hardware"]] for r in history],
+                   headers=["stage", "starts from", "epochs", "batch", "peak lr", "minutes", "hardware"]))
+else:
+    print(f"no shipped checkpoint: this chapter uses {tar_source}")
+
+# %% [markdown]
+# ### In the results table
+#
+# Every shipped model from its results JSON, on the full test set: the flows' test bpd with 8 importance
+# samples (the flow-matching model's with one sample through the ODE, chapter 7), the parameters and the
+# training images; a model without a JSON here says so.
+
+# %%
+results = load_results()
+rows = [[name, f"{r['test_bpd']:.3f}", f"{r['eval_images']['test']:,}", r["importance_samples"], f"{r['parameters']:,}",
+         f"{int(r['images_seen']):,}"] for name, r in results.items()]
+if "tarflow" not in results:
+    rows.append(["tarflow", "not evaluated yet", "-", "-", f"{num_parameters(tarflow):,}", "-"])
+print(tabulate(rows, ["model", "test bpd", "test images", "K", "parameters", "training images"]))
+
+# %%
+if "tarflow" in results and "multiscale" in results:
+    gap = results["tarflow"]["test_bpd"] - results["multiscale"]["test_bpd"]
+    text = (f"On the full test set the TarFlow reaches {results['tarflow']['test_bpd']:.3f} bpd, "
+            + (f"{-gap:.3f} better than" if gap < 0 else f"{gap:.3f} behind")
+            + f" the multi-scale flow's {results['multiscale']['test_bpd']:.3f}, with "
+            f"{results['tarflow']['parameters']:,} parameters against {results['multiscale']['parameters']:,} and "
+            f"{int(results['tarflow']['images_seen']):,} training images against "
+            f"{int(results['multiscale']['images_seen']):,}.")
+else:
+    text = ("There is no results JSON for a shipped TarFlow on this machine, so this chapter compares no TarFlow "
+            "number with the other models; the demonstration model above is not meant to be compared.")
+Markdown(text)
+
+# %% [markdown]
+# ### What a likelihood and a sample cost
+#
+# A likelihood is one parallel pass through every block. A sample runs each block backwards one token at a
+# time: $L \cdot n$ steps, each a pass of that block's transformer. Without a cache, step $i$ reruns the
+# transformer on the whole sequence ($O(n)$ positions, so $O(n^2)$ work per block); with a **key-value
+# cache**, each layer keeps the keys and values of the positions already done and computes only the new one.
+# Both give the same samples (the first line below checks it). Times for 64 images on this machine:
+
+# %%
+def timed(fn, repeats=3):
+    """The median of `repeats` calls' wall-clock time in seconds, and the last call's result."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], out
+
+
+batch = test_set.images[:64].to(device)
+z64 = torch.randn(tarflow.latent_shape(64), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def sample_with(cache):
+    for layer in tarflow.flows:
+        if isinstance(layer, TarFlowBlock):
+            layer.kv_cache = cache
+    return tarflow.sample(z64.shape, z_init=z64)
+
+
+with torch.no_grad():
+    ll_s, _ = timed(lambda: tarflow.log_likelihood(batch))
+    cached_s, cached = timed(lambda: sample_with(True))
+    plain_s, plain = timed(lambda: sample_with(False), repeats=1)
+print(f"same samples with and without the cache: {torch.equal(cached, plain)}")
+print(tabulate([["likelihood of 64 images", f"{1000 * ll_s:.0f}"],
+                ["64 samples, key-value cache", f"{1000 * cached_s:.0f}"],
+                ["64 samples, no cache", f"{1000 * plain_s:.0f}"]], ["", "ms"]))
+viz.show_imgs(cached[:32], title=f"Samples at temperature 1.0 ({'shipped' if history else 'demonstration'} TarFlow)");
+
+# %%
+Markdown(f"Sampling costs {cached_s / ll_s:.0f} times a likelihood with the cache and {plain_s / ll_s:.0f} times "
+         f"without: the {sum(isinstance(f, TarFlowBlock) for f in tarflow.flows)} blocks run "
+         f"{tarflow.flows[1].num_tokens} sequential steps each, where the likelihood runs one pass per block. "
+         f"The cache saves {100 * (1 - cached_s / plain_s):.0f}% of the sampling time here.")
+
+# %% [markdown]
+# ## 4. Noise augmentation and denoising
+#
+# Flows trained with uniform dequantization put density all over each pixel's bin, and their samples carry
+# that: speckles and broken strokes (chapter 5 showed them). TarFlow's remedy is to train on images with
+# **Gaussian noise** added. flowbook's `tarflow_noise` model scales the pixels to $[-1, 1]$ (bin centres
+# $x' = 2(x + \tfrac12)/256 - 1$) and trains on $\tilde x = x' + \sigma \epsilon$, $\epsilon \sim
+# \mathcal N(0, I)$ (`flowbook.layers.NoiseAugmentation`; no logit). The flow then learns $p_\sigma$, the
+# density of the *noisy* images, which is smoother than that of the images, and its samples are noisy images.
+#
+# **Tweedie's formula** removes the noise in one step. With $\tilde x = x' + \sigma\epsilon$,
+# $p_\sigma(\tilde x) = \int p(x')\, \mathcal N(\tilde x; x', \sigma^2 I)\, dx'$, and since
+# $\nabla_{\tilde x} \mathcal N(\tilde x; x', \sigma^2 I) = \mathcal N(\tilde x; x', \sigma^2 I)\,
+# (x' - \tilde x) / \sigma^2$,
+#
+# $$\nabla_{\tilde x}\, p_\sigma(\tilde x) = \frac{1}{\sigma^2} \int p(x')\, \mathcal N(\tilde x; x',
+#   \sigma^2 I)\, (x' - \tilde x)\, dx' = \frac{p_\sigma(\tilde x)}{\sigma^2}
+#   \left(\mathbb E[x' \mid \tilde x] - \tilde x\right),$$
+#
+# so that
+#
+# $$\mathbb E[x' \mid \tilde x] = \tilde x + \sigma^2\, \nabla_{\tilde x} \log p_\sigma(\tilde x).$$
+#
+# The best guess of the clean image (in squared error) needs only the *score* of the noisy density, and a
+# flow has that density exactly: $\log p_\sigma(\tilde x) = \log \mathcal N(f(\tilde x); 0, I) +
+# \log\lvert\det J_f(\tilde x)\rvert$, differentiated by autograd (`flowbook.denoise`). A sample then is: draw
+# $z$, run the blocks backwards to $\tilde x$, take one Tweedie step, and quantize.
+#
+# The model and its noise level:
+
+# %%
+noisy, noisy_source, _ = load_trained("tarflow_noise", device=device)
+sigma = noisy.noise_sigma
+print(f"tarflow_noise: {noisy_source}")
+print(f"sigma = {sigma} in units of the [-1, 1] pixel scale, {sigma * 128:.1f} grey levels")
+
+# %% [markdown]
+# Samples before and after the denoising step, and what a few step sizes do: Tweedie's step with $\sigma'$ in
+# place of $\sigma$, from no step ($\sigma' = 0$) to twice the training noise. The classifier of chapter 7
+# judges each set (the share of samples it recognises with probability at least 0.9):
+
+# %%
+clf = load_classifier()
+real = recognisability(clf, test_set.images[:settings.judged_samples])
+steps = [0.0, 0.5 * sigma, sigma, 2 * sigma]
+samples = {s: sample_denoised(noisy, settings.judged_samples, sigma=s, seed=0) for s in steps}
+scores = {s: recognisability(clf, samples[s]) for s in steps}
+print(tabulate([[f"{s:.3f}" + (" (no step)" if s == 0 else " (the training sigma)" if s == sigma else ""),
+                 f"{scores[s]:.2f}"] for s in steps] + [["real test digits", f"{real:.2f}"]],
+               ["Tweedie step sigma'", f"recognisable (of {settings.judged_samples})"]))
+viz.show_imgs(torch.cat([samples[s][:8] for s in steps]), row_size=8,
+              title="The same 8 samples: no denoising step, then sigma' = sigma/2, sigma, 2 sigma (rows)");
+
+# %%
+best = max(steps, key=scores.get)
+change = scores[sigma] - scores[0.0]
+noise_level = 2 * math.sqrt(0.25 / settings.judged_samples)  # about two standard errors of a share near 1/2
+verdict = ("rises" if change > noise_level else "falls" if change < -noise_level else "stays within the sampling "
+           f"noise of {settings.judged_samples} samples,")
+Markdown(f"For the `tarflow_noise` model named above, the share of recognisable samples {verdict} from "
+         f"{scores[0.0]:.2f} without the step to {scores[sigma]:.2f} with Tweedie's step at the training $\\sigma$; "
+         f"the best of the four step sizes is $\\sigma' = {best:.3f}$ ({scores[best]:.2f}). Real test digits score "
+         f"{real:.2f}.")
+
+# %% [markdown]
+# ### Why its likelihood is not a bpd of MNIST
+#
+# Chapter 2's bound holds for noise that stays inside each pixel's bin: $P(x) = \int_{[0,1)^D} p(x + u)\,
+# du \ge \exp \mathbb E_u[\log p(x + u)]$. Gaussian noise leaves the bin. The number the noise-trained flow
+# minimises, $-\mathbb E[\log_2 p_\sigma(\tilde x)] / D$, is the cross-entropy of a different, continuous
+# dataset, the noisy images; it is at least their differential entropy, which includes the noise's own,
+# $\tfrac12 \log_2(2\pi e\, \sigma_{\text{grey}}^2)$ bits per dimension in grey levels. The same model can
+# still be scored honestly: evaluated with uniform noise inside the bins, as `flowbook.evaluate` does, any
+# continuous density gives a valid bound on $-\log_2 P(x)/D$; a model that spread its density by $\sigma$
+# pays for the mass it puts outside the bins. Both numbers for the model above, on the first test images, with
+# the uniform TarFlow's for comparison:
+
+# %%
+images = test_set.images[:settings.eval_images].to(device)
+with torch.no_grad():
+    with noisy.flows[0].using("gaussian"):  # on purpose: the noise it was trained with
+        noisy_nll = noisy.bits_per_dim(images).mean().item()
+    noisy_bpd = noisy.bits_per_dim(images).mean().item()  # in eval mode the layer draws uniform noise in the bins
+    tar_bpd = tarflow.bits_per_dim(images).mean().item()
+noise_entropy = 0.5 * math.log2(2 * math.pi * math.e * (sigma * 128) ** 2)
+print(tabulate([["tarflow_noise on Gaussian-noised images (what it was trained on)", f"{noisy_nll:.3f}"],
+                ["  the noise's own entropy, a floor for the line above", f"{noise_entropy:.3f}"],
+                ["tarflow_noise with uniform dequantization: a bpd of MNIST", f"{noisy_bpd:.3f}"],
+                ["tarflow (uniform dequantization): a bpd of MNIST", f"{tar_bpd:.3f}"]],
+               [f"bits per dimension, first {len(images)} test images, one noise sample", ""]))
+
+# %% [markdown]
+# ## 5. What changed since RealNVP
+#
+# - **The networks, not the flow.** TarFlow's layer is MAF's affine autoregressive flow of 2017, and Jet's is
+#   RealNVP's affine coupling; what is new is a transformer for $g$, with patches as tokens. Jet's ablations
+#   (Kolesnikov et al., 2024) find that the width and depth of the network, and many coupling layers, matter
+#   more than clever layers.
+# - **Scale.** The 2024 models have hundreds of millions of parameters and train for days on accelerators;
+#   the one here has the size that trains on a laptop CPU in hours.
+# - **Likelihood stayed the flows' strength.** One parallel pass gives an exact log-likelihood (up to the
+#   dequantization bound), where chapter 7's flow-matching model needed an ODE solve with hundreds of network
+#   evaluations and an estimator. TarFlow's likelihoods on ImageNet beat every other kind of model when it
+#   appeared.
+# - **Sampling stayed sequential.** An autoregressive flow samples token by token, block by block, as
+#   section 3 measured; key-value caches make each step cheap, and the number of steps is still $L \cdot n$.
+# - **Samples need help.** Gaussian noise augmentation and a denoising step (section 4), and guidance, turned
+#   good likelihoods into good samples. The price is a model of noisy images, whose likelihood is no longer
+#   that of the data.
+#
+# ## Summary
+#
+# - An autoregressive affine flow, $z_i = (x_i + t_i) \odot e^{s_i}$ with $(t_i, s_i)$ from $x_{<i}$, has a
+#   block triangular Jacobian and $\log\lvert\det J\rvert = \sum s$, whatever network computes $t$ and $s$;
+#   density takes one parallel pass, sampling one pass per token. A coupling layer is the case of two tokens.
+# - A TarFlow block computes all $(t_i, s_i)$ with one causal transformer over patches, the inputs shifted by
+#   one position; blocks alternate the token order.
+# - The TarFlow of this chapter was trained on the CPU and evaluated like every other flow here; its samples
+#   cost $L \cdot n$ sequential transformer steps, which a key-value cache makes cheaper.
+# - Training on Gaussian-noised images and one Tweedie step, $\tilde x + \sigma^2 \nabla \log
+#   p_\sigma(\tilde x)$ with the flow's exact score, improve samples; the likelihood of noisy images is not a
+#   bpd of MNIST, but the same model evaluated with uniform dequantization gives one.
+#
+# ## Exercises
+#
+# ### Exercise 1: the causal mask (implementation, 2 points, about 10 minutes)
+#
+# Write `causal_mask(n)`: the boolean attention mask [n, n] of a causal transformer, `True` where query $i$
+# may attend to key $j$, that is where $j \le i$. The checker switches off flowbook's `causal_mask`, compares
+# your mask with the right one for several $n$, and puts it into a TarFlow block to check that a token's
+# shift and log-scale do not change when a later token does.
+
+# %% tags=["student"]
+def causal_mask(n):
+    """[n, n] bool: True where query i may attend to key j (j <= i)."""
+    raise NotImplementedError("Exercise 1: implement causal_mask")
+
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+def causal_mask(n):
+    """[n, n] bool: True where query i may attend to key j (j <= i)."""
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+# %%
+exercises.check_causal_mask(causal_mask)
+
+# %% [markdown]
+# ### Exercise 2: inverting an autoregressive layer (implementation, 4 points, about 25 minutes)
+#
+# Write `ar_inverse(shift_and_log_scale, z)` for latent tokens `z` [B, n, d]: return `(x, log_det)` with
+# $x_i = z_i \odot e^{-s_i} - t_i$ computed token by token, where `t, s = shift_and_log_scale(x)` gives
+# [B, n, d] tensors whose row $i$ depends only on rows $< i$ of its argument, and `log_det` [B] is the
+# log-determinant of the map $z \mapsto x$. The checker switches off the TarFlow block's own reverse pass,
+# inverts a random block's output with your function, and checks the round trip and the log-determinant
+# against autograd.
+
+# %% tags=["student"]
+def ar_inverse(shift_and_log_scale, z):
+    """z [B, n, d] latent tokens -> (x [B, n, d], log_det [B]) for z_i = (x_i + t_i) * exp(s_i)."""
+    raise NotImplementedError("Exercise 2: implement ar_inverse")
+
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+def ar_inverse(shift_and_log_scale, z):
+    """z [B, n, d] latent tokens -> (x [B, n, d], log_det [B]) for z_i = (x_i + t_i) * exp(s_i)."""
+    x = torch.zeros_like(z)
+    log_det = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+    for i in range(z.shape[1]):
+        t, s = shift_and_log_scale(x)  # row i reads rows < i of x, which are final
+        x = x.clone()
+        x[:, i] = z[:, i] * torch.exp(-s[:, i]) - t[:, i]
+        log_det = log_det - s[:, i].sum(dim=1)
+    return x, log_det
+
+
+# %%
+exercises.check_autoregressive_inverse(ar_inverse)
+
+# %% [markdown]
+# ### Exercise 3: Tweedie's denoising step (implementation, 3 points, about 15 minutes)
+#
+# Write `tweedie_step(log_density, x_noisy, sigma)`: return $\tilde x + \sigma^2 \nabla_{\tilde x} \log
+# p(\tilde x)$ for a batch `x_noisy` [B, ...], where `log_density(x)` returns the [B] log-densities of a
+# batch, with the gradient from autograd. Return a tensor without a graph and leave `x_noisy` unchanged. The
+# checker switches off flowbook's `tweedie_denoise` and compares your step with the closed form for a
+# Gaussian, where $\mathbb E[x' \mid \tilde x]$ is known, and with autograd on a non-Gaussian density.
+
+# %% tags=["student"]
+def tweedie_step(log_density, x_noisy, sigma):
+    """log_density(x [B, ...]) -> [B]; x_noisy [B, ...] -> the denoised batch [B, ...]."""
+    raise NotImplementedError("Exercise 3: implement tweedie_step")
+
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+def tweedie_step(log_density, x_noisy, sigma):
+    """log_density(x [B, ...]) -> [B]; x_noisy [B, ...] -> the denoised batch [B, ...]."""
+    x = x_noisy.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        score = torch.autograd.grad(log_density(x).sum(), x)[0]
+    return (x + sigma ** 2 * score).detach()
+
+
+# %%
+exercises.check_tweedie_step(tweedie_step)
+
+# %% [markdown]
+# ### Exercise 4: parallel density, sequential sampling (conceptual, 2 points, about 10 minutes)
+#
+# Explain, from the formulas of section 1, why the log-likelihood of an autoregressive flow of $n$ tokens
+# takes one pass of its network while a sample takes $n$, and why the inverse autoregressive flow has the
+# opposite costs. Which of the two would you choose for a model that is trained by maximum likelihood and
+# sampled rarely, and which for a model that must sample fast? (Hint: which tokens does $g_i$ need, and are
+# they known at the start of the computation?)
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
+# **Answer.** The likelihood of $x$ needs $z_i = (x_i + t_i) \odot e^{s_i}$ for all $i$, and $(t_i, s_i) =
+# g_i(x_{<i})$ reads only data, all of which is given: one (masked) pass computes every $g_i$ at once. A
+# sample starts from $z$ and needs $x_i = z_i \odot e^{-s_i} - t_i$, but $(t_i, s_i)$ need $x_{<i}$, which
+# exist only after the earlier steps: $n$ passes in order. IAF computes $(t_i, s_i)$ from $z_{<i}$, which a
+# sample knows at the start (one pass) but a likelihood must first recover from $x$ one token at a time ($n$
+# passes). Maximum-likelihood training evaluates the density at every step, so MAF (and TarFlow) suit it;
+# a model that must sample fast, or that is trained by distillation or by a bound on its own samples (as an
+# IAF posterior in a VAE is), suits IAF.
+
+# %% [markdown]
+# ### Exercise 5: what noise augmentation buys and costs (conceptual, 3 points, about 15 minutes)
+#
+# Training on $\tilde x = x' + \sigma\epsilon$ improved the samples in section 4. Explain (a) why the
+# flow's samples are better with noise augmentation and the Tweedie step than without, (b) why the bits per
+# dimension the noise-trained flow reaches on noisy images cannot be compared with the bpd of the other
+# models, and (c) how you would report a likelihood of MNIST for such a model. (Hint: where does the
+# density of the noisy images put mass, and what does chapter 2's bound need of the noise?)
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
+# **Answer.** (a) With uniform dequantization the flow must fit a density that is nearly flat inside each bin
+# and drops sharply at its edges, for every pixel, and its mistakes show as speckles. The noisy images'
+# density is the data's convolved with a Gaussian: smooth, easier to fit, with fewer spurious modes;
+# sampling it and then moving to $\mathbb E[x' \mid \tilde x]$ with the exact score removes the noise (a
+# posterior mean is smooth, close to the data's manifold). (b) That number is a cross-entropy of a
+# different random variable, the noisy images; it includes about $\tfrac12 \log_2 (2\pi e
+# \sigma_{\text{grey}}^2)$ bits per dimension of the noise itself, and Gaussian noise leaves the pixels'
+# bins, so it is no bound on $-\log_2 P(x)/D$. (c) Evaluate the same density with uniform noise inside the
+# bins (chapter 2's bound, valid for any continuous density, with importance sampling if wanted), as
+# `flowbook.evaluate` does: it is a valid bpd of MNIST, usually worse than that of a model trained for it,
+# since the noise-trained flow spreads mass outside the bins.
+
+# %% [markdown]
+# ## References
+#
+# - S. Zhai, R. Zhang, P. Nakkiran, D. Berthelot, J. Gu, H. Zheng, T. Chen, M. A. Bautista, N. Jaitly,
+#   J. Susskind. *Normalizing flows are capable generative models.* ICML 2025 (arXiv 2412.06329, 2024).
+# - J. Gu, T. Chen, D. Berthelot, H. Zheng, Y. Wang, R. Zhang, L. Dinh, M. A. Bautista, J. Susskind, S. Zhai.
+#   *STARFlow: Scaling latent normalizing flows for high-resolution image synthesis.* 2025.
+# - A. Kolesnikov, A. Susano Pinto, M. Tschannen. *Jet: A modern transformer-based normalizing flow.* 2024.
+# - G. Papamakarios, T. Pavlakou, I. Murray. *Masked autoregressive flow for density estimation.* NeurIPS 2017.
+# - D. P. Kingma, T. Salimans, R. Jozefowicz, X. Chen, I. Sutskever, M. Welling. *Improved variational
+#   inference with inverse autoregressive flow.* NeurIPS 2016.
+# - A. Vaswani et al. *Attention is all you need.* NeurIPS 2017.
+# - B. Efron. *Tweedie's formula and selection bias.* Journal of the American Statistical Association, 2011.
+# - M. Germain, K. Gregor, I. Murray, H. Larochelle. *MADE: Masked autoencoder for distribution estimation.*
+#   ICML 2015.
