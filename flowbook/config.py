@@ -24,7 +24,8 @@ class Settings:
     """What a chapter does in the current mode.
 
     train_images: training images used (None: all 50,000)
-    demo_steps: optimisation steps of the small models that chapters on training train live
+    demo_steps: optimisation steps of the small models that chapters on training train live (at least one
+        epoch of train_images, so that the run ends with a validation)
     epochs: epochs of the full training run
     batch_size: training batch size
     eval_images: validation/test images evaluated (None: all 10,000)
@@ -60,7 +61,7 @@ class Settings:
         return self.mode == "quick"
 
 
-QUICK = Settings("quick", train_images=960, demo_steps=20, epochs=1, batch_size=32,
+QUICK = Settings("quick", train_images=640, demo_steps=20, epochs=1, batch_size=32,
                  eval_images=256, importance_samples=4, toy_steps=400,
                  bound_images=64, cnf_steps=60, judged_samples=100, ode_images=8, slice_images=32,
                  progress=True)

@@ -113,6 +113,9 @@ def train_quick(name: str, retrain: bool = False, device: torch.device | None = 
     or None where it came from the cache). retrain: train anew even where a cached model exists."""
     device = device or config.get_device()
     s = config.settings()
+    if s.train_images and s.demo_steps * s.batch_size < s.train_images:
+        raise ValueError(f"{s.demo_steps} steps of {s.batch_size} images are less than one epoch of {s.train_images} "
+                         "images, so the demonstration run would end before its first validation")
     progress = s.progress if progress is None else progress
     out = config.PROJECT_ROOT / "runs" / "quick" / name
     cached = out / f"{name}.pt"

@@ -1,4 +1,5 @@
 """Evaluation, benchmark, plots, the toy flow and the chapters' model loader."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -249,3 +250,13 @@ def test_two_notebooks_training_the_same_quick_model_do_not_clear_each_others_ru
     # it waited for the other trainer, then removed the stale files but kept the lock file, and held it
     assert seen == {"other done": True, "files": [".lock"], "locked": True}
     holder.wait()
+
+
+def test_quick_demonstrations_train_at_least_one_epoch_so_that_they_end_with_a_validation(monkeypatch):
+    import flowbook.pretrained as pretrained
+
+    s = config.QUICK
+    assert s.demo_steps * s.batch_size >= s.train_images, "a demonstration run would end before its validation"
+    monkeypatch.setattr(config, "settings", lambda: dataclasses.replace(s, demo_steps=s.demo_steps - 1))
+    with pytest.raises(ValueError, match="less than one epoch"):
+        pretrained.train_quick("simple", device=torch.device("cpu"), progress=False)
