@@ -45,9 +45,12 @@ def show_imgs(imgs, title: str | None = None, row_size: int = 8, scale: float = 
     return fig
 
 
-def plot_masks(masks: dict, title: str = "Coupling masks: white is kept (and conditions), black is transformed"):
-    """Side by side masks {name: [C, H, W] tensor}, one panel per channel."""
-    panels = [(f"{name}, channel {c}", m[c]) for name, m in masks.items() for c in range(m.shape[0])]
+def plot_masks(masks: dict, title: str = "Coupling masks: white is kept (and conditions), black is transformed",
+               channel_labels: bool = True):
+    """Side by side masks {name: [C, H, W] tensor}, one panel per channel (labelled with its channel unless
+    `channel_labels` is False)."""
+    panels = [(f"{name}, channel {c}" if channel_labels else name, m[c]) for name, m in masks.items()
+              for c in range(m.shape[0])]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
     for ax, (label, m) in zip(np.atleast_1d(axes), panels):
         ax.imshow(m.cpu().numpy(), cmap="gray", vmin=0, vmax=1)

@@ -329,7 +329,7 @@ def check_tweedie_step(tweedie_denoise) -> None:
     - flowbook.denoise.tweedie_denoise or score (switched off)
     """
     gen = torch.Generator().manual_seed(0)
-    B, m, s, sigma = 4, torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), 0.7, 0.5
+    B, m, s, sigma = 4, torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), 0.7, 0.3
     gauss = _gaussian_log_density(m, s ** 2 + sigma ** 2)
     y = m + 1.5 * torch.randn(B, 3, generator=gen, dtype=torch.float64)
     posterior_mean = m + s ** 2 / (s ** 2 + sigma ** 2) * (y - m)
