@@ -12,7 +12,7 @@ from conftest import ROOT
 
 CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 EXPECTED = ["01_change_of_variables", "02_dequantization", "03_coupling_layers", "04_multiscale", "05_analysis",
-            "06_beyond_realnvp", "07_continuous_time"]
+            "06_beyond_realnvp", "07_continuous_time", "08_transformer_flows"]
 
 
 def _cells(nb):
