@@ -18,10 +18,11 @@ lab: setup
 	$(BIN)/jupyter lab notebooks/
 
 # Unit tests and every chapter under nbval, in quick mode unless FLOWBOOK_MODE says otherwise. JOBS test
-# processes side by side, one thread each; a file's tests run in one of them (a notebook in one kernel).
+# processes side by side, one thread each; a file's tests run in one of them (a notebook in one kernel), the files
+# handed out in the order given, the longest (the student editions, then the chapters) first.
 JOBS ?= 2
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests notebooks --nbval-lax --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile tests/test_student_edition_*.py notebooks tests --nbval-lax --durations=15
 
 test-unit: setup
 	$(BIN)/python -m pytest tests

@@ -123,3 +123,14 @@ def test_saving_a_chapter_unchanged_leaves_both_files_as_they_are(source):
     config = load_jupytext_config(str(source.parent))
     assert jupytext.writes(nb, fmt="py:percent", config=config) == source.read_text(), \
         f"saving {ipynb.name} would rewrite {source.name}"
+
+
+def test_every_chapters_student_edition_is_run_by_one_test_file():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from student_edition import GROUPS
+
+    numbers = [n for g in GROUPS for n in g]
+    assert sorted(numbers) == [p.stem[:2] for p in CHAPTERS], "add the new chapter to student_edition.GROUPS"
+    assert len(GROUPS) == len(list((ROOT / "tests").glob("test_student_edition_*.py")))
