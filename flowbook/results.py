@@ -39,6 +39,19 @@ def results_table(folder: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def validation_curve(history: list) -> tuple[list[int], list[float]]:
+    """A checkpoint's validation score after each epoch of its training, against the images seen since its
+    first stage began: (images, scores) from each stage's `val_curve` in `meta["history"]`. A stage that
+    kept no curve (trained before flowbook recorded one) adds its images but no points."""
+    images, scores, offset = [], [], 0
+    for stage in history:
+        for seen, score in stage.get("val_curve", []):
+            images.append(offset + int(seen))
+            scores.append(float(score))
+        offset += int(stage["images_seen"])
+    return images, scores
+
+
 def _run_summary(folder: Path) -> dict | None:
     """A run folder's train_summary.json, or, for a run that ended without writing it (stopped by hand),
     the summary its best checkpoint carries (the same fields, as of the epoch it was saved)."""

@@ -14,6 +14,7 @@ from conftest import ROOT
 from flowbook.checkpoints import load_model
 from flowbook.data import ImageDataset
 from flowbook.models import ImageFlow
+from flowbook.results import validation_curve
 from flowbook.train import (CPU_FAST, BudgetPlanner, DeviceBatches, FlowModule, LRFactor, RunSettings,
                             TrainingDiverged, _cpu_has_bf16, fused_adam, train)
 
@@ -163,6 +164,8 @@ def test_run_killed_with_sigkill_resumes_from_last_saved_epoch(tmp_path, mnist):
     assert resumed["epoch"] + 1 == saved_epochs + 1 and resumed["global_step"] == saved_steps + 3
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["epochs"] == saved_epochs + 1
+    assert [seen for seen, _ in summary["history"][-1]["val_curve"]] == [96 * e for e in range(1, saved_epochs + 2)], \
+        "the resumed run lost the validation curve of the epochs before the kill"
 
 
 # --- settings, schedule, stages -------------------------------------------------------------------
@@ -267,6 +270,13 @@ def test_init_starts_a_new_stage_from_weights_and_keeps_the_history(tmp_path):
     assert summary["total"]["images_seen"] == 3 * 32 and history[0]["hardware"] and history[1]["torch"]
     meta = torch.load(tmp_path / "b" / "simple.pt", weights_only=True)["meta"]
     assert len(meta["history"]) == 2  # the shipped weights carry the history to the next stage
+    assert [seen for seen, _ in history[0]["val_curve"]] == [32, 64] and len(history[1]["val_curve"]) == 1
+    assert history[1]["val_curve"][0][1] == pytest.approx(summary["best_val_bpd_1sample"], abs=1e-5)
+    images, scores = validation_curve(meta["history"])
+    assert images == [32, 64, 96], "the second stage's epoch counts from the images of the first"
+    assert scores == [score for stage in history for _, score in stage["val_curve"]]
+    assert validation_curve([{"images_seen": 64}, *meta["history"][1:]])[0] == [96], \
+        "a stage without a curve adds its images but no points"
     state = torch.load(tmp_path / "b" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 2, "a fresh optimizer and schedule: the step count starts at 0"
 

@@ -34,6 +34,7 @@ class RunCheckpoints(pl.Callback):
         self._start = time.time()
         self.curve = []  # (step, training loss: bpd, or noisy_bpd for a noise-trained model) of this process; not saved
         self.epoch_s = []  # duration of each epoch of this process, validation included; not saved
+        self.val_curve = []  # [images seen in this stage, validation score] after each epoch: saved, in the history
         self._epoch_start = time.monotonic()
 
     def on_train_epoch_start(self, trainer, module):
@@ -46,12 +47,13 @@ class RunCheckpoints(pl.Callback):
 
     def state_dict(self):
         return {"best_val": self.best_val, "best_epoch": self.best_epoch, "wall_s": self.wall_s(),
-                "settings": dataclasses.asdict(self.settings), "history": self.history}
+                "settings": dataclasses.asdict(self.settings), "history": self.history, "val_curve": self.val_curve}
 
     def load_state_dict(self, state):
         self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
         self.wall_before, self._start = state["wall_s"], time.time()
         self.history = state.get("history", self.history)
+        self.val_curve = state.get("val_curve", [])
 
     def wall_s(self):
         return self.wall_before + time.time() - self._start
@@ -62,6 +64,8 @@ class RunCheckpoints(pl.Callback):
         self.epoch_s.append(time.monotonic() - self._epoch_start)
         val = trainer.callback_metrics.get(f"val_{module.flow.loss_name}")
         epoch = trainer.current_epoch
+        if val is not None:
+            self.val_curve.append([trainer.global_step * self.settings.batch_size, round(float(val), 5)])
         if val is not None and math.isfinite(float(val)) and float(val) < self.best_val:
             self.best_val, self.best_epoch = float(val), epoch
             if trainer.is_global_zero:
@@ -81,12 +85,13 @@ class RunCheckpoints(pl.Callback):
                 tmp.unlink(missing_ok=True)
 
     def stage(self, trainer, epochs: int) -> dict:
-        """This run's stage of the history: where it started, its settings, hardware and amounts."""
+        """This run's stage of the history: where it started, its settings, hardware and amounts, and its
+        validation curve `val_curve`: [images seen in this stage, validation score] after each epoch."""
         return {"init": self.settings.init, "settings": dataclasses.asdict(self.settings),
                 "hardware": self.hardware, "device": self.device, "torch": str(torch.__version__),
                 "processes": trainer.world_size, "epochs": epochs, "steps": trainer.global_step,
                 "images_seen": trainer.global_step * self.settings.batch_size, "wall_s": round(self.wall_s(), 1),
-                "train_img_per_s": self.images_per_s(trainer)}
+                "train_img_per_s": self.images_per_s(trainer), "val_curve": [list(p) for p in self.val_curve]}
 
     def summary(self, trainer, module, epochs):
         history = [*self.history, self.stage(trainer, epochs)]
