@@ -52,6 +52,19 @@ def validation_curve(history: list) -> tuple[list[int], list[float]]:
     return images, scores
 
 
+def val_curve_from_log(metrics_csv: Path, batch_size: int, score: str = "val_bpd") -> list[list]:
+    """A stage's `val_curve` rebuilt from its Lightning log (the run folder's logs/version_0/metrics.csv),
+    for a run trained before flowbook recorded the curve: [images seen, score] for each row with a `score`
+    (the row's step is the last training step of that epoch, counted from 0)."""
+    import csv
+
+    with open(metrics_csv, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get(score)]
+    if not rows:
+        raise ValueError(f"{metrics_csv} has no {score!r} values: is it a log of that run, and did it finish an epoch?")
+    return [[(int(row["step"]) + 1) * batch_size, round(float(row[score]), 5)] for row in rows]
+
+
 def _run_summary(folder: Path) -> dict | None:
     """A run folder's train_summary.json, or, for a run that ended without writing it (stopped by hand),
     the summary its best checkpoint carries (the same fields, as of the epoch it was saved)."""

@@ -57,6 +57,7 @@ from torch.autograd.functional import jacobian
 from flowbook import config, exercises, toy_cnf, viz
 from flowbook.classifier import THRESHOLD, load_classifier, probabilities, recognisability
 from flowbook.data import load_mnist
+from flowbook.gallery import sample_grid
 from flowbook.flowmatch import FlowMatchingModel, LinearPath
 from flowbook.models import num_parameters
 from flowbook.ode import divergence_exact, divergence_hutchinson, draw_probe, integrate
@@ -432,19 +433,18 @@ print(f"bpd on {where}: {bpd.mean():.3f} ± {stderr:.3f} (standard error over im
 # Every shipped model, each on the full test set from its results JSON (the flows with 8 importance samples,
 # the flow-matching model with one dequantization sample and one Hutchinson probe per image: an unbiased
 # estimate of the looser one-sample bound; `python -m flowbook.evaluate` writes these). The last column is
-# computed here: the share of each model's samples at temperature 1.0 that the classifier recognises.
+# computed here: the share of each model's samples at temperature 1.0 that the classifier recognises (for
+# `tarflow_noise`, trained on noisy images, after the denoising step of chapter 8).
 
 # %%
 results = load_results()
-torch.manual_seed(2)
 rows = []
 for name, r in results.items():
     if name == "flowmatch":
         score = adaptive_score  # its samples above, at temperature 1.0
-    else:
+    else:  # at temperature 1.0; a model trained on noisy images after its Tweedie step (chapter 8)
         model, _, _ = load_trained(name, device=device, progress=False)
-        with torch.no_grad():
-            score = recognisability(clf, model.sample(model.latent_shape(settings.judged_samples), temperature=1.0))
+        score = recognisability(clf, sample_grid(model, settings.judged_samples, temperature=1.0, seed=2))
     rows.append([name, f"{r['test_bpd']:.3f}", f"{r['eval_images']['test']:,}", f"{r['parameters']:,}",
                  f"{int(r['images_seen']):,}", f"{score:.2f}"])
 if "flowmatch" not in results:

@@ -60,7 +60,7 @@ from flowbook.layers import Dequantization, NoiseAugmentation, TarFlowBlock
 from flowbook.layers.tarflow import patchify, unpatchify
 import flowbook.layers.tarflow as tarflow_layers
 from flowbook.models import ALL_MODELS, num_parameters
-from flowbook.pretrained import checkpoint_file, load_trained, training_history
+from flowbook.pretrained import checkpoint_file, load_trained, shipped_validation_curve, training_history
 from flowbook.results import load_results
 
 settings = config.settings()
@@ -245,6 +245,38 @@ if "tarflow" in results and "multiscale" in results:
 else:
     text = ("There is no results JSON for a shipped TarFlow on this machine, so this chapter compares no TarFlow "
             "number with the other models; the demonstration model above is not meant to be compared.")
+Markdown(text)
+
+# %% [markdown]
+# ### Validation bpd against training images
+#
+# Would more training close the gap? Each point below is a validation bpd (one dequantization sample, the
+# 10,000 validation images) against the training images seen so far: the shipped TarFlow's after each of its
+# epochs, and for each other shipped flow the best of its last training stage, at the images it saw in all.
+# (The runbook `docs/training.md` lists those flows' earlier stages.)
+
+# %%
+curves = {name: shipped_validation_curve(name) for name in ("simple", "vardeq", "multiscale", "glow", "tarflow")}
+curves = {name: curve for name, curve in curves.items() if curve[0]}
+if "tarflow" in curves:
+    viz.plot_curves({f"{name} ({'after each epoch' if len(xs) > 1 else 'end of training'})": (xs, ys)
+                     for name, (xs, ys) in curves.items()},
+                    "training images seen", "validation bpd (1 sample)",
+                    title="Validation bpd against training images, shipped flows");
+
+# %%
+if "tarflow" in curves and "multiscale" in curves:
+    xs, ys = curves["tarflow"]
+    last = min(3, len(ys) - 1)
+    text = (f"The shipped TarFlow's validation bpd went from {ys[0]:.3f} after its first epoch ({xs[0]:,} images) "
+            f"to {ys[-1]:.3f} after {xs[-1]:,} images")
+    if last:
+        text += (f"; over its last {last} epochs ({xs[-1] - xs[-1 - last]:,} images) it fell by "
+                 f"{ys[-1 - last] - ys[-1]:.3f}")
+    ms_x, ms_y = curves["multiscale"]
+    text += f". The multi-scale flow ended at {ms_y[-1]:.3f} after {ms_x[-1]:,} images."
+else:
+    text = "There is no shipped TarFlow on this machine, so there is no curve to show."
 Markdown(text)
 
 # %% [markdown]

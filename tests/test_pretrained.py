@@ -6,7 +6,7 @@ import pytest
 
 from flowbook import config
 from flowbook.models import ALL_MODELS
-from flowbook.pretrained import shipped_results, training_history
+from flowbook.pretrained import shipped_results, shipped_validation_curve, training_history
 
 # the evaluated models (a checkpoint with its results JSON); not the digit classifier
 SHIPPED = sorted(p.stem for p in config.checkpoint_path().glob("*.pt")
@@ -29,6 +29,17 @@ def test_training_history_matches_the_results_json(name):
 def test_training_history_without_a_shipped_checkpoint_is_empty(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH_CHECKPOINT", str(tmp_path))
     assert training_history("multiscale") == []
+    assert shipped_validation_curve("multiscale") == ([], [])
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_validation_curve_ends_at_the_checkpoints_images_and_score(name):
+    images, scores = shipped_validation_curve(name)
+    results = json.loads((config.checkpoint_path() / f"{name}.json").read_text())
+    assert images and len(images) == len(scores) and images == sorted(set(images))
+    assert images[-1] <= results["images_seen"], "a point after more images than the checkpoint has seen"
+    # 8 importance samples give a tighter bound than training's one-sample validation (up to its noise and bf16)
+    assert results["val_bpd"] <= min(scores) + 0.01, "the curve does not belong to these weights"
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -14,7 +14,7 @@ from conftest import ROOT
 from flowbook.checkpoints import load_model
 from flowbook.data import ImageDataset
 from flowbook.models import ImageFlow
-from flowbook.results import validation_curve
+from flowbook.results import val_curve_from_log, validation_curve
 from flowbook.train import (CPU_FAST, BudgetPlanner, DeviceBatches, FlowModule, LRFactor, RunSettings,
                             TrainingDiverged, _cpu_has_bf16, fused_adam, train)
 
@@ -262,7 +262,7 @@ def test_budget_planner_stops_when_the_schedule_has_ended_even_with_time_left():
 
 
 def test_init_starts_a_new_stage_from_weights_and_keeps_the_history(tmp_path):
-    _tiny_run(tmp_path / "a", epochs=2)
+    _tiny_run(tmp_path / "a", epochs=2, progress=True)  # with Lightning's logs
     _, summary = _tiny_run(tmp_path / "b", epochs=1, init=str(tmp_path / "a" / "simple.pt"), lr=5e-4)
     history = summary["history"]
     assert len(history) == 2 and history[1]["init"].endswith("simple.pt") and history[1]["settings"]["lr"] == 5e-4
@@ -277,6 +277,9 @@ def test_init_starts_a_new_stage_from_weights_and_keeps_the_history(tmp_path):
     assert scores == [score for stage in history for _, score in stage["val_curve"]]
     assert validation_curve([{"images_seen": 64}, *meta["history"][1:]])[0] == [96], \
         "a stage without a curve adds its images but no points"
+    log = next((tmp_path / "a").rglob("metrics.csv"))
+    assert val_curve_from_log(log, batch_size=16) == history[0]["val_curve"], \
+        "the curve rebuilt from the Lightning log differs from the recorded one"
     state = torch.load(tmp_path / "b" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 2, "a fresh optimizer and schedule: the step count starts at 0"
 
