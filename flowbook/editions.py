@@ -13,7 +13,7 @@ it from the chapter source (`run_hidden`), under the same note.
     python -m flowbook.editions student     -> student/NN_name.ipynb   (stubs, no solutions, no answers;
                                                the exercise checks are tagged raises-exception)
     python -m flowbook.editions solutions   -> solutions/NN_name.ipynb (solutions, answers, no stubs)
-Both also write answers/answer_key.md for the instructor: every exercise, with the answer of each conceptual
+Both also write answers/answer_key.md for the instructor (with --out DIR: DIR/../answers/), every exercise, with the answer of each conceptual
 one, and for each implementation exercise where its solution is and the mistakes its checker recognises.
 
 A student's work is never overwritten: each notebook written records a fingerprint of its cells, and a
@@ -202,8 +202,9 @@ def edited(path: Path, metadata: str | None = None) -> bool:
 
 
 def write_edition(edition: str, out_dir: Path | None = None, sources=None, force: bool = False) -> list[Path]:
-    """Write the edition of every chapter to `out_dir` (student/ or solutions/) and the answer key to
-    answers/; return the notebooks written. A notebook there that was edited since it was written is
+    """Write the edition of every chapter to `out_dir` (default student/ or solutions/) and the answer key
+    to answers/answer_key.md beside it (in out_dir's parent folder, never inside out_dir, which is handed
+    out); return the notebooks written. A notebook there that was edited since it was written is
     kept, and the new version goes beside it as NN_name.new.ipynb (`force`: overwrite it)."""
     sources = sources or chapters()
     out_dir = Path(out_dir) if out_dir else PROJECT_ROOT / edition
@@ -219,7 +220,7 @@ def write_edition(edition: str, out_dir: Path | None = None, sources=None, force
             path = out_dir / f"{src.stem}.new.ipynb"
         nbformat.write(nb, path)
         written.append(path)
-    key = PROJECT_ROOT / "answers" / "answer_key.md"
+    key = out_dir.resolve().parent / "answers" / "answer_key.md"
     key.parent.mkdir(exist_ok=True)
     key.write_text(answer_key(sources))
     return written
@@ -247,7 +248,8 @@ def main(argv=None):
         for path in kept:
             print(f"  {show(path.with_name(path.name.replace('.new.ipynb', '.ipynb')))}  (new version: {path.name})")
         print("Copy what you need from the new versions, or run again with --force to overwrite.")
-    print("wrote answers/answer_key.md (instructors only: do not hand it out)")
+    key = (args.out or PROJECT_ROOT / args.edition).resolve().parent / "answers" / "answer_key.md"
+    print(f"wrote {show(key)} (instructors only: do not hand it out)")
 
 
 if __name__ == "__main__":

@@ -886,13 +886,18 @@ def test_solutions_edition_has_no_stubs_and_keeps_everything_else(tmp_path):
 
 
 def test_student_edition_has_stubs_and_neither_solutions_nor_answers_and_key_has_answers(tmp_path):
-    written = editions.write_edition("student", tmp_path, CHAPTERS)
+    project_key = ROOT / "answers" / "answer_key.md"
+    before = project_key.stat().st_mtime_ns if project_key.exists() else None
+    written = editions.write_edition("student", tmp_path / "student", CHAPTERS)
     assert [p.stem for p in written] == [p.stem for p in CHAPTERS]
+    assert (project_key.stat().st_mtime_ns if project_key.exists() else None) == before, \
+        "an edition written elsewhere replaced the project's answer key"
+    assert not list((tmp_path / "student").rglob("answer_key*")), "the answer key went into the folder handed out"
     for path in written:
         text = path.read_text()
         assert "NotImplementedError" in text and "**Answer.**" not in text
         assert not any("solution" in c.metadata.get("tags", []) for c in nbformat.read(path, 4).cells)
-    key = (ROOT / "answers" / "answer_key.md").read_text()
+    key = (tmp_path / "answers" / "answer_key.md").read_text()
     assert key.count("**Answer.**") == len(_tagged_cells("answer")) >= len(CHAPTERS)
     assert key.count("**Solution.**") == len(_tagged_cells("student")) >= 14
     assert key.count("### Exercise") == len(_tagged_cells("answer")) + len(_tagged_cells("student"))
@@ -985,6 +990,7 @@ def test_hidden_cells_still_run_in_the_student_edition():
 
 
 def test_a_students_edited_notebook_survives_a_second_make_student(tmp_path):
+    tmp_path = tmp_path / "student"  # the answer key goes beside it
     first = editions.write_edition("student", tmp_path, CHAPTERS[:2])
     work = nbformat.read(first[0], 4)
     work.cells[-1].source += "\n# my own notes"
@@ -1003,8 +1009,10 @@ def test_a_second_make_student_from_the_command_line_names_the_files_it_did_not_
     import subprocess
     import sys
 
-    run = [sys.executable, "-m", "flowbook.editions", "student", "--out", str(tmp_path)]
-    subprocess.run(run, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    run = [sys.executable, "-m", "flowbook.editions", "student", "--out", str(tmp_path / "student")]
+    first = subprocess.run(run, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    assert f"wrote {tmp_path / 'answers' / 'answer_key.md'}" in first.stdout, "it must say where the key went"
+    tmp_path = tmp_path / "student"
     path = tmp_path / f"{CHAPTERS[0].stem}.ipynb"
     nb = nbformat.read(path, 4)
     nb.cells[0].source += " (edited)"
