@@ -122,13 +122,17 @@ def plot_histogram(values: dict, bins: int = 128, xlabel: str = "", title: str =
     return fig
 
 
-def plot_curves(curves: dict, xlabel: str, ylabel: str, title: str = "", logx: bool = False):
-    """Line plot of {label: (xs, ys)}."""
+def plot_curves(curves: dict, xlabel: str, ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
+                dashed=()):
+    """Line plot of {label: (xs, ys)}; the curves whose labels are in `dashed` drawn as dashed reference lines."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=label)
+        ax.plot(xs, ys, marker="o" if len(xs) < 20 and label not in dashed else None, label=label,
+                linestyle="--" if label in dashed else "-")
     if logx:
         ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -16,9 +16,8 @@
 # invertible map with an exact likelihood, but a likelihood and a sample each cost an ODE solve. *Flow
 # matching* (Lipman et al., 2023; Liu et al., 2023) trains the same kind of model without solving any ODE; it
 # and the closely related diffusion training are how most image generators are trained today. At the end of
-# the chapter a
-# flow-matching model of MNIST stands in the same results table as the flows of chapters 3 to 6, in the same
-# units.
+# the chapter a flow-matching model of MNIST is set beside the other shipped models in one table, its
+# likelihood in the same units as theirs.
 #
 # **Convention.** As in every chapter, $f$ maps data to latent. Here the data sit at time $t = 1$ and the
 # latent at $t = 0$: $f$ solves the ODE backwards, from $t = 1$ to $t = 0$, and sampling solves it forwards.
@@ -35,7 +34,8 @@
 #   through the ODE, and what a likelihood and a sample cost next to a coupling flow.
 #
 # Every number and picture below is computed by the cells of this notebook, from the trained checkpoints in
-# `checkpoints/` where they exist, else from quick-mode models (the cells say which).
+# `checkpoints/` where they exist, else from quick-mode models (the cells say which); the test bpd of the
+# shipped models, each a run of minutes to hours, is read from their results files in `checkpoints/`.
 
 # %% [markdown]
 # **Learning objectives.** After this chapter and its exercises you can
@@ -80,6 +80,9 @@ print(f"mode: {settings.mode}")
 # $$\log\left|\det(I + hJ)\right| = \sum_i \log|1 + h\lambda_i| = h \sum_i \lambda_i + O(h^2)
 #   = h \operatorname{tr} J + O(h^2).$$
 #
+# (A complex $\lambda_i$ gives $h \operatorname{Re} \lambda_i + O(h^2)$; complex eigenvalues of a real matrix
+# come in conjugate pairs, so the sum is still real and equal to $h \operatorname{tr} J$.)
+#
 # Stack $N = 1/h$ such layers, the $k$-th at time $t_k = k h$ with its own network $v(\cdot, t_k)$. The chain
 # rule of chapter 1 adds their log-determinants:
 #
@@ -88,8 +91,13 @@ print(f"mode: {settings.mode}")
 #   \;\xrightarrow{h \to 0}\; \int_0^1 \operatorname{tr} \frac{\partial v}{\partial z}(z(t), t)\, dt,$$
 #
 # since $N \cdot O(h^2) = O(h)$, and the steps become the ODE $dz/dt = v(z, t)$. The trace of the Jacobian is
-# the divergence, $\operatorname{div} v = \sum_i \partial v_i / \partial z_i$. Applied to a density carried
-# along the flow, this is the **instantaneous change of variables** (Chen et al., 2018):
+# the divergence, $\operatorname{div} v = \sum_i \partial v_i / \partial z_i$. These steps run from $t = 0$ to
+# $t = 1$, the direction of sampling ($f^{-1}$ in this chapter's convention): the integral is $\log|\det|$ of
+# the map $z(0) \mapsto z(1)$, and $f$, which runs back from $t = 1$ to $t = 0$, has the same integral with the
+# opposite sign (section 2). The same holds for the map $z(0) \mapsto z(t)$ up to any time $t$. Let $p_t$ be the
+# density of $z(t)$ when $z(0)$ is drawn from $p_0$; chapter 1's change of variables for that map gives
+# $\log p_t(z(t)) = \log p_0(z(0)) - \int_0^t \operatorname{div} v(z(s), s)\, ds$, and differentiating in $t$
+# gives the **instantaneous change of variables** (Chen et al., 2018):
 #
 # $$\frac{d}{dt} \log p_t(z(t)) = -\operatorname{div} v(z(t), t).$$
 #
@@ -119,8 +127,10 @@ def euler_logdet(n):
 steps = [2, 4, 8, 16, 32, 64, 128]
 errors = [(euler_logdet(n) - exact).abs().max().item() for n in steps]
 print(tabulate([[n, f"{e:.2e}"] for n, e in zip(steps, errors)], ["Euler steps N", "max |sum of log-dets - integral|"]))
-viz.plot_curves({"|discrete - continuous log-determinant|": (steps, errors), "1/N (slope of first order)":
-                 (steps, [errors[0] * steps[0] / n for n in steps])}, "number of steps N", "error", logx=True,
+reference = "first order, c/N (drawn 2x higher)"
+viz.plot_curves({"|discrete - continuous log-determinant|": (steps, errors),
+                 reference: (steps, [2 * errors[0] * steps[0] / n for n in steps])}, "number of steps N", "error",
+                logx=True, logy=True, dashed=(reference,),
                 title="The steps' log-determinants converge to the integral of the divergence");
 
 # %%
@@ -129,19 +139,23 @@ print(f"each doubling of N divides the error by about {errors[-2] / errors[-1]:.
 assert 0.8 < order < 1.2
 
 # %% [markdown]
-# The error halves with each doubling of $N$: the $O(h)$ of the derivation, measured (the figure's y axis is
-# linear; the reference line falls as $1/N$). So a continuous flow is the limit of chapter 1's stacks of
+# The error halves with each doubling of $N$: the $O(h)$ of the derivation, measured (on the figure's log-log
+# axes a first-order error is a line of slope $-1$, parallel to the dashed reference, drawn twice as high so
+# that the two can be told apart). So a continuous flow is the limit of chapter 1's stacks of
 # layers, and its log-determinant needs no determinant at all, only the divergence along the path.
 #
 # ## 2. A continuous normalizing flow on the two moons
 #
-# For the flow $f$ from data at $t = 1$ to latent at $t = 0$, integrate the instantaneous change of variables
-# from $0$ to $1$ along the solution through $x = z(1)$:
+# From here on the state of the ODE is written $x(t)$, with the data at $x(1) = x$ and the latent at $x(0) = z$
+# (section 4 writes $x_t$); $z$ keeps its meaning from every chapter, the latent. For the flow $f$ from data at
+# $t = 1$ to latent at $t = 0$, integrate the instantaneous change of variables from $0$ to $1$ along the
+# solution through $x(1) = x$:
 #
-# $$\log p(x) = \log \mathcal{N}(z(0); 0, I) - \int_0^1 \operatorname{div} v(z(t), t)\, dt.$$
+# $$\log p(x) = \log \mathcal{N}(x(0); 0, I) - \int_0^1 \operatorname{div} v(x(t), t)\, dt.$$
 #
-# `integrate(v, x, 1.0, 0.0, divergence=...)` returns $z(0)$ and $a(0) = \int_1^0 \operatorname{div} v\,dt
-# = -\int_0^1 \operatorname{div} v\, dt$, which is $\log|\det J_f(x)|$, the term every flowbook layer adds to
+# `integrate(v, x, 1.0, 0.0, divergence=...)` solves the ODE backwards from $t = 1$, together with $a(t)$,
+# $da/dt = \operatorname{div} v$ as in section 1 but now started at $a(1) = 0$. It returns $z = x(0)$ and
+# $a(0) = \int_1^0 \operatorname{div} v\,dt = -\int_0^1 \operatorname{div} v\, dt$, which is $\log|\det J_f(x)|$, the term every flowbook layer adds to
 # `ldj`. In two dimensions the divergence is exact: two backward passes. Maximum likelihood then trains $v$
 # by backpropagating through every step of the adaptive solver (`flowbook.toy_cnf.train_max_likelihood`):
 
@@ -159,7 +173,7 @@ print(f"coupling flow (chapter 1): {settings.toy_steps} steps; continuous flow: 
 # %%
 viz.plot_curves({"velocity evaluations per forward solve": (range(1, len(cnf_record["nfe"]) + 1), cnf_record["nfe"])},
                 "training step", "evaluations",
-                title="Maximum likelihood: the solver works harder as the flow learns");
+                title="Maximum likelihood: velocity evaluations per training step");
 first, last = cnf_record["nfe"][:10], cnf_record["nfe"][-10:]
 print(f"forward solve: {sum(first) / 10:.0f} evaluations of v on average over the first 10 steps, "
       f"{sum(last) / 10:.0f} over the last 10; a step took {1000 * sum(cnf_record['seconds'][-10:]) / 10:.0f} ms "
@@ -168,9 +182,10 @@ assert sum(last) > sum(first), "the solver's work did not grow during this run"
 
 # %% [markdown]
 # Each training step solves the ODE with an adaptive solver, which takes as many steps as the field's
-# curvature demands. The small random field at the start is easy to follow; as the flow bends the Gaussian
-# into two moons, the solver needs more evaluations (the printed averages), and the backward pass through
-# them costs about as much again. This growth is what made continuous flows expensive to train (Finlay et
+# curvature demands. The small random field at the start is easy to follow; as training moves the density
+# away from the Gaussian, the field grows more curved and the solver takes more evaluations on average (the
+# printed averages of the first and last ten steps; from one step to the next the count goes up and down), and
+# the backward pass has to go back through every one of them. This growth is what made continuous flows expensive to train (Finlay et
 # al., 2020, regularise the field to keep it in check). The densities side by side, with their average
 # log-likelihood on 2,000 held-out points in the titles:
 
@@ -193,10 +208,20 @@ viz.plot_densities_2d({f"coupling flow: {ll_coupling:.2f} nats": coupling.log_pr
 #   \right] = \operatorname{tr}\left(J\, \mathbb{E}[\epsilon\epsilon^\top]\right) = \operatorname{tr} J,$$
 #
 # and $\epsilon^\top J$ is one vector-Jacobian product, what a single backward pass computes. Standard normal
-# probes and Rademacher probes (each entry $\pm 1$) both qualify. Their variances differ: with $S = (J +
-# J^\top)/2$, a Gaussian probe has variance $2\|S\|_F^2$ and a Rademacher probe $2(\|S\|_F^2 - \sum_i
-# S_{ii}^2)$, never more. We measure both on the MNIST velocity network of section 5 at one image halfway
-# along its path, where the exact trace is a loop of 784 backward passes:
+# probes and Rademacher probes (each entry $\pm 1$) both qualify. Their variances differ. Only the symmetric
+# part $S = (J + J^\top)/2$ counts, since $\epsilon^\top J \epsilon = \epsilon^\top J^\top \epsilon$; split the
+# estimate into its diagonal and off-diagonal terms,
+#
+# $$\epsilon^\top S \epsilon = \sum_i S_{ii}\, \epsilon_i^2 + \sum_{i \ne j} S_{ij}\, \epsilon_i \epsilon_j .$$
+#
+# The two sums are uncorrelated, and the second, $2 \sum_{i<j} S_{ij} \epsilon_i \epsilon_j$, has variance
+# $4 \sum_{i<j} S_{ij}^2 = 2 \sum_{i \ne j} S_{ij}^2$ for either probe (its terms are uncorrelated, each
+# $\epsilon_i \epsilon_j$ of variance 1). For a Rademacher probe $\epsilon_i^2 = 1$, so the first sum is the
+# constant $\operatorname{tr} S$; for a Gaussian probe $\epsilon_i^2$ has variance 2 and the first sum adds
+# $2 \sum_i S_{ii}^2$. So a Gaussian probe has variance $2\|S\|_F^2$ and a Rademacher probe $2(\|S\|_F^2 -
+# \sum_i S_{ii}^2)$, never more. We measure both on the MNIST velocity network of section 5 at one image halfway
+# along its path, where the exact trace is a loop of 784 backward passes (the network is loaded here ahead of
+# section 5, which describes it; here it is just some field $v(x, t)$ with 784 inputs):
 
 # %%
 flowmatch, fm_source, _ = load_trained("flowmatch", device=device)
@@ -227,19 +252,19 @@ viz.plot_histogram({k: e.cpu() for k, e in estimates.items()}, bins=60, xlabel="
                    title=f"One-probe estimates of a trace of {trace:.1f} (exact: dashed)").axes[0].axvline(
     trace, color="k", ls="--");
 
-# %% [markdown]
-# Both means agree with the exact trace within their standard errors (the assertions check four), and the
-# measured spreads match the formulas. For this network the diagonal of $J$ carries the share
-# $1 - \sigma^2_{\text{Rademacher}} / \sigma^2_{\text{Gaussian}}$ of the variance that Rademacher probes
-# remove, computed here:
-
 # %%
+gaps = {k: abs(e.mean().item() - trace) / (e.std().item() / math.sqrt(probes)) for k, e in estimates.items()}
 share = 1 - predicted["rademacher"] / predicted["gaussian"]
-print(f"Rademacher probes remove {100 * share:.1f}% of the Gaussian probes' variance at this point")
+Markdown(f"The means lie {gaps['rademacher']:.1f} (Rademacher) and {gaps['gaussian']:.1f} (Gaussian) standard "
+         f"errors from the exact trace, as an unbiased estimate's mean should (the assertions above allow 4), and "
+         f"the measured spreads match the formulas. The diagonal of $J$ carries the share $1 - "
+         f"\\sigma^2_{{\\text{{Rademacher}}}} / \\sigma^2_{{\\text{{Gaussian}}}}$ of the variance, the part that "
+         f"Rademacher probes remove: {100 * share:.1f}% at this point.")
 
 # %% [markdown]
 # One estimate per image is unbiased, and so is a log-likelihood computed from it. But an importance-weighted
-# bound (chapter 2) takes $\log \frac{1}{K}\sum_k e^{\ell_k}$ of $K$ noisy $\ell_k$, and by Jensen's inequality
+# bound (chapter 2) takes $\log \frac{1}{K}\sum_k e^{\ell_k}$ of $K$ log-likelihood estimates $\ell_k$, each
+# noisy here, and by Jensen's inequality
 # the noise pushes that up: a flow-matching model's `bits_per_dim` refuses `importance_samples > 1`.
 #
 # ## 4. Flow matching
@@ -258,7 +283,16 @@ print(f"Rademacher probes remove {100 * share:.1f}% of the Gaussian probes' vari
 # $$x_t = (1 - t)\, x_0 + t\, x_1, \qquad \frac{d x_t}{dt} = x_1 - x_0 .$$
 #
 # The marginal velocity at a point is the average of the straight lines' velocities through it,
-# $u_t(x) = \mathbb{E}[x_1 - x_0 \mid x_t = x]$, and it generates the path $p_t$ of the $x_t$. The
+# $u_t(x) = \mathbb{E}[x_1 - x_0 \mid x_t = x]$, and it generates the path $p_t$ of the $x_t$. To see why, take
+# any smooth test function $\varphi$ and follow its average along the lines:
+#
+# $$\frac{d}{dt}\, \mathbb{E}[\varphi(x_t)] = \mathbb{E}\left[\nabla\varphi(x_t)^\top (x_1 - x_0)\right]
+#   = \mathbb{E}\left[\nabla\varphi(x_t)^\top\, \mathbb{E}[x_1 - x_0 \mid x_t]\right]
+#   = \mathbb{E}\left[\nabla\varphi(x_t)^\top u_t(x_t)\right],$$
+#
+# the second step by the tower property. Points moved by the field $u_t$ change the average of $\varphi$ in
+# exactly this way, so the ODE $dx/dt = u_t(x)$ started from $p_0$ has the distribution $p_t$ at every $t$ (this
+# is the continuity equation above, integrated against $\varphi$). The
 # **conditional flow-matching loss** regresses on the lines' own velocities instead:
 #
 # $$\mathcal{L}_{CFM}(\theta) = \mathbb{E}_{t,\, x_0,\, x_1} \|v_\theta(x_t, t) - (x_1 - x_0)\|^2 .$$
@@ -330,7 +364,8 @@ if shipped is not None:
     rows = [[i + 1, s["hardware"], s["settings"]["batch_size"], f"{s['settings']['lr']:g}", s["epochs"],
              f"{s['images_seen']:,}", f"{s['wall_s'] / 60:.0f}"] for i, s in enumerate(meta["history"])]
     print(tabulate(rows, ["stage", "hardware", "batch", "peak lr", "epochs", "images", "minutes"]))
-    print(f"best validation flow-matching loss: {meta['best_val_cfm']:.4f}")
+    print(f"best validation flow-matching loss: {meta['best_val_cfm']:.4f} (a stage's epochs and images count up to "
+          "its best validation epoch, whose weights it passed on)")
 print(f"{num_parameters(flowmatch):,} parameters; {fm_source}")
 
 # %% [markdown]
@@ -368,7 +403,7 @@ print(tabulate([[n, f"{s:.2f}"] for n, s in zip(euler_steps, scores)]
                   ["real test digits", f"{real:.2f}"]],
                ["Euler steps", f"share recognisable (of {settings.judged_samples})"]))
 viz.plot_curves({"Euler": (euler_steps, scores),
-                 "adaptive solver": (euler_steps, [adaptive_score] * len(euler_steps)),
+                 f"adaptive solver ({adaptive_nfe} evaluations)": (euler_steps, [adaptive_score] * len(euler_steps)),
                  "real test digits": (euler_steps, [real] * len(euler_steps))},
                 "Euler steps N (evaluations of v)", f"share recognisable (p >= {THRESHOLD})", logx=True,
                 title="Sample quality against solver steps");
@@ -409,8 +444,11 @@ Markdown(f"With the model named above, the share of recognisable samples is {sco
 # ### Bits per dimension through the ODE
 #
 # The likelihood of a test image: dequantize, scale, solve the ODE from $t=1$ to $t=0$ with one Hutchinson
-# probe, add the prior. The solver's relative and absolute tolerance are $10^{-5}$, so the solver's own error
-# is far below the estimator's standard error printed beside the mean.
+# probe, add the prior. The likelihood's solve is tighter than the sampling solve above (the tolerances are
+# printed below): a sample is rounded to 8 bits at the end, while a likelihood's error goes straight into the
+# bpd (Exercise 5 asks how much). The $\pm$ is the standard error of the mean over the images, each with its
+# own noise and probe; most of it is the images' own spread in bpd. In full mode this cell runs on all 10,000
+# test images: hours on a CPU, minutes on a GPU.
 
 # %%
 ode_images = test_set.images[:settings.ode_images]
@@ -426,13 +464,16 @@ bpd, ode_s = torch.cat(bpd), sum(batch_s)
 stderr = bpd.std().item() / math.sqrt(len(bpd))
 print(f"bpd on {where}: {bpd.mean():.3f} ± {stderr:.3f} (standard error over images and probes), "
       f"{flowmatch.last_nfe} evaluations in the last batch's solve, {1000 * ode_s / len(bpd):.0f} ms per image")
+print(f"solver {flowmatch.method}: likelihood rtol = atol = {flowmatch.rtol:g}; sampling rtol = atol = "
+      f"{flowmatch.sample_rtol:g}")
 
 # %% [markdown]
 # ### In the results table
 #
-# Every shipped model, each on the full test set from its results JSON (the flows with 8 importance samples,
-# the flow-matching model with one dequantization sample and one Hutchinson probe per image: an unbiased
-# estimate of the looser one-sample bound; `python -m flowbook.evaluate` writes these). The last column is
+# Every shipped model, each on the full test set from its results JSON, which `python -m flowbook.evaluate
+# --checkpoint checkpoints/<model>.pt` writes: the flows with 8 importance samples, the flow-matching model
+# with one dequantization sample and one Hutchinson probe per image (an unbiased estimate of the looser
+# one-sample bound), once its evaluation, a run of hours on a CPU, has been done. The last column is
 # computed here: the share of each model's samples at temperature 1.0 that the classifier recognises (for
 # `tarflow_noise`, trained on noisy images, after the denoising step of chapter 8).
 
@@ -448,7 +489,9 @@ for name, r in results.items():
     rows.append([name, f"{r['test_bpd']:.3f}", f"{r['eval_images']['test']:,}", f"{r['parameters']:,}",
                  f"{int(r['images_seen']):,}", f"{score:.2f}"])
 if "flowmatch" not in results:
-    rows.append(["flowmatch", "not evaluated yet", "-", f"{num_parameters(flowmatch):,}", "-", f"{adaptive_score:.2f}"])
+    seen = read_checkpoint(shipped)["meta"]["total"]["images_seen"] if shipped is not None else None
+    rows.append(["flowmatch", "not evaluated yet", "-", f"{num_parameters(flowmatch):,}",
+                 "-" if seen is None else f"{int(seen):,}", f"{adaptive_score:.2f}"])
 rows.append(["real test digits", "-", "-", "-", "-", f"{real:.2f}"])
 print(tabulate(rows, ["model", "test bpd", "test images", "parameters", "training images",
                       f"recognisable (of {settings.judged_samples})"]))
@@ -479,8 +522,10 @@ print(f"on {torch.get_num_threads()} CPU threads" if device.type == "cpu" else f
 
 # %% [markdown]
 # A coupling flow computes a likelihood in one pass through its layers; the flow-matching model solves an ODE,
-# here with the number of network evaluations printed above, each followed by a backward pass for the
-# divergence. That is why the results table takes its bpd on the whole test set from an offline evaluation.
+# with the number of network evaluations that the bpd cell printed for its last batch, each followed by a
+# backward pass for the divergence (the evaluations in the table above are the sampling solve's, at its
+# looser tolerance). That is why a flow-matching model's bpd on the whole test set comes from an offline
+# evaluation.
 #
 # ## 6. Where this leads
 #
@@ -496,9 +541,11 @@ print(f"on {torch.get_num_threads()} CPU threads" if device.type == "cpu" else f
 #
 # ## Summary
 #
-# - A residual step has log-determinant $h \operatorname{tr} J + O(h^2)$; in the limit, a continuous flow's
-#   log-determinant is $-\int \operatorname{div} v\, dt$ along the path (measured: first-order convergence).
-# - Maximum likelihood trains a continuous flow through an ODE solver, whose cost grows as the flow learns.
+# - A residual step has log-determinant $h \operatorname{tr} J + O(h^2)$; in the limit, the steps from $t = 0$
+#   to $1$ have log-determinant $\int_0^1 \operatorname{div} v\, dt$ along the path (measured: first-order
+#   convergence), and $f$, from data at $t = 1$ to latent at $t = 0$, has $-\int_0^1 \operatorname{div} v\, dt$.
+# - Maximum likelihood trains a continuous flow through an ODE solver, whose cost grew as the flow learned
+#   (measured on the two moons).
 # - Hutchinson's estimator gives an unbiased divergence from one vector-Jacobian product; Rademacher probes
 #   have less variance than Gaussian ones. An unbiased log-likelihood estimate is no bound: no importance
 #   sampling over it.
@@ -606,7 +653,7 @@ exercises.check_euler_sample(euler_sample)
 # gives up in exchange (hint: what does its loss say about the likelihood of the trained model?).
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
-# **Answer.** The likelihood of $x$ needs $z(0)$ and $\int_0^1 \operatorname{div} v\,dt$ along the solution
+# **Answer.** The likelihood of $x$ needs $z = x(0)$ and $\int_0^1 \operatorname{div} v\,dt$ along the solution
 # through $x$: both exist only after solving the ODE, so every maximum-likelihood step solves it (and
 # backpropagates through it). The flow-matching loss needs $v_\theta$ only at points $x_t$ drawn directly from
 # the path, $x_t = (1-t)x_0 + t x_1$, with a target $x_1 - x_0$ known in closed form: no trajectory of
@@ -619,17 +666,17 @@ exercises.check_euler_sample(euler_sample)
 #
 # A paper reports 1.05 bpd for a flow-matching model, computed with `rtol = atol = 1e-3`. Which parts of the
 # computation does a loose tolerance change, in which direction can the number move, and how would you show
-# that your own number is not an artefact of the solver? (Consider the end point $z(0)$, the integral of the
-# divergence, and what happens when you halve the tolerance. Hint: an adaptive solver keeps the error of each
+# that your own number is not an artefact of the solver? (Consider the end point $z = x(0)$, the integral of the
+# divergence, and what happens when you make the tolerance 10 times tighter. Hint: an adaptive solver keeps the error of each
 # of its steps near `rtol` times the size of the state plus `atol`; the errors of many steps add up, and
 # nothing fixes their sign.)
 
 # %% [markdown] jupyter={"source_hidden": true} tags=["answer"]
 # **Answer.** The tolerance controls the local error of both the path and the accumulated divergence, so
-# both $\log \mathcal{N}(z(0))$ and $\int \operatorname{div} v\,dt$ carry solver error; neither has a sign
+# both $\log \mathcal{N}(x(0))$ and $\int \operatorname{div} v\,dt$ carry solver error; neither has a sign
 # that is guaranteed, so the bpd can move up or down, and a loose tolerance can make a model look better than
 # it is. The reported number is then a property of model *and* solver. To show that yours is not an
-# artefact: recompute it at tolerances 10 and 100 times tighter on the same images and probes (same seeds)
+# artefact: recompute it at tolerances 10 times tighter, and 100 times, on the same images and probes (same seeds)
 # until the change is far below the estimator's standard error; report the tolerance, the number of
 # function evaluations, and the standard error next to the bpd, as section 5 does.
 
