@@ -46,24 +46,6 @@ def describe_checkpoint(ckpt: dict, filename: str) -> str:
     return f"the trained checkpoint {filename} ({epochs} epoch{'' if epochs == 1 else 's'}{seen}, {where})"
 
 
-def shipped_validation_curve(name: str) -> tuple[list[int], list[float]]:
-    """The shipped checkpoint `name`'s validation score (bpd with one dequantization sample, or the
-    flow-matching loss) against the training images seen: after each epoch where its history recorded the
-    curve (`flowbook.results.validation_curve`), else one point, its best score after all its images.
-    No shipped checkpoint: ([], [])."""
-    from flowbook.results import validation_curve
-
-    path = checkpoint_file(name)
-    if path is None:
-        return [], []
-    meta = read_checkpoint(path)["meta"]
-    images, scores = validation_curve(meta.get("history", []))
-    if images:
-        return images, scores
-    best = next(value for key, value in meta.items() if key.startswith("best_val"))
-    return [int(meta.get("total", meta)["images_seen"])], [float(best)]
-
-
 def training_history(name: str) -> list[dict]:
     """How the shipped checkpoint `name` was trained: one row per stage (a run of `flowbook.train`; a later
     stage continues the previous one's weights with `--init`), read from the checkpoint's own metadata.

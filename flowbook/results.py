@@ -39,6 +39,23 @@ def results_table(folder: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+CURVES_FILE = config.PROJECT_ROOT / "docs" / "validation_curves.csv"
+
+
+def validation_curves(path: Path | None = None) -> dict:
+    """{model: [(images seen, validation bpd, stage), ...]}: the one-sample validation bpd on the 10,000
+    validation images after each recorded epoch of the runs that made the shipped checkpoints, against the
+    images seen since their first stage began, from docs/validation_curves.csv (chapters 6 and 8 plot it)."""
+    import csv
+
+    curves = {}
+    with open(path or CURVES_FILE, newline="") as f:
+        for row in csv.DictReader(f):
+            curves.setdefault(row["model"], []).append(
+                (int(row["images_seen"]), float(row["val_bpd_1sample"]), int(row["stage"])))
+    return curves
+
+
 def validation_curve(history: list) -> tuple[list[int], list[float]]:
     """A checkpoint's validation score after each epoch of its training, against the images seen since its
     first stage began: (images, scores) from each stage's `val_curve` in `meta["history"]`. A stage that

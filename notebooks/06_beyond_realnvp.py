@@ -40,7 +40,6 @@
 #   5).
 
 # %%
-import json
 import math
 
 import torch
@@ -52,8 +51,9 @@ from flowbook import config, exercises, ood, viz
 from flowbook.data import load_mnist
 from flowbook.evaluate import bpd_per_image
 from flowbook.layers import ActNorm, GlowStep, InvConv1x1
-from flowbook.models import ALL_MODELS, create_flow, num_parameters
-from flowbook.pretrained import checkpoint_file, load_trained
+from flowbook.models import create_flow, num_parameters
+from flowbook.pretrained import load_trained, shipped_results
+from flowbook.results import validation_curves
 
 settings = config.settings()
 device = config.get_device()
@@ -213,13 +213,8 @@ Markdown(f"The Glow-style flow has {num_parameters(fresh['glow']):,} parameters,
 # history, one row per training stage:
 
 # %%
-def shipped_results(name):
-    """The results JSON next to a shipped checkpoint, or None."""
-    path = checkpoint_file(name)
-    return json.loads(path.with_suffix(".json").read_text()) if path and path.with_suffix(".json").exists() else None
-
-
-results = {name: shipped_results(name) for name in ALL_MODELS if name != "flowmatch"}  # chapter 7 has that one
+FOUR_FLOWS = ("simple", "vardeq", "multiscale", "glow")
+results = {name: shipped_results(name) for name in FOUR_FLOWS}  # chapters 7 and 8 show the others
 table, history = [], []
 for name, res in results.items():
     if res is None:
@@ -247,10 +242,7 @@ print("\nThe reference tutorial's recipe (not used for these checkpoints): 200 e
 # first epoch was not recorded):
 
 # %%
-curves = {}
-for line in (config.PROJECT_ROOT / "docs" / "validation_curves.csv").read_text().splitlines()[1:]:
-    model, run, stage, _, images, val = line.split(",")[:6]
-    curves.setdefault(model, []).append((int(images), float(val), int(stage)))
+curves = {m: pts for m, pts in validation_curves().items() if m in ("multiscale", "glow")}  # (images, bpd, stage)
 fig = viz.plot_curves({f"{m} (stages: {max(c[2] for c in pts)})": ([c[0] for c in pts], [c[1] for c in pts])
                        for m, pts in curves.items()},
                       "training images seen", "validation bpd (1 sample)",
@@ -325,6 +317,7 @@ bpd = {name: t["bpd"] for name, t in terms.items()}
 digits_median = bpd["digits"].median().item()
 rows = [[name, f"{b.mean():.2f}", f"{b.median():.2f}", f"{(b < digits_median).float().mean():.0%}"]
         for name, b in bpd.items()]
+print(f"{len(bpd['digits']):,} images of each kind, made from the first test images")
 print(tabulate(rows, headers=["input", "mean bpd", "median bpd", "below the digits' median"], disable_numparse=True))
 assert all(torch.isfinite(b).all() for b in bpd.values()), "no NaN is dropped: every input has a finite bpd"
 

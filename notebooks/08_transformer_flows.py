@@ -55,13 +55,14 @@ from flowbook import config, exercises, viz
 from flowbook.classifier import THRESHOLD, load_classifier, recognisability
 from flowbook.data import load_mnist
 from flowbook.denoise import log_density, sample_denoised, tweedie_denoise
+from flowbook.gallery import sample_grid
 from flowbook.exercises._harness import perturbed
 from flowbook.layers import Dequantization, NoiseAugmentation, TarFlowBlock
 from flowbook.layers.tarflow import patchify, unpatchify
 import flowbook.layers.tarflow as tarflow_layers
 from flowbook.models import ALL_MODELS, num_parameters
-from flowbook.pretrained import checkpoint_file, load_trained, shipped_validation_curve, training_history
-from flowbook.results import load_results
+from flowbook.pretrained import checkpoint_file, load_trained, training_history
+from flowbook.results import load_results, validation_curves
 
 settings = config.settings()
 device = config.get_device()
@@ -250,42 +251,43 @@ Markdown(text)
 # %% [markdown]
 # ### Validation bpd against training images
 #
-# Would more training close the gap? Each point below is a validation bpd (one dequantization sample, the
-# 10,000 validation images) against the training images seen so far: the shipped TarFlow's after each of its
-# epochs, and for each other shipped flow the best of its last training stage, at the images it saw in all.
-# (The runbook `docs/training.md` lists those flows' earlier stages.)
+# Would more training close the gap? The runs that made the shipped checkpoints recorded the validation bpd
+# (one dequantization sample, the 10,000 validation images) after every epoch; `docs/validation_curves.csv`
+# keeps them for the TarFlow and for chapter 6's two best flows, against the images seen since each model's
+# first training stage began (each later stage restarts its learning-rate schedule):
 
 # %%
-curves = {name: shipped_validation_curve(name) for name in ("simple", "vardeq", "multiscale", "glow", "tarflow")}
-curves = {name: curve for name, curve in curves.items() if curve[0]}
-if "tarflow" in curves:
-    viz.plot_curves({f"{name} ({'after each epoch' if len(xs) > 1 else 'end of training'})": (xs, ys)
-                     for name, (xs, ys) in curves.items()},
-                    "training images seen", "validation bpd (1 sample)",
-                    title="Validation bpd against training images, shipped flows");
+curves = validation_curves()
+viz.plot_curves({f"{m} ({max(c[2] for c in pts)} stages)": ([c[0] for c in pts], [c[1] for c in pts])
+                 for m, pts in curves.items()},
+                "training images seen", "validation bpd (1 sample)",
+                title="Validation bpd against training images, shipped flows");
 
 # %%
 if "tarflow" in curves and "multiscale" in curves:
-    xs, ys = curves["tarflow"]
+    xs, ys, _ = zip(*curves["tarflow"])
+    ms = dict((x, y) for x, y, _ in curves["multiscale"])
+    text = (f"The TarFlow's validation bpd went from {ys[0]:.3f} after its first epoch ({xs[0]:,} images) to "
+            f"{ys[-1]:.3f} after {xs[-1]:,} images")
     last = min(3, len(ys) - 1)
-    text = (f"The shipped TarFlow's validation bpd went from {ys[0]:.3f} after its first epoch ({xs[0]:,} images) "
-            f"to {ys[-1]:.3f} after {xs[-1]:,} images")
     if last:
         text += (f"; over its last {last} epochs ({xs[-1] - xs[-1 - last]:,} images) it fell by "
                  f"{ys[-1 - last] - ys[-1]:.3f}")
-    ms_x, ms_y = curves["multiscale"]
-    text += f". The multi-scale flow ended at {ms_y[-1]:.3f} after {ms_x[-1]:,} images"
-    at = next((i for i, x in enumerate(xs) if x >= ms_x[-1]), None)
-    if at is not None:
-        text += (f"; after {xs[at]:,} images, about as many, the TarFlow stood at {ys[at]:.3f}, "
-                 f"{ys[at] - ms_y[-1]:.3f} bpd behind: per training image it learns far less")
-    text += "."
+    both = sorted(set(xs) & set(ms))
+    if both:
+        at = both[-1]
+        gap = dict(zip(xs, ys))[at] - ms[at]
+        text += (f". After {at:,} images, where both curves have a point, the multi-scale flow stood at "
+                 f"{ms[at]:.3f} and the TarFlow at {dict(zip(xs, ys))[at]:.3f}: "
+                 + (f"{gap:.3f} bpd behind at equal training images" if gap > 0 else f"{-gap:.3f} bpd ahead"))
+    text += f"; the multi-scale flow ended at {ms[max(ms)]:.3f} after {max(ms):,} images."
 else:
-    text = "There is no shipped TarFlow on this machine, so there is no curve to show."
+    text = "`docs/validation_curves.csv` has no TarFlow curve on this machine, so there is nothing to compare."
 Markdown(text)
 
 # %% [markdown]
-# Three differences between the two models may explain why; this chapter has not measured them one by one:
+# Three differences between the two models may explain the gap at equal training images; this chapter has not
+# measured them one by one:
 #
 # - **No convolutions.** The coupling networks of chapters 3 to 6 are convolutional: each output sees its
 #   neighbourhood through 3x3 filters, with the same weights at every position, a prior that suits images.
@@ -396,7 +398,8 @@ print(f"sigma = {sigma} in units of the [-1, 1] pixel scale, {sigma * 128:.1f} g
 # %% [markdown]
 # Samples before and after the denoising step, and what a few step sizes do: Tweedie's step with $\sigma'$ in
 # place of $\sigma$, from no step ($\sigma' = 0$) to twice the training noise. The classifier of chapter 7
-# judges each set (the share of samples it recognises with probability at least 0.9):
+# judges each set (the share of samples it recognises with probability at least 0.9), next to the samples of
+# the TarFlow of section 3 and of chapter 4's multi-scale flow, all at temperature 1.0:
 
 # %%
 clf = load_classifier()
@@ -404,8 +407,13 @@ real = recognisability(clf, test_set.images[:settings.judged_samples])
 steps = [0.0, 0.5 * sigma, sigma, 2 * sigma]
 samples = {s: sample_denoised(noisy, settings.judged_samples, sigma=s, seed=0) for s in steps}
 scores = {s: recognisability(clf, samples[s]) for s in steps}
+others = {}  # the uniform TarFlow above and chapter 4's multi-scale flow, at temperature 1.0 with the same seed
+for name, model in [("tarflow", tarflow), ("multiscale", load_trained("multiscale", device=device, progress=False)[0])]:
+    others[name] = recognisability(clf, sample_grid(model, settings.judged_samples, temperature=1.0, seed=0))
 print(tabulate([[f"{s:.3f}" + (" (no step)" if s == 0 else " (the training sigma)" if s == sigma else ""),
-                 f"{scores[s]:.2f}"] for s in steps] + [["real test digits", f"{real:.2f}"]],
+                 f"{scores[s]:.2f}"] for s in steps]
+               + [[f"{name} (no noise in training)", f"{score:.2f}"] for name, score in others.items()]
+               + [["real test digits", f"{real:.2f}"]],
                ["Tweedie step sigma'", f"recognisable (of {settings.judged_samples})"]))
 viz.show_imgs(torch.cat([samples[s][:8] for s in steps]), row_size=8,
               title="The same 8 samples: no denoising step, then sigma' = sigma/2, sigma, 2 sigma (rows)");
@@ -423,7 +431,8 @@ else:
     text = (f"For the `tarflow_noise` model named above the share of recognisable samples goes from {scores[0.0]:.2f} "
             f"without the step to {scores[sigma]:.2f} with Tweedie's step at the training $\\sigma$; the best of the "
             f"four step sizes is $\\sigma' = {best:.3f}$ ({scores[best]:.2f})")
-Markdown(text + f". Real test digits score {real:.2f}."
+Markdown(text + f". The TarFlow trained without noise scores {others['tarflow']:.2f} and chapter 4's multi-scale flow "
+         f"{others['multiscale']:.2f}; real test digits score {real:.2f}."
          + ("" if checkpoint_file("tarflow_noise") else " This demonstration model has trained for a few steps only: "
             "its samples are not digits yet, with or without the step."))
 

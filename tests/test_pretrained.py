@@ -5,8 +5,10 @@ import shutil
 import pytest
 
 from flowbook import config
+from flowbook.checkpoints import read_checkpoint
 from flowbook.models import ALL_MODELS
-from flowbook.pretrained import shipped_results, shipped_validation_curve, training_history
+from flowbook.pretrained import shipped_results, training_history
+from flowbook.results import validation_curves
 
 # the evaluated models (a checkpoint with its results JSON); not the digit classifier
 SHIPPED = sorted(p.stem for p in config.checkpoint_path().glob("*.pt")
@@ -29,17 +31,19 @@ def test_training_history_matches_the_results_json(name):
 def test_training_history_without_a_shipped_checkpoint_is_empty(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH_CHECKPOINT", str(tmp_path))
     assert training_history("multiscale") == []
-    assert shipped_validation_curve("multiscale") == ([], [])
 
 
-@pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_validation_curve_ends_at_the_checkpoints_images_and_score(name):
-    images, scores = shipped_validation_curve(name)
-    results = json.loads((config.checkpoint_path() / f"{name}.json").read_text())
-    assert images and len(images) == len(scores) and images == sorted(set(images))
-    assert images[-1] <= results["images_seen"], "a point after more images than the checkpoint has seen"
-    # 8 importance samples give a tighter bound than training's one-sample validation (up to its noise and bf16)
-    assert results["val_bpd"] <= min(scores) + 0.01, "the curve does not belong to these weights"
+@pytest.mark.parametrize("name", sorted(validation_curves()))
+def test_validation_curves_end_at_the_shipped_checkpoint(name):
+    """docs/validation_curves.csv, which chapters 6 and 8 plot, belongs to the shipped weights: its last point
+    is at the checkpoint's images and best one-sample validation bpd, and the stages follow each other."""
+    points = validation_curves()[name]
+    images, scores, stages = zip(*points)
+    assert list(images) == sorted(set(images)) and list(stages) == sorted(stages)
+    meta = read_checkpoint(config.checkpoint_path() / f"{name}.pt")["meta"]
+    assert images[-1] == meta["total"]["images_seen"], "the curve does not end at the shipped checkpoint's images"
+    assert scores[-1] == pytest.approx(meta["best_val_bpd_1sample"], abs=5e-4)
+    assert max(stages) == len(meta["history"]), "one stage of the curve per stage of the checkpoint's training"
 
 
 @pytest.mark.parametrize("name", SHIPPED)
