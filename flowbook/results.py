@@ -2,6 +2,7 @@
 
     python -m flowbook.results                       # the table from checkpoints/<model>.json
     python -m flowbook.results --runs runs/cpu/*     # a runbook table of training runs (docs/training.md)
+    python -m flowbook.results --curve-rows checkpoints/tarflow.pt tarflow tarflow2   # docs/validation_curves.csv
 
 tests/test_checkpoints.py checks that the README holds exactly this table, so that it can never disagree
 with the results JSONs.
@@ -56,19 +57,6 @@ def validation_curves(path: Path | None = None) -> dict:
     return curves
 
 
-def validation_curve(history: list) -> tuple[list[int], list[float]]:
-    """A checkpoint's validation score after each epoch of its training, against the images seen since its
-    first stage began: (images, scores) from each stage's `val_curve` in `meta["history"]`. A stage that
-    kept no curve (trained before flowbook recorded one) adds its images but no points."""
-    images, scores, offset = [], [], 0
-    for stage in history:
-        for seen, score in stage.get("val_curve", []):
-            images.append(offset + int(seen))
-            scores.append(float(score))
-        offset += int(stage["images_seen"])
-    return images, scores
-
-
 def val_curve_from_log(metrics_csv: Path, batch_size: int, score: str = "val_bpd") -> list[list]:
     """A stage's `val_curve` rebuilt from its Lightning log (the run folder's logs/version_0/metrics.csv),
     for a run trained before flowbook recorded the curve: [images seen, score] for each row with a `score`
@@ -80,6 +68,23 @@ def val_curve_from_log(metrics_csv: Path, batch_size: int, score: str = "val_bpd
     if not rows:
         raise ValueError(f"{metrics_csv} has no {score!r} values: is it a log of that run, and did it finish an epoch?")
     return [[(int(row["step"]) + 1) * batch_size, round(float(row[score]), 5)] for row in rows]
+
+
+def curve_rows(path: Path, runs=()) -> list[str]:
+    """The rows of docs/validation_curves.csv for the checkpoint at `path`: one per epoch that a stage of its
+    history recorded (`val_curve`), the images counted from its first stage, the bpd to 3 decimals. `runs`
+    names the stages' run folders as docs/training.md lists them (default `<model>/stage<k>`)."""
+    from flowbook.checkpoints import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    rows, offset = [], 0
+    for k, stage in enumerate(ckpt["meta"].get("history", []), start=1):
+        run = runs[k - 1] if k <= len(runs) else f"{ckpt['arch']}/stage{k}"
+        for epoch, (seen, score) in enumerate(stage.get("val_curve", []), start=1):
+            rows.append(f"{ckpt['arch']},{run},{k},{epoch},{offset + int(seen)},{float(score):.3f},"
+                        f"{stage['settings']['lr']:g}")
+        offset += int(stage["images_seen"])
+    return rows
 
 
 def _run_summary(folder: Path) -> dict | None:
@@ -129,8 +134,14 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", nargs="+", type=Path, help="run folders: print the runbook table instead")
+    parser.add_argument("--curve-rows", nargs="+", metavar=("CHECKPOINT", "RUN"),
+                        help="print the checkpoint's rows of docs/validation_curves.csv instead (RUN: the name of "
+                             "each stage's run folder, in order)")
     args = parser.parse_args(argv)
-    print(runs_table(args.runs) if args.runs else results_table())
+    if args.curve_rows:
+        print("\n".join(curve_rows(Path(args.curve_rows[0]), args.curve_rows[1:])))
+    else:
+        print(runs_table(args.runs) if args.runs else results_table())
 
 
 if __name__ == "__main__":

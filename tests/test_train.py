@@ -14,7 +14,7 @@ from conftest import ROOT
 from flowbook.checkpoints import load_model
 from flowbook.data import ImageDataset
 from flowbook.models import ImageFlow
-from flowbook.results import val_curve_from_log, validation_curve
+from flowbook.results import CURVES_FILE, curve_rows, val_curve_from_log, validation_curves
 from flowbook.train import (CPU_FAST, BudgetPlanner, DeviceBatches, FlowModule, LRFactor, RunSettings,
                             TrainingDiverged, _cpu_has_bf16, fused_adam, train)
 
@@ -272,11 +272,13 @@ def test_init_starts_a_new_stage_from_weights_and_keeps_the_history(tmp_path):
     assert len(meta["history"]) == 2  # the shipped weights carry the history to the next stage
     assert [seen for seen, _ in history[0]["val_curve"]] == [32, 64] and len(history[1]["val_curve"]) == 1
     assert history[1]["val_curve"][0][1] == pytest.approx(summary["best_val_bpd_1sample"], abs=1e-5)
-    images, scores = validation_curve(meta["history"])
-    assert images == [32, 64, 96], "the second stage's epoch counts from the images of the first"
-    assert scores == [score for stage in history for _, score in stage["val_curve"]]
-    assert validation_curve([{"images_seen": 64}, *meta["history"][1:]])[0] == [96], \
-        "a stage without a curve adds its images but no points"
+    rows = curve_rows(tmp_path / "b" / "simple.pt", ["a"])
+    assert [r.split(",")[:5] for r in rows] == [["simple", "a", "1", "1", "32"], ["simple", "a", "1", "2", "64"],
+                                               ["simple", "simple/stage2", "2", "1", "96"]], \
+        "the second stage's epochs count from the images of the first"
+    csv = tmp_path / "curves.csv"
+    csv.write_text(CURVES_FILE.read_text().splitlines()[0] + "\n" + "\n".join(rows) + "\n")
+    assert [p[0] for p in validation_curves(csv)["simple"]] == [32, 64, 96]
     log = next((tmp_path / "a").rglob("metrics.csv"))
     assert val_curve_from_log(log, batch_size=16) == history[0]["val_curve"], \
         "the curve rebuilt from the Lightning log differs from the recorded one"
