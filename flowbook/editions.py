@@ -13,8 +13,9 @@ it from the chapter source (`run_hidden`), under the same note.
     python -m flowbook.editions student     -> student/NN_name.ipynb   (stubs, no solutions, no answers;
                                                the exercise checks are tagged raises-exception)
     python -m flowbook.editions solutions   -> solutions/NN_name.ipynb (solutions, answers, no stubs)
-Both also write answers/answer_key.md for the instructor (with --out DIR: DIR/../answers/), every exercise, with the answer of each conceptual
-one, and for each implementation exercise where its solution is and the mistakes its checker recognises.
+Both also write answers/answer_key.md for the instructor (with --out DIR: DIR/../answers/answer_key.md):
+every exercise, with the answer of each conceptual one, and for each implementation exercise where its
+solution is and the mistakes its checker recognises.
 
 A student's work is never overwritten: each notebook written records a fingerprint of its cells, and a
 notebook whose cells no longer match it (the student edited it) is left alone; the new version is written

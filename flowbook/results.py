@@ -66,7 +66,8 @@ def val_curve_from_log(metrics_csv: Path, batch_size: int, score: str = "val_bpd
     with open(metrics_csv, newline="") as f:
         rows = [row for row in csv.DictReader(f) if row.get(score)]
     if not rows:
-        raise ValueError(f"{metrics_csv} has no {score!r} values: is it a log of that run, and did it finish an epoch?")
+        raise ValueError(f"{metrics_csv} has no {score!r} values: is it a log of that run, and did it finish an "
+                         "epoch?")
     return [[(int(row["step"]) + 1) * batch_size, round(float(row[score]), 5)] for row in rows]
 
 

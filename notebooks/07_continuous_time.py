@@ -155,8 +155,8 @@ assert 0.8 < order < 1.2
 #
 # `integrate(v, x, 1.0, 0.0, divergence=...)` solves the ODE backwards from $t = 1$, together with $a(t)$,
 # $da/dt = \operatorname{div} v$ as in section 1 but now started at $a(1) = 0$. It returns $z = x(0)$ and
-# $a(0) = \int_1^0 \operatorname{div} v\,dt = -\int_0^1 \operatorname{div} v\, dt$, which is $\log|\det J_f(x)|$, the term every flowbook layer adds to
-# `ldj`. In two dimensions the divergence is exact: two backward passes. Maximum likelihood then trains $v$
+# $a(0) = \int_1^0 \operatorname{div} v\,dt = -\int_0^1 \operatorname{div} v\, dt$, which is
+# $\log|\det J_f(x)|$, the term every flowbook layer adds to `ldj`. In two dimensions the divergence is exact: two backward passes. Maximum likelihood then trains $v$
 # by backpropagating through every step of the adaptive solver (`flowbook.toy_cnf.train_max_likelihood`):
 
 # %%
@@ -185,8 +185,8 @@ assert sum(last) > sum(first), "the solver's work did not grow during this run"
 # curvature demands. The small random field at the start is easy to follow; as training moves the density
 # away from the Gaussian, the field grows more curved and the solver takes more evaluations on average (the
 # printed averages of the first and last ten steps; from one step to the next the count goes up and down), and
-# the backward pass has to go back through every one of them. This growth is what made continuous flows expensive to train (Finlay et
-# al., 2020, regularise the field to keep it in check). The densities side by side, with their average
+# the backward pass has to go back through every one of them. This growth is what made continuous flows
+# expensive to train (Finlay et al., 2020, regularise the field to keep it in check). The densities side by side, with their average
 # log-likelihood on 2,000 held-out points in the titles:
 
 # %%
