@@ -156,8 +156,9 @@ assert 0.8 < order < 1.2
 # `integrate(v, x, 1.0, 0.0, divergence=...)` solves the ODE backwards from $t = 1$, together with $a(t)$,
 # $da/dt = \operatorname{div} v$ as in section 1 but now started at $a(1) = 0$. It returns $z = x(0)$ and
 # $a(0) = \int_1^0 \operatorname{div} v\,dt = -\int_0^1 \operatorname{div} v\, dt$, which is
-# $\log|\det J_f(x)|$, the term every flowbook layer adds to `ldj`. In two dimensions the divergence is exact: two backward passes. Maximum likelihood then trains $v$
-# by backpropagating through every step of the adaptive solver (`flowbook.toy_cnf.train_max_likelihood`):
+# $\log|\det J_f(x)|$, the term every flowbook layer adds to `ldj`. In two dimensions the divergence is
+# exact: two backward passes. Maximum likelihood then trains $v$ by backpropagating through every step of the
+# adaptive solver (`flowbook.toy_cnf.train_max_likelihood`):
 
 # %%
 print(inspect.getsource(toy_cnf.log_prob))
