@@ -202,6 +202,11 @@ def edited(path: Path, metadata: str | None = None) -> bool:
     return nb.metadata.get("flowbook", {}).get("fingerprint") != fingerprint(nb, metadata)
 
 
+def answer_key_path(out_dir: Path) -> Path:
+    """Where the answer key goes for an edition written to `out_dir`: answers/ beside it, never inside it."""
+    return Path(out_dir).resolve().parent / "answers" / "answer_key.md"
+
+
 def write_edition(edition: str, out_dir: Path | None = None, sources=None, force: bool = False) -> list[Path]:
     """Write the edition of every chapter to `out_dir` (default student/ or solutions/) and the answer key
     to answers/answer_key.md beside it (in out_dir's parent folder, never inside out_dir, which is handed
@@ -221,7 +226,7 @@ def write_edition(edition: str, out_dir: Path | None = None, sources=None, force
             path = out_dir / f"{src.stem}.new.ipynb"
         nbformat.write(nb, path)
         written.append(path)
-    key = out_dir.resolve().parent / "answers" / "answer_key.md"
+    key = answer_key_path(out_dir)
     key.parent.mkdir(exist_ok=True)
     key.write_text(answer_key(sources))
     return written
@@ -249,8 +254,8 @@ def main(argv=None):
         for path in kept:
             print(f"  {show(path.with_name(path.name.replace('.new.ipynb', '.ipynb')))}  (new version: {path.name})")
         print("Copy what you need from the new versions, or run again with --force to overwrite.")
-    key = (args.out or PROJECT_ROOT / args.edition).resolve().parent / "answers" / "answer_key.md"
-    print(f"wrote {show(key)} (instructors only: do not hand it out)")
+    print(f"wrote {show(answer_key_path(args.out or PROJECT_ROOT / args.edition))} (instructors only: do not hand "
+          "it out)")
 
 
 if __name__ == "__main__":

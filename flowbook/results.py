@@ -9,6 +9,7 @@ with the results JSONs.
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -47,8 +48,6 @@ def validation_curves(path: Path | None = None) -> dict:
     """{model: [(images seen, validation bpd, stage), ...]}: the one-sample validation bpd on the 10,000
     validation images after each recorded epoch of the runs that made the shipped checkpoints, against the
     images seen since their first stage began, from docs/validation_curves.csv (chapters 6 and 8 plot it)."""
-    import csv
-
     curves = {}
     with open(path or CURVES_FILE, newline="") as f:
         for row in csv.DictReader(f):
@@ -61,8 +60,6 @@ def val_curve_from_log(metrics_csv: Path, batch_size: int, score: str = "val_bpd
     """A stage's `val_curve` rebuilt from its Lightning log (the run folder's logs/version_0/metrics.csv),
     for a run trained before flowbook recorded the curve: [images seen, score] for each row with a `score`
     (the row's step is the last training step of that epoch, counted from 0)."""
-    import csv
-
     with open(metrics_csv, newline="") as f:
         rows = [row for row in csv.DictReader(f) if row.get(score)]
     if not rows:
