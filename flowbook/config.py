@@ -61,8 +61,8 @@ class Settings:
         return self.mode == "quick"
 
 
-QUICK = Settings("quick", train_images=640, demo_steps=20, epochs=1, batch_size=32,
-                 eval_images=256, importance_samples=4, toy_steps=400,
+QUICK = Settings("quick", train_images=320, demo_steps=20, epochs=1, batch_size=16,
+                 eval_images=128, importance_samples=4, toy_steps=400,
                  bound_images=64, cnf_steps=60, judged_samples=100, ode_images=8, slice_images=32,
                  progress=True)
 FULL = Settings("full", train_images=None, demo_steps=1000, epochs=200, batch_size=128,

@@ -255,15 +255,15 @@ viz.plot_dequantization(quants=8, prior=[0.075, 0.2, 0.4, 0.2, 0.075, 0.025, 0.0
 # the other half, plus here the image; its log-determinant is the sum of its log-scales. That is all this
 # chapter needs of it.)
 #
-# $$u_0 \sim U[0,1)^D \xrightarrow{\text{logit}} e \xrightarrow{\text{couplings}(\cdot \mid x)} e'
+# $$u_0 \sim U[0,1)^D \xrightarrow{\text{logit}} \eta \xrightarrow{\text{couplings}(\cdot \mid x)} \eta'
 # \xrightarrow{\text{sigmoid}} u.$$
 #
 # By the change of variables, $\log q(u \mid x) = \log 1 - \log|\det \partial u / \partial u_0|$, so the
 # bound needs $-\log q(u \mid x) = \log|\det \partial u / \partial u_0|$: exactly the `ldj` this chain adds.
 # Its terms, per pixel: the logit of $u_0$ ($\log(1-\alpha) - \log r_0 - \log(1 - r_0)$ with
 # $r_0 = (1 - \alpha)\,u_0 + \alpha/2$, as above), the coupling layers' log-scales (chapter 3), and the
-# sigmoid, whose derivative is $\mathrm{sigmoid}(e')\,(1 - \mathrm{sigmoid}(e'))$, giving
-# $\log\mathrm{sigmoid}(e') + \log\mathrm{sigmoid}(-e') = -\mathrm{softplus}(-e') - \mathrm{softplus}(e')$.
+# sigmoid, whose derivative is $\mathrm{sigmoid}(\eta')\,(1 - \mathrm{sigmoid}(\eta'))$, giving
+# $\log\mathrm{sigmoid}(\eta') + \log\mathrm{sigmoid}(-\eta') = -\mathrm{softplus}(-\eta') - \mathrm{softplus}(\eta')$.
 # Then the four steps of the table above run on $u$. The code:
 
 # %% tags=["spoiler"]

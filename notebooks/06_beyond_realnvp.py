@@ -130,11 +130,12 @@ print("a second batch and a reloaded copy keep the parameters of the first initi
 #
 # A determinant costs $O(C^3)$. Glow parametrises $W$ by its LU decomposition instead,
 #
-# $$W = P\, L\, \big(U + \mathrm{diag}(\mathrm{sign}(s)\, e^{\log|s|})\big),$$
+# $$W = P\, L\, \big(U + \mathrm{diag}(\mathrm{sign}(d)\, e^{\log|d|})\big),$$
 #
-# with a fixed permutation $P$, a unit lower triangular $L$ and a strictly upper triangular $U$. The
+# with a fixed permutation $P$, a unit lower triangular $L$, a strictly upper triangular $U$ and a diagonal
+# $d$ (not ActNorm's scale $s$; the code stores $\mathrm{sign}(d)$ and $\log|d|$ as `sign_s` and `log_s`). The
 # determinant of a triangular matrix is the product of its diagonal, $\det P = \pm 1$ and $\det L = 1$, so
-# $\log|\det W| = \sum_i \log|s_i|$, in $O(C)$. $W$ starts as a random rotation ($\log|\det W| = 0$). We
+# $\log|\det W| = \sum_i \log|d_i|$, in $O(C)$. $W$ starts as a random rotation ($\log|\det W| = 0$). We
 # check both versions on perturbed weights: the inverse, and the log-determinant against autograd in float64.
 
 # %%
@@ -162,7 +163,7 @@ print(tabulate([[n, f"{a:.1e}", f"{b:.1e}"] for n, (a, b) in checks.items()],
 assert all(a < 1e-10 and b < 1e-8 for a, b in checks.values())
 
 # %% [markdown]
-# The LU parametrisation's $\sum_i \log|s_i|$ is the log-determinant of its $W$, which `slogdet` computes the
+# The LU parametrisation's $\sum_i \log|d_i|$ is the log-determinant of its $W$, which `slogdet` computes the
 # expensive way:
 
 # %%
@@ -539,7 +540,7 @@ Markdown(
 #   first batch to zero mean and unit variance; the initialisation is part of the saved state, so it happens
 #   once.
 # - The invertible 1x1 convolution learns how to mix channels before each coupling; its log-determinant is
-#   $H W \log|\det W|$, and the LU parametrisation makes it $H W \sum_i \log|s_i|$.
+#   $H W \log|\det W|$, and the LU parametrisation makes it $H W \sum_i \log|d_i|$.
 # - Each shipped model has its own training history (printed from its results JSON). After the same number
 #   of training images, the Glow-style flow's validation bpd was the lower in these runs (one run each,
 #   different schedules); the multi-scale flow, trained on more images, ends with the lower test bpd.

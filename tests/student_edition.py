@@ -1,9 +1,9 @@
 """The student edition of a chapter runs top to bottom and raises exactly the NotImplementedErrors of its stubs.
 
 Each chapter's student edition takes up to two minutes; `make test` runs its tests in two processes (pytest-xdist,
-a file's tests in one, the files handed out in the order of the command line, these first), so the chapters are
-split into GROUPS of about equal time, one test file each (test_student_edition_1.py to _5.py), and the two
-processes finish together.
+a file's tests in one, the files handed out in the order of the Makefile's LONGEST list), so the chapters are
+split into GROUPS of a minute or two, one test file each (test_student_edition_1.py to _5.py), which that list
+places among the other long files so that the two processes finish together.
 """
 import re
 

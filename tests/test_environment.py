@@ -47,3 +47,16 @@ def test_make_clean_never_deletes_training_runs():
     makefile = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^clean:.*\n((?:\t.*\n)+)", makefile, flags=re.M).group(1)
     assert "rm" in recipe and "runs" not in recipe, f"`make clean` must keep runs/: {recipe.strip()}"
+
+
+def test_make_test_names_every_test_file_and_chapter_once_longest_first():
+    import subprocess
+
+    line = subprocess.run(["make", "-n", "test", "BIN=.venv/bin", "VENV=.venv"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip().splitlines()[-1]
+    assert "--no-loadscope-reorder" in line, "without it pytest-xdist hands out the one-test files last"
+    named = [w for w in line.split() if w.endswith((".py", ".ipynb"))]
+    expected = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("tests/test_*.py"),
+                                                           *ROOT.glob("notebooks/[0-9][0-9]_*.ipynb")])
+    assert sorted(named) == expected, "each test file and chapter once, none missing, no folder"
+    assert named[0].startswith("tests/test_student_edition_"), "the longest files first"

@@ -73,7 +73,7 @@ def check_lu_weight(lu_weight_and_logdet) -> None:
             "log|det W| = sum(log_s), not the sum of exp(log_s)": torch.exp(log_s).sum(),
             "log|det W| = sum(log_s), not their product": log_s.prod(),
         }, 1e-10)
-        close(got.reshape(()), logdet_ref.reshape(()), "log|det W| = sum(log|s_i|)", 1e-10)
+        close(got.reshape(()), logdet_ref.reshape(()), "log|det W| = sum(log|d_i|)", 1e-10)
         with reference():
             exact = torch.linalg.slogdet(w)[1]
         close(got.reshape(()), exact, "log|det W| against slogdet of your W", 1e-8)

@@ -74,8 +74,9 @@ class InvConv1x1(nn.Module):
     forward:  z' = W z per pixel,       ldj += H * W_img * log|det W|
     reverse:  z = W^-1 z' per pixel,    ldj -= H * W_img * log|det W|
 
-    With `lu=True`, W = P L (U + diag(sign(s) exp(log|s|))) with P a fixed permutation, L unit lower and U
-    strictly upper triangular: log|det W| = sum(log|s|), computed in O(C) instead of O(C^3).
+    With `lu=True`, W = P L (U + diag(sign(d) exp(log|d|))) with P a fixed permutation, L unit lower and U
+    strictly upper triangular, and the diagonal d stored as `sign_s` and `log_s`: log|det W| = sum(log|d|),
+    computed in O(C) instead of O(C^3).
     """
 
     def __init__(self, channels: int, lu: bool = True, generator: torch.Generator | None = None):
