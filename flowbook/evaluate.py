@@ -249,7 +249,7 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
                         eval_images: int | None = None, progress: bool = True, graphs: bool = False,
                         val_importance_samples: int | None = None, out: str | Path | None = None,
                         overwrite: bool = False, devices: int = 1, bpd_only: bool = False,
-                        batch_size: int | None = None) -> dict | None:
+                        batch_size: int | None = None, val_images: int | None = None) -> dict | None:
     """Evaluate the checkpoint at `path` and write the results JSON to `out` (default: beside it, same
     name, .json). The test set gets `importance_samples`, the validation set `val_importance_samples`
     (default the same); left as None, 8 for a flow and 1 for a flow-matching model, whose log-likelihood is
@@ -266,10 +266,13 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     An evaluation that is stopped keeps its finished batches in hidden files beside `out`
     (`.<name>.test.partial.rank0.pt`, ...); started again for the same weights and options, it continues from
     them, and deletes them once both sets are done.
+    `val_images`: the first N validation images only (default: as many as the test set gets, `eval_images`), for
+    a model whose likelihood costs seconds per image (an ODE): the test set is what results are compared on.
     `bpd_only`: the test and validation bpd alone, without the slice fingerprint and the timings (a quick look
     at a training run's weights; the JSON says so)."""
     path = Path(path)
-    for name, k in (("devices", devices), ("batch_size", 1 if batch_size is None else batch_size)):
+    for name, k in (("devices", devices), ("batch_size", 1 if batch_size is None else batch_size),
+                    ("val_images", 1 if val_images is None else val_images)):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
     out = Path(out) if out is not None else path.with_suffix(".json")
@@ -281,7 +284,7 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     model = model_from_checkpoint(ckpt, map_location=device if devices == 1 else "cpu")
     importance_samples = importance_samples or default_importance_samples(model)
     _, val, test = load_mnist()
-    val_imgs, test_imgs = val.images[:eval_images], test.images[:eval_images]
+    val_imgs, test_imgs = val.images[:val_images or eval_images], test.images[:eval_images]
     val_k = val_importance_samples or importance_samples
     results = {"arch": ckpt["arch"], "checkpoint": path.name, "checkpoint_sha256": file_sha256(path),
                "eval_images": {"val": len(val_imgs), "test": len(test_imgs)},
@@ -388,6 +391,8 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing results JSON even where it is more thorough")
     parser.add_argument("--eval-images", type=int, default=None, help="first N validation/test images only")
+    parser.add_argument("--val-images", type=int, default=None,
+                        help="first N validation images only (default: as many as the test set gets)")
     parser.add_argument("--graphs", action="store_true", help="also time compiled likelihood and sampling")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per batch (default 256; 64 for a flow-matching model); no result depends on it")
@@ -406,7 +411,7 @@ def main(argv=None):
         results = evaluate_checkpoint(args.checkpoint, args.device, args.importance_samples, args.eval_images,
                                       graphs=args.graphs, val_importance_samples=args.val_importance_samples,
                                       out=args.out, overwrite=args.overwrite, devices=args.devices,
-                                      bpd_only=args.bpd_only, batch_size=args.batch_size)
+                                      bpd_only=args.bpd_only, batch_size=args.batch_size, val_images=args.val_images)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         parser.exit(2, f"flowbook.evaluate: error: {err}\n")
     if results is not None:  # with several processes, the first reports

@@ -52,6 +52,23 @@ def test_evaluate_checkpoint_writes_a_complete_results_json(tmp_path, mnist, mon
         evaluate.refresh_slice(tmp_path / "other.pt", out=tmp_path / "simple.json")
 
 
+def test_val_images_evaluates_fewer_validation_images_and_the_table_says_how_many(tmp_path, mnist):
+    from flowbook.results import results_table
+
+    model = perturb_(create_flow("simple"), scale=0.01)
+    save_checkpoint(model, "simple", tmp_path / "simple.pt", epochs=1, settings={"lr": 1e-3})
+    with pytest.raises(ValueError, match="val_images"):
+        evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", eval_images=8, val_images=0, progress=False)
+    results = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=1, eval_images=8,
+                                  val_images=4, bpd_only=True, progress=False)
+    assert results["eval_images"] == {"val": 4, "test": 8}
+    first_four = bpd_per_image(model, mnist[1].images[:4], 1, seed=results["eval_seed"] + 1)
+    assert results["val_bpd"] == pytest.approx(first_four.mean().item(), abs=1e-5)
+    results.update({k: 1 for k in ("train_wall_s", "images_seen", "epochs") if results.get(k) is None})
+    (tmp_path / "simple.json").write_text(json.dumps(results))
+    assert f"| {results['val_bpd']:.3f} (4 images) |" in results_table(tmp_path)
+
+
 def test_a_stopped_evaluation_continues_from_its_saved_batches(tmp_path, mnist):
     from flowbook.evaluate import bpd_per_image
 
