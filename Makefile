@@ -73,7 +73,8 @@ nbgrader: setup
 bench: setup
 	$(BIN)/python -m flowbook.bench
 
-# Train the three models into runs/<model>/ and evaluate each (a killed run continues where it stopped).
+# Train four models into runs/<model>/ with the CLI defaults and evaluate each (a killed run continues where it
+# stopped; docs/training.md has the recipes of the shipped checkpoints).
 # On a CPU give each run a budget: `make train-all MINUTES=90` (see docs/training.md).
 MINUTES ?=
 train-all: setup

@@ -18,7 +18,7 @@ import matplotlib
 import torch
 
 from flowbook import config
-from flowbook.models import ALL_MODELS, MODEL_NAMES, ImageFlow
+from flowbook.models import ALL_MODELS, ImageFlow
 
 SEED = 0
 TEMPERATURES = (1.0, 0.7)
@@ -59,7 +59,7 @@ def main(argv=None):
     from flowbook.pretrained import checkpoint_file, describe_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=ALL_MODELS)
+    parser.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS)
     parser.add_argument("--temperatures", nargs="+", type=float, default=list(TEMPERATURES))
     parser.add_argument("--n", type=int, default=32, help="samples per temperature")
     parser.add_argument("--seed", type=int, default=SEED)

@@ -8,12 +8,14 @@ Each chapter runs top to bottom in a fresh kernel in quick mode (the mode CI che
 checkpoints where the chapter shows trained models). The notebook records the sha256 of the source it was
 run from (`metadata.flowbook.source_sha256`); tests/test_notebooks.py fails when a chapter's outputs are
 missing or come from an older source. The .py stays the source you edit; this only refreshes the .ipynb.
+The README's chapter times are `cell_seconds` of the stored outputs (a test checks them).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 
 import jupytext
@@ -30,6 +32,20 @@ TIMEOUT_S = 1800
 def source_sha256(source: Path) -> str:
     """sha256 of a chapter source's text: what its stored outputs were computed from."""
     return file_sha256(source)
+
+
+def cell_seconds(notebook: Path) -> float:
+    """Seconds the stored outputs of `notebook` (an .ipynb) took to compute: the sum over its code cells of
+    the execution times the kernel recorded (kernel start-up not included). 0.0 without timings."""
+    nb = nbformat.read(notebook, as_version=4)
+    total = 0.0
+    for cell in nb.cells:
+        timing = cell.get("metadata", {}).get("execution", {})
+        if "iopub.execute_input" in timing and "shell.execute_reply" in timing:
+            start, end = (datetime.fromisoformat(timing[k].replace("Z", "+00:00"))
+                          for k in ("iopub.execute_input", "shell.execute_reply"))
+            total += (end - start).total_seconds()
+    return total
 
 
 def run_chapter(source: Path, mode: str = "quick") -> nbformat.NotebookNode:

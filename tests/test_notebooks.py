@@ -92,6 +92,19 @@ def test_notebook_carries_outputs_computed_from_its_current_source(source):
     assert figures, "a chapter shows its figures before it is run"
 
 
+def test_the_readme_gives_each_chapters_time_from_its_stored_outputs():
+    from flowbook.outputs import cell_seconds
+
+    readme = (ROOT / "README.md").read_text()
+    for source in CHAPTERS:
+        row = re.search(rf"^\| \[{source.stem}\]\(.*\| (\d+) s \|$", readme, flags=re.M)
+        assert row, f"the README's chapter table has no time for {source.stem}"
+        seconds = cell_seconds(source.with_suffix(".ipynb"))
+        assert seconds > 0, f"{source.stem}'s stored outputs carry no cell timings"
+        assert int(row.group(1)) == round(seconds), \
+            f"README: {source.stem} {row.group(1)} s, its stored outputs {seconds:.0f} s (after `make outputs`)"
+
+
 @pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
 def test_solutions_and_answers_are_collapsed_so_a_reader_meets_the_question_first(source):
     nb = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
