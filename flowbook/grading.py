@@ -46,11 +46,15 @@ EDITION_TAGS = {"student", "solution", "answer", "spoiler", "spoiler-run", "rais
 CONFIG = '''\
 # nbgrader configuration of the flowbook course, written by `make nbgrader` (python -m flowbook.grading).
 # Once you change this file, `make nbgrader` keeps it (and writes its new version to new/); FORCE=1 overwrites.
+import os
+
 c = get_config()  # noqa: F821 (nbgrader defines get_config)
 c.CourseDirectory.course_id = "flowbook"
-# Autograding runs the whole chapter in quick mode, then its tests. Its slowest cell, chapter 3's live training
-# of two small flows, took 141 s on a 2-core CPU shared with two other jobs (docs/teaching.md); a cell that runs
-# longer than this many seconds is stopped, and a test cell stopped scores zero.
+# Autograding runs the whole chapter, then its tests, in kernels that inherit this environment: in quick mode
+# unless FLOWBOOK_MODE is set (on a machine with a GPU, flowbook's default would be full mode).
+os.environ.setdefault("FLOWBOOK_MODE", "quick")
+# Its slowest cell, chapter 5's timing of each shipped model, took 45 s on a 2-core CPU (docs/teaching.md); a
+# cell that runs longer than this many seconds is stopped, and a test cell stopped scores zero.
 c.Execute.timeout = 600
 '''
 

@@ -28,7 +28,8 @@
 # - implement the logit transform and its log-determinant, term by term (Exercise 1);
 # - compute the importance-weighted bound stably with logsumexp, and compare it with the Jensen bound (Exercise
 #   2);
-# - write the log-determinant of variational dequantization, and say what learned noise buys (Exercises 3 to 5).
+# - write the log-determinant of variational dequantization (Exercise 3), say what the noise margin costs
+#   (Exercise 4), and why learned noise does not slow sampling (Exercise 5).
 
 # %%
 import inspect

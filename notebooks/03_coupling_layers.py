@@ -455,8 +455,8 @@ exercises.check_additive_coupling(AdditiveCoupling)
 # loop on 4,096 training images, and asks for a held-out bpd of at most the target below. It also watches the
 # loop while it runs: a new random batch of `batch_size` images each step, gradients that do not add up
 # across steps (`optimizer.zero_grad()` every step), and the gradient norm clipped at 1.0 before each
-# `optimizer.step()`. The check took 25 to 40 s, measured with one thread on two CPU cores shared with other
-# jobs; allow a minute. flowbook's own trainers are switched off meanwhile.
+# `optimizer.step()`. The check took 15 to 40 s in our measurements with one thread (the longer ones with other
+# jobs on the CPU); allow a minute. flowbook's own trainers are switched off meanwhile.
 
 # %%
 from flowbook.exercises import ch3 as ch3_checks

@@ -36,8 +36,8 @@
 # - implement the LU-parametrised invertible 1x1 convolution, with its inverse and log-determinant (Exercise 1);
 # - implement ActNorm with its data-dependent initialisation (Exercise 2);
 # - compute an ROC curve and its area to judge likelihood-based out-of-distribution detection (Exercise 3);
-# - explain why a flow can find simple or noisy images likely, and what a typicality test adds (Exercises 4 and
-#   5).
+# - explain what a learned 1x1 convolution can do that a fixed permutation cannot (Exercise 4), and why the
+#   most likely latent does not decode to the most likely image (Exercise 5).
 
 # %%
 import math

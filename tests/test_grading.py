@@ -327,3 +327,16 @@ def test_nbgrader_extensions_load_under_the_pinned_jupyterlab():
     from nbgrader.server_extensions.formgrader import handlers
 
     assert nbgrader._jupyter_server_extension_points() == [{"module": "nbgrader"}] and handlers.default_handlers
+
+
+@pytest.mark.parametrize("preset", [None, "full"])
+def test_the_course_config_grades_in_quick_mode_unless_the_lecturer_sets_a_mode(tmp_path, monkeypatch, preset):
+    from traitlets.config.loader import PyFileConfigLoader
+
+    monkeypatch.setenv("FLOWBOOK_MODE", preset or "unset below")  # so that the test's end restores the variable
+    if preset is None:
+        monkeypatch.delenv("FLOWBOOK_MODE")
+    (tmp_path / "nbgrader_config.py").write_text(grading.CONFIG)
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(tmp_path)).load_config()
+    assert config.Execute.timeout == 600 and config.CourseDirectory.course_id == "flowbook"
+    assert os.environ["FLOWBOOK_MODE"] == (preset or "quick"), "the kernels nbgrader starts inherit this mode"
