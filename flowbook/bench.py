@@ -21,6 +21,7 @@ import time
 import torch
 from tabulate import tabulate
 
+from flowbook.cpu import keep_freed_memory
 from flowbook.evaluate import _sync, inference_time, sampling_time
 from flowbook.fast import COMPILE_MODES, enable_tf32, speed_up
 from flowbook.layers.checks import trusted_images
@@ -195,6 +196,7 @@ def processes_vs_threads(name: str = "multiscale", processes: int = 2, batch_siz
 
 
 def main(argv=None):
+    keep_freed_memory()  # see flowbook.cpu; the timings are with it
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch")

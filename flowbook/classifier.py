@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flowbook import config
+from flowbook.cpu import keep_freed_memory
 from flowbook.layers.checks import check_images
 from flowbook.provenance import hardware
 
@@ -101,6 +102,7 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
 
 
 def main(argv=None):
+    keep_freed_memory()  # see flowbook.cpu
     from flowbook.data import load_mnist
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

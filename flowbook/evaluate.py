@@ -23,6 +23,7 @@ from tqdm import tqdm  # text bars: work in a terminal and in Jupyter without ip
 
 from flowbook import config, noise
 from flowbook.checkpoints import atomic_save, model_from_checkpoint, read_checkpoint
+from flowbook.cpu import keep_freed_memory
 from flowbook.data import load_mnist
 from flowbook.fast import compiled_calls
 from flowbook.models import ImageFlow, noise_record, num_parameters
@@ -380,6 +381,7 @@ def _fingerprint_and_times(model, test_images, batch, repeats, graphs) -> dict:
 
 
 def main(argv=None):
+    keep_freed_memory()  # see flowbook.cpu
     parser = argparse.ArgumentParser(description="Evaluate a flowbook checkpoint and write its results JSON.")
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--device", default=None)

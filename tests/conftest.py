@@ -3,6 +3,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowbook.cpu import keep_freed_memory
+
+keep_freed_memory()  # this worker and the notebook kernels it starts reuse freed buffers (see flowbook.cpu)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from flowbook.cpu import keep_freed_memory
 from flowbook.fast import COMPILE_MODES
 from flowbook.models import ALL_MODELS
 from flowbook.training.distributed import ACCELERATORS, STRATEGIES
@@ -27,6 +28,7 @@ def _optional(kind):
 
 
 def main(argv=None):
+    keep_freed_memory()  # see flowbook.cpu: about a sixth faster on a Linux CPU
     parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--model", required=True, choices=ALL_MODELS)
     parser.add_argument("--epochs", type=int, default=200)
