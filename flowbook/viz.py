@@ -27,18 +27,30 @@ def _to_display(imgs) -> torch.Tensor:
     return imgs
 
 
-def show_imgs(imgs, title: str | None = None, row_size: int = 8, scale: float = 1.2):
-    """A grid of images [N, C, H, W] (int 0..255 or float 0..1), `row_size` per row."""
+def show_imgs(imgs, title: str | None = None, row_size: int = 8, scale: float = 1.2, row_labels=None):
+    """A grid of images [N, C, H, W] (int 0..255 or float 0..1), `row_size` per row; `row_labels`, one string
+    per row, written left of the rows."""
     imgs = _to_display(imgs)
     nrow = min(len(imgs), row_size)
     ncol = math.ceil(len(imgs) / nrow)
+    if row_labels is not None and len(row_labels) != ncol:
+        raise ValueError(f"{len(row_labels)} row labels for {ncol} rows")
     # The frame between images is coloured (no grey level), so that a constant grey image stays visible.
-    grid = torchvision.utils.make_grid(imgs, nrow=nrow, pad_value=-1.0, padding=2)
+    padding = 2
+    grid = torchvision.utils.make_grid(imgs, nrow=nrow, pad_value=-1.0, padding=padding)
     frame = (grid == -1.0).all(dim=0)
     grid[:, frame] = torch.tensor(_FRAME_RGB[:grid.shape[0]] if grid.shape[0] == 3 else [0.5]).view(-1, 1)
-    fig, ax = plt.subplots(figsize=(scale * nrow, scale * ncol + (0.4 if title else 0)))
+    fig, ax = plt.subplots(figsize=(scale * nrow + (1.6 if row_labels else 0), scale * ncol + (0.4 if title else 0)))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest", vmin=0, vmax=1)
-    ax.axis("off")
+    if row_labels:
+        height = imgs.shape[2] + padding
+        ax.set_yticks([padding + r * height + imgs.shape[2] / 2 for r in range(ncol)], row_labels)
+        ax.set_xticks([])
+        ax.tick_params(length=0)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    else:
+        ax.axis("off")
     if title:
         ax.set_title(title)
     fig.tight_layout()

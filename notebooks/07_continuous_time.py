@@ -40,7 +40,7 @@
 # %% [markdown]
 # **Learning objectives.** After this chapter and its exercises you can
 # - state the instantaneous change of variables, and check it numerically;
-# - implement Hutchinson's trace estimator, and say what its variance costs (Exercise 1);
+# - implement Hutchinson's trace estimator, and see its spread shrink with the number of probes (Exercise 1);
 # - implement the conditional flow-matching loss, and explain why it needs no simulation (Exercises 2 and 4);
 # - sample with an Euler solver, and say what the solver tolerance does to a reported bpd (Exercises 3 and 5).
 
@@ -139,9 +139,11 @@ print(f"each doubling of N divides the error by about {errors[-2] / errors[-1]:.
 assert 0.8 < order < 1.2
 
 # %% [markdown]
-# The error halves with each doubling of $N$: the $O(h)$ of the derivation, measured (on the figure's log-log
-# axes a first-order error is a line of slope $-1$, parallel to the dashed reference, drawn twice as high so
-# that the two can be told apart). So a continuous flow is the limit of chapter 1's stacks of
+# The error halves with each doubling of $N$: first order, as the derivation's $O(h^2)$ per step, $N$ times,
+# predicts (on the figure's log-log axes a first-order error is a line of slope $-1$, parallel to the dashed
+# reference, drawn twice as high so that the two can be told apart). The measured error has a second
+# first-order part, which the derivation leaves out: the Euler steps' path drifts from the ODE's solution by
+# $O(h)$, so their log-determinants are taken at slightly different points. So a continuous flow is the limit of chapter 1's stacks of
 # layers, and its log-determinant needs no determinant at all, only the divergence along the path.
 #
 # ## 2. A continuous normalizing flow on the two moons
@@ -172,9 +174,10 @@ print(f"coupling flow (chapter 1): {settings.toy_steps} steps; continuous flow: 
       f"{sum(cnf_record['seconds']):.0f} s")
 
 # %%
-viz.plot_curves({"velocity evaluations per forward solve": (range(1, len(cnf_record["nfe"]) + 1), cnf_record["nfe"])},
+viz.plot_curves({"velocity evaluations of the forward solve": (range(1, len(cnf_record["nfe"]) + 1),
+                                                                 cnf_record["nfe"])},
                 "training step", "evaluations",
-                title="Maximum likelihood: velocity evaluations per training step");
+                title="Maximum likelihood: the forward solve's work at each training step");
 first, last = cnf_record["nfe"][:10], cnf_record["nfe"][-10:]
 print(f"forward solve: {sum(first) / 10:.0f} evaluations of v on average over the first 10 steps, "
       f"{sum(last) / 10:.0f} over the last 10; a step took {1000 * sum(cnf_record['seconds'][-10:]) / 10:.0f} ms "
@@ -182,21 +185,28 @@ print(f"forward solve: {sum(first) / 10:.0f} evaluations of v on average over th
 assert sum(last) > sum(first), "the solver's work did not grow during this run"
 
 # %% [markdown]
-# Each training step solves the ODE with an adaptive solver, which takes as many steps as the field's
-# curvature demands. The small random field at the start is easy to follow; as training moves the density
-# away from the Gaussian, the field grows more curved and the solver takes more evaluations on average (the
-# printed averages of the first and last ten steps; from one step to the next the count goes up and down), and
-# the backward pass has to go back through every one of them. This growth is what made continuous flows
-# expensive to train (Finlay et al., 2020, regularise the field to keep it in check). The densities side by side, with their average
-# log-likelihood on 2,000 held-out points in the titles:
+# Each training step solves the ODE with an adaptive solver, which takes as many steps as its error control
+# demands for the field at hand. The small random field at the start is easy to follow; as training moves the
+# density away from the Gaussian, the solver takes more evaluations on average (the printed averages of the
+# first and last ten steps; from one step to the next the count goes up and down), and the backward pass has
+# to go back through every one of them. This growth is what made continuous flows expensive to train (Finlay
+# et al., 2020, regularise the field to keep it in check). The densities side by side, with their average
+# log-likelihood on 2,000 held-out points in the titles (the left panel shows 2,000 of the training points):
 
 # %%
 with torch.no_grad():
     ll_coupling = coupling.log_prob(held_out).mean().item()
 ll_cnf = toy_cnf.log_prob(cnf, held_out).mean().item()
 viz.plot_densities_2d({f"coupling flow: {ll_coupling:.2f} nats": coupling.log_prob,
-                       f"continuous, max. likelihood: {ll_cnf:.2f}": lambda x: toy_cnf.log_prob(cnf, x)},
+                       f"continuous, max. likelihood: {ll_cnf:.2f} nats": lambda x: toy_cnf.log_prob(cnf, x)},
                       data=data[:2000], title="Held-out log-likelihood in the titles (higher is better)");
+
+# %%
+Markdown(f"The continuous flow trained {settings.cnf_steps} steps ({sum(cnf_record['seconds']):.0f} s), the coupling "
+         f"flow {settings.toy_steps}"
+         + (f". This is quick mode (full mode trains {config.FULL.cnf_steps} and {config.FULL.toy_steps} steps): the "
+            "continuous flow is a snapshot on its way, not a finished model, and its density and log-likelihood "
+            "say how far it got in that time, not how good a continuous flow can be." if settings.quick else "."))
 
 # %% [markdown]
 # ## 3. Hutchinson's trace estimator
@@ -263,10 +273,15 @@ Markdown(f"The means lie {gaps['rademacher']:.1f} (Rademacher) and {gaps['gaussi
          f"Rademacher probes remove: {100 * share:.1f}% at this point.")
 
 # %% [markdown]
-# One estimate per image is unbiased, and so is a log-likelihood computed from it. But an importance-weighted
-# bound (chapter 2) takes $\log \frac{1}{K}\sum_k e^{\ell_k}$ of $K$ log-likelihood estimates $\ell_k$, each
-# noisy here, and by Jensen's inequality
-# the noise pushes that up: a flow-matching model's `bits_per_dim` refuses `importance_samples > 1`.
+# Along an ODE solve, `flowbook.ode.integrate` draws one probe per image and uses it at every evaluation of $v$,
+# so $a(0)$ is the integral of $\epsilon^\top J \epsilon$ along the path, whose expectation over $\epsilon$ is
+# the integral of the divergence (up to the solver's own error, which also acts on $a$). A log-likelihood
+# computed with it is an unbiased estimate $\ell + n$ of the exact one, $\ell$, with zero-mean noise $n$ from
+# the probe; it is not a bound. An importance-weighted bound (chapter 2) takes $\log \frac{1}{K}\sum_k
+# e^{\ell_k}$ of $K$ log-likelihoods, and with noisy ones, $\ell_k = \ell + n_k$, the average of $e^{\ell_k}$
+# tends to $e^{\ell}\, \mathbb{E}[e^{n}] \ge e^{\ell}$ as $K$ grows (Jensen's inequality, for the convex
+# $\exp$ and $\mathbb{E}[n] = 0$): the probe's noise pushes it up, past what the importance samples may
+# claim. So a flow-matching model's `bits_per_dim` refuses `importance_samples > 1`.
 #
 # ## 4. Flow matching
 #
@@ -332,7 +347,8 @@ better = "higher" if ll_fm > ll_cnf else "lower"
 Markdown(f"A flow-matching step costs **{ml_ms / fm_ms:.0f} times** less than a maximum-likelihood step on this "
          f"machine, so it took {len(fm_record['seconds']):,} steps in about the time of "
          f"{round(sum(fm_record['seconds']) / ml_ms * 1000):,} maximum-likelihood ones. Its held-out "
-         f"log-likelihood is {better} ({ll_fm:.3f} against {ll_cnf:.3f} nats): flow matching never looks at the "
+         f"log-likelihood, after those {len(fm_record['seconds']):,} steps against the maximum-likelihood flow's "
+         f"{settings.cnf_steps}, is {better} ({ll_fm:.3f} against {ll_cnf:.3f} nats): flow matching never looks at the "
          "likelihood, yet a field that carries the noise onto the data has one, and this one is computed "
          "through the ODE like any other continuous flow's.")
 
@@ -341,7 +357,8 @@ Markdown(f"A flow-matching step costs **{ml_ms / fm_ms:.0f} times** less than a 
 #
 # The image model (`flowbook.flowmatch.FlowMatchingModel`) wraps the same ODE in chapter 2's dequantization,
 # so that its bits per dimension mean what they mean for every other flow in this collection. For an image
-# $x$ with integer pixels and uniform noise $u$, the flow $f$ runs
+# $x$ with integer pixels and uniform noise $u \sim U[0, 1)^D$ (chapter 2's symbol, not the velocity $u_t$ of
+# section 4), the flow $f$ runs
 #
 # $$x \;\xrightarrow{\text{dequantize, logit (chapter 2)}}\; y \;\xrightarrow{\;/\,4\;}\; x_1
 #   \;\xrightarrow{\text{ODE from } t=1 \text{ to } t=0}\; z,$$
@@ -407,19 +424,21 @@ viz.plot_curves({"Euler": (euler_steps, scores),
                  f"adaptive solver ({adaptive_nfe} evaluations)": (euler_steps, [adaptive_score] * len(euler_steps)),
                  "real test digits": (euler_steps, [real] * len(euler_steps))},
                 "Euler steps N (evaluations of v)", f"share recognisable (p >= {THRESHOLD})", logx=True,
-                title="Sample quality against solver steps");
+                dashed=(f"adaptive solver ({adaptive_nfe} evaluations)", "real test digits"),
+                title="Sample quality against solver steps (dashed: one value each, not a function of N)");
 
 # %%
 viz.show_imgs(torch.cat([euler[n][:8] for n in euler_steps] + [adaptive[:8]]), row_size=8,
-              title="The same 8 starting points: 1, 2, 4, ..., 32 Euler steps, then the adaptive solver");
+              row_labels=[f"{n} Euler step{'s' if n > 1 else ''}" for n in euler_steps] + ["adaptive"],
+              title="The same 8 starting points, one row per solver");
 one = euler[1].float()
 x1_mean = flowmatch.to_data_space(train_set.images[:2000].to(device))[0].mean(0, keepdim=True)
 mean_image = flowmatch.dequant(x1_mean * flowmatch.data_scale, torch.zeros(1, device=device), reverse=True)[0].float()
 spread_one = (one - one.mean(0)).abs().mean()
 spread_adaptive = (adaptive.float() - adaptive.float().mean(0)).abs().mean()
-print(f"one Euler step: the samples differ from each other by {spread_one:.1f} grey levels on average, and from the "
-      f"mean training image (in logit space) by {(one - mean_image).abs().mean():.1f}; adaptive samples differ from "
-      f"each other by {spread_adaptive:.1f}")
+print(f"one Euler step: the samples lie {spread_one:.1f} grey levels from their own mean image on average, and "
+      f"{(one - mean_image).abs().mean():.1f} from the mean training image (in logit space); adaptive samples lie "
+      f"{spread_adaptive:.1f} from theirs")
 
 # %% [markdown]
 # Why one step should collapse the samples: at $t = 0$, $x_t = x_0$ says nothing about which $x_1$ the line
@@ -429,8 +448,8 @@ print(f"one Euler step: the samples differ from each other by {spread_one:.1f} g
 
 # %%
 collapsed = spread_one < spread_adaptive / 2
-Markdown(f"For the model named above the one-step samples are {spread_one:.1f} grey levels apart on average, against "
-         f"{spread_adaptive:.1f} for the adaptive solver's: "
+Markdown(f"For the model named above the one-step samples lie {spread_one:.1f} grey levels from their mean image on "
+         f"average, against {spread_adaptive:.1f} for the adaptive solver's: "
          + ("they collapse towards one image, as the derivation says. " if collapsed else
             "they do not collapse, so this model has not learned the marginal velocity at $t = 0$ yet. ")
          + "More steps let the trajectories bend towards individual digits.")
@@ -447,8 +466,9 @@ Markdown(f"With the model named above, the share of recognisable samples is {sco
 # The likelihood of a test image: dequantize, scale, solve the ODE from $t=1$ to $t=0$ with one Hutchinson
 # probe, add the prior. The likelihood's solve is tighter than the sampling solve above (the tolerances are
 # printed below): a sample is rounded to 8 bits at the end, while a likelihood's error goes straight into the
-# bpd (Exercise 5 asks how much). The $\pm$ is the standard error of the mean over the images, each with its
-# own noise and probe; most of it is the images' own spread in bpd. In full mode this cell runs on all 10,000
+# bpd (Exercise 5 asks in which direction, and how to check). The $\pm$ is the standard error of the mean over
+# the images, each with its own noise and probe: it holds both the images' own spread in bpd and the noise of
+# the estimate. In full mode this cell runs on all 10,000
 # test images: hours on a CPU, minutes on a GPU.
 
 # %%
@@ -474,9 +494,11 @@ print(f"solver {flowmatch.method}: likelihood rtol = atol = {flowmatch.rtol:g}; 
 # Every shipped model, each on the full test set from its results JSON, which `python -m flowbook.evaluate
 # --checkpoint checkpoints/<model>.pt` writes: the flows with 8 importance samples, the flow-matching model
 # with one dequantization sample and one Hutchinson probe per image (an unbiased estimate of the looser
-# one-sample bound), once its evaluation, a run of hours on a CPU, has been done. The last column is
-# computed here: the share of each model's samples at temperature 1.0 that the classifier recognises (for
-# `tarflow_noise`, trained on noisy images, after the denoising step of chapter 8).
+# one-sample bound), once its evaluation, a run of hours on a CPU, has been done. The shipped models include
+# chapter 8's two transformer flows: `tarflow`, and `tarflow_noise`, the same network trained on images with
+# Gaussian noise added, whose bpd is a valid bound on MNIST's but a poor one by design (chapter 8 explains
+# why). The last column is computed here: the share of each model's samples at temperature 1.0 that the
+# classifier recognises (for `tarflow_noise`, after a denoising step that chapter 8 derives).
 
 # %%
 results = load_results()
@@ -520,6 +542,9 @@ print(tabulate([["multiscale", f"{1000 * ms_ll:.0f}", f"{1000 * ms_sample:.0f}"]
                  f"{1000 * fm_sample:.0f} ({flowmatch.last_nfe} evaluations)"]],
                ["model", f"likelihood of {n_ll} images (ms)", "16 samples (ms)"]))
 print(f"on {torch.get_num_threads()} CPU threads" if device.type == "cpu" else f"on {torch.cuda.get_device_name()}")
+print(f"the flow-matching model took {batch_s[0] / ms_ll:.0f}x the multi-scale flow's time for a likelihood and "
+      f"{fm_sample / ms_sample:.0f}x for 16 samples (the multi-scale likelihood with one dequantization sample, "
+      "as the flow-matching one; the table's bpd takes 8)")
 
 # %% [markdown]
 # A coupling flow computes a likelihood in one pass through its layers; the flow-matching model solves an ODE,
@@ -548,8 +573,8 @@ print(f"on {torch.get_num_threads()} CPU threads" if device.type == "cpu" else f
 # - Maximum likelihood trains a continuous flow through an ODE solver, whose cost grew as the flow learned
 #   (measured on the two moons).
 # - Hutchinson's estimator gives an unbiased divergence from one vector-Jacobian product; Rademacher probes
-#   have less variance than Gaussian ones. An unbiased log-likelihood estimate is no bound: no importance
-#   sampling over it.
+#   have less variance than Gaussian ones. A log-likelihood computed with it is an unbiased estimate, not a
+#   bound, and importance sampling over such estimates would overstate the likelihood.
 # - Flow matching regresses $v_\theta$ on the straight lines' velocities $x_1 - x_0$, which has the gradient
 #   of regressing on the true marginal field: no ODE during training.
 # - The flow-matching model of MNIST has a likelihood in the same units as every flow here, at the price of
@@ -595,8 +620,9 @@ exercises.check_hutchinson_divergence(hutchinson_divergence)
 # Write `cfm_loss(velocity, x1)` for data `x1` [B, ...]: draw $t \sim U[0, 1]$ (one per example) and
 # $x_0 \sim \mathcal{N}(0, I)$, form $x_t$ on the linear path from $x_0$ at $t=0$ to $x_1$ at $t=1$, and
 # return the mean over the batch and all dimensions of $\|v(x_t, t) - u_t\|^2$ with the path's velocity
-# $u_t$. The checker switches off `flowbook.flowmatch.LinearPath`, feeds your function data far from the
-# noise, and reconstructs from what your loss passed to `velocity` whether $t$, $x_0$, the path and the
+# $u_t$. The checker switches off `flowbook.flowmatch.LinearPath`, feeds your function data clustered near 6
+# in every coordinate (far from the noise $x_0$, near 0, so that the two cannot be mistaken for each other),
+# and reconstructs from what your loss passed to `velocity` whether $t$, $x_0$, the path and the
 # target are right.
 
 # %% tags=["student"]

@@ -37,10 +37,11 @@
 # **Learning objectives.** After this chapter and its exercises you can
 # - derive the log-determinant of an autoregressive affine flow, and say why its density takes one parallel
 #   pass and its sampling one pass per token (Exercise 4 asks why);
-# - write a causal attention mask and say what the shift by one position adds (Exercise 1);
+# - write a causal attention mask, and see it keep a token's shift and log-scale independent of that token
+#   and the ones after it (Exercise 1);
 # - invert an autoregressive layer token by token, with its log-determinant (Exercise 2);
-# - derive Tweedie's denoising step and implement it with a flow's score (Exercise 3), and explain what noise
-#   augmentation does to a likelihood (Exercise 5).
+# - implement Tweedie's denoising step with a flow's score (Exercise 3), and explain what noise augmentation
+#   does to a likelihood (Exercise 5).
 
 # %%
 import math
@@ -85,9 +86,11 @@ print(f"mode: {settings.mode}")
 #
 # The determinant of a block triangular matrix is the product of the determinants of its diagonal blocks, so
 #
-# $$\log\lvert\det J_f\rvert = \sum_{i=1}^{n} \sum_{j=1}^{d} s_{i,j},$$
+# $$\log\lvert\det J_f\rvert = \sum_{i=1}^{n} \sum_{c=1}^{d} s_{i,c},$$
 #
-# a sum of log-scales, whatever the network: the blocks below the diagonal never enter it.
+# a sum of log-scales ($s_{i,c}$ is the log-scale of value $c$ of token $i$), whatever the network: the blocks
+# below the diagonal never enter it. (The TarFlow paper writes the same map as $z_i = (x_i - \mu_i) \odot
+# e^{-\alpha_i}$, that is $\mu_i = -t_i$ and $\alpha_i = -s_i$; flowbook keeps chapter 3's signs.)
 #
 # **Density in one pass, sampling in $n$.** Given $x$, every $(t_i, s_i)$ can be computed at once, since all
 # the $x_{<i}$ are known: the log-likelihood $\log \mathcal{N}(z; 0, I) + \sum s$ costs one parallel pass of
@@ -125,7 +128,8 @@ print(f"largest entry above the diagonal: {above:.1e}; largest off-diagonal entr
       f"{off_diag_in_block:.1e}")
 assert abs(ldj_small.item() - log_det) < 1e-9 and above == 0 and off_diag_in_block == 0
 viz.plot_masks({"J != 0": (J.abs() > 0).float().unsqueeze(0)},
-               title="Where the Jacobian of one block is not zero (white), tokens in order: lower triangular",
+               title="Where the Jacobian of one block is not zero (white); rows: outputs z, columns: inputs x,\n"
+                     "both in token order: lower triangular",
                channel_labels=False);
 
 # %% [markdown]
@@ -146,7 +150,8 @@ tokens = patchify(digit, 4)
 print(f"image {list(digit.shape)} -> tokens {list(tokens.shape)}; back: "
       f"{torch.equal(unpatchify(tokens, 4, (1, 28, 28)), digit)}")
 viz.show_imgs(tokens[0].view(49, 1, 4, 4).to(torch.uint8), row_size=7,
-              title="The 49 tokens of a test digit, in order (token i at row i // 7, column i % 7)", scale=0.6);
+              title="The 49 tokens of a test digit, in order: tokens 1 to 7 in the first row, 8 to 14 in the second, ...",
+              scale=0.6);
 
 # %% [markdown]
 # **The network.** One TarFlow block computes every $(t_i, s_i)$ with one causal transformer:
@@ -154,7 +159,8 @@ viz.show_imgs(tokens[0].view(49, 1, 4, 4).to(torch.uint8), row_size=7,
 #    position $i$ is $x_{i-1}$ (a learned start vector at position 1), plus a learned position embedding;
 # 2. a few pre-norm transformer layers run with a **causal attention mask**: position $i$ may attend to
 #    positions $j \le i$;
-# 3. a final linear map, initialised at zero so that a new block is the identity, gives $t_i$ and
+# 3. a final layer norm and linear map, the map initialised at zero so that a new block is the identity, give
+#    $t_i$ and
 #    $s_i$, each in $\mathbb{R}^d$; the log-scale is bounded like chapter 3's, $s \leftarrow \tanh(s/e^c)\,
 #    e^c$, with one learned $c$ for each of the $d$ values of a token, shared by all tokens.
 #
@@ -172,8 +178,11 @@ viz.plot_masks({"causal mask, n = 49": tarflow_layers.causal_mask(49).float().un
 # both sides. flowbook's `tarflow` model is chapter 2's dequantization followed by four such blocks and a
 # standard normal prior. For one image, `encode` adds to `ldj`:
 # - chapter 2's dequantization terms, $D \log(1 - 2m) - D\log 256 + D\log(1 - \alpha) - \sum \log
-#   r (1 - r)$, the sum over the $D$ squeezed pixels $r$;
-# - for each block $k$, its sum of log-scales $\sum_{i,j} s^{(k)}_{i,j}$;
+#   r (1 - r)$ (the noise margin $m$, the $\log 256$ of the discrete pixels, the logit margin $\alpha$, and
+#   the sum over the $D$ pixels $r$ squeezed into $(\alpha/2, 1 - \alpha/2)$ before the logit);
+# - for each block $k$, its sum of log-scales $\sum_{i,c} s^{(k)}_{i,c}$;
+# - nothing for cutting into tokens, putting them back (`patchify`, `unpatchify`) or reversing their order
+#   (`flip`): these only move values around, a permutation, whose determinant is $\pm 1$;
 #
 # and the log-likelihood adds the prior, $\log \mathcal{N}(z; 0, I)$. The model and its size:
 
@@ -205,8 +214,9 @@ print(f"a flipped block on a 28x28 input: ldj {ldj_block.item():.8f}, log|det J|
 # %% [markdown]
 # ## 3. A TarFlow on MNIST
 #
-# flowbook's TarFlow is trained by `python -m flowbook.train --model tarflow` on the CPU with uniform
-# dequantization, like the flows of chapters 3 to 6 (the runbook `docs/training.md` has the command). Where a
+# flowbook's TarFlow is trained by `python -m flowbook.train --model tarflow` on the CPU with chapter 2's
+# uniform dequantization, like chapter 3's single-scale flow (the flows of chapters 4 and 6 learn theirs,
+# variationally; the runbook `docs/training.md` has the command). Where a
 # trained checkpoint is shipped, its training, stage by stage:
 
 # %%
@@ -253,9 +263,11 @@ Markdown(text)
 # ### Validation bpd against training images
 #
 # Would more training close the gap? The runs that made the shipped checkpoints recorded the validation bpd
-# (one dequantization sample, the 10,000 validation images) after every epoch; `docs/validation_curves.csv`
+# (one dequantization sample, the 10,000 validation images) after each epoch they logged (a curve that starts
+# later than 49,984 images lacks its first epochs); `docs/validation_curves.csv`
 # keeps them for the TarFlow, chapter 4's multi-scale flow and chapter 6's Glow-style flow, against the images seen since each model's
-# first training stage began (each later stage restarts its learning-rate schedule):
+# first training stage began (each later stage restarts its learning-rate schedule, and a curve can jump
+# where a stage begins):
 
 # %%
 curves = validation_curves()
@@ -287,12 +299,17 @@ if "tarflow" in curves and "multiscale" in curves:
                  + (f"{gap:.3f} bpd behind at equal training images" if gap > 0 else f"{-gap:.3f} bpd ahead"))
     text += (f"; the multi-scale flow ended there." if both and both[-1] == max(ms) else
              f"; the multi-scale flow ended at {ms[max(ms)]:.3f} after {max(ms):,} images.")
+    if "glow" in curves:
+        gx, gy, _ = curves["glow"][-1]
+        tar_at = dict(zip(xs, ys)).get(gx)
+        text += (f" Chapter 6's Glow-style flow, a convolutional coupling flow too, stood at {gy:.3f} after its "
+                 f"{gx:,} images" + (f", where the TarFlow stood at {tar_at:.3f}." if tar_at is not None else "."))
 else:
     text = "`docs/validation_curves.csv` has no TarFlow curve on this machine, so there is nothing to compare."
 Markdown(text)
 
 # %% [markdown]
-# Two differences between the TarFlow and the multi-scale flow may explain the gap at equal training images
+# Three differences between the TarFlow and the multi-scale flow may explain the gap at equal training images
 # (this chapter has not measured them one by one), and one that does not:
 #
 # - **No convolutions.** The coupling networks of chapters 3 to 6 are convolutional: each output sees its
@@ -304,9 +321,13 @@ Markdown(text)
 #   the blocks in between. (A version that mixes each patch's values with chapter 6's invertible 1x1
 #   convolution after every block did not learn faster in a one-epoch comparison; `docs/training.md` has the
 #   numbers.)
+# - **Dequantization and scales.** The multi-scale flow learns its dequantization noise (chapter 2's
+#   variational dequantization; the results table shows what it is worth for the single-scale flows,
+#   `vardeq` against `simple`) and factors out half of its values at each scale (chapter 4); the TarFlow
+#   has uniform noise and one scale.
 # - **Not size.** The TarFlow has more parameters than the multi-scale flow (1.6 million against 1.1 million,
-#   in the results table). The TarFlows of the paper are about a hundred times larger again, and train for
-#   days on accelerators; this one trained for the minutes of the stage table above, on a CPU.
+#   in the results table). The TarFlows of the paper have hundreds of millions of parameters, hundreds of
+#   times more, and train for days on accelerators; this one trained for the minutes of the stage table above, on a CPU.
 
 # %% [markdown]
 # ### What a likelihood and a sample cost
@@ -390,8 +411,9 @@ Markdown(f"On this machine, for 64 images, sampling costs {cached_s / ll_s:.1f} 
 #
 # The best guess of the clean image (in squared error) needs only the *score* of the noisy density. A flow
 # trained on noisy images gives its own model of that density exactly, $\log p_\sigma(\tilde x) = \log
-# \mathcal N(z; 0, I) + \sum_k \sum_{i,j} s^{(k)}_{i,j}$ with $z$ what the blocks make of $\tilde x$, and
-# autograd differentiates it (`flowbook.denoise`): the step uses the model's score, as good as the model. A
+# \mathcal N(z; 0, I) + \sum_k \sum_{i,c} s^{(k)}_{i,c}$ with $z$ what the blocks make of $\tilde x$, and
+# autograd differentiates it (`flowbook.denoise`): the step uses the score of the model's density, exact for
+# that density and as good as the model. A
 # sample then is: draw $z$, run the blocks backwards to $\tilde x$, take one Tweedie step, and quantize.
 #
 # The model and its noise level:
@@ -404,7 +426,10 @@ print(f"sigma = {sigma} in units of the [-1, 1] pixel scale, {sigma * 128:.1f} g
 
 # %% [markdown]
 # Samples before and after the denoising step, and what a few step sizes do: Tweedie's step with $\sigma'$ in
-# place of $\sigma$, from no step ($\sigma' = 0$) to twice the training noise. The classifier of chapter 7
+# place of $\sigma$, from no step ($\sigma' = 0$) to twice the training noise. The step grows as
+# $\sigma'^2$: at $\sigma' = 2\sigma$ it is four times Tweedie's. Where the model's posterior mean is close
+# to the clean image, $\tilde x + 4(\mathbb E[x' \mid \tilde x] - \tilde x) \approx x' - 3\sigma\epsilon$:
+# it overshoots and leaves three times the noise, with its sign flipped. The classifier of chapter 7
 # judges each set (the share of samples it recognises with probability at least 0.9), next to the samples of
 # the TarFlow of section 3 and of chapter 4's multi-scale flow, all at temperature 1.0:
 
@@ -421,14 +446,17 @@ print(tabulate([[f"{s:.3f}" + (" (no step)" if s == 0 else " (the training sigma
                  f"{scores[s]:.2f}"] for s in steps]
                + [[f"{name} (no noise in training)", f"{score:.2f}"] for name, score in others.items()]
                + [["real test digits", f"{real:.2f}"]],
-               ["Tweedie step sigma'", f"recognisable (of {settings.judged_samples})"]))
+               ["Tweedie step sigma'", f"share recognisable (of {settings.judged_samples})"]))
 viz.show_imgs(torch.cat([samples[s][:8] for s in steps]), row_size=8,
-              title="The same 8 samples: no denoising step, then sigma' = sigma/2, sigma, 2 sigma (rows)");
+              row_labels=["no step", "sigma' = sigma/2", "sigma' = sigma", "sigma' = 2 sigma"],
+              title="The same 8 samples, one row per step size");
 
 # %%
 share = sum(scores.values()) / len(scores)
 noise_level = 2 * math.sqrt(max(share * (1 - share), 1e-4) / settings.judged_samples)  # two standard errors
 spread = max(scores.values()) - min(scores.values())
+p_a, p_b = scores[0.0], others["tarflow"]  # two independent sets of samples
+pair_noise = 2 * math.sqrt(max(p_a * (1 - p_a) + p_b * (1 - p_b), 1e-4) / settings.judged_samples)
 if spread <= noise_level:
     text = (f"For the `tarflow_noise` model named above no step size changes the share of recognisable samples by "
             f"more than the sampling noise of {settings.judged_samples} samples (the shares lie within "
@@ -441,9 +469,12 @@ else:
 Markdown(text + f". The TarFlow trained without noise scores {others['tarflow']:.2f} and chapter 4's multi-scale flow "
          f"{others['multiscale']:.2f}; real test digits score {real:.2f}."
          + (f" Without the step the noise-trained TarFlow's samples score {scores[0.0]:.2f}, against "
-            f"{others['tarflow']:.2f} for the TarFlow trained without noise; the two models differ in more than the "
-            "noise (the logit, the training images), so one comparison of "
-            f"{settings.judged_samples} samples each does not single out the cause."
+            f"{others['tarflow']:.2f} for the TarFlow trained without noise: a difference of "
+            f"{abs(scores[0.0] - others['tarflow']):.2f}, "
+            + ("within" if abs(scores[0.0] - others['tarflow']) <= pair_noise else "beyond")
+            + f" two standard errors of a difference of two such shares ({pair_noise:.2f}). A larger difference "
+            "would not single out the cause either: the two models differ in more than the noise (the logit, the "
+            "training runs)."
             if checkpoint_file("tarflow_noise") else "")
          + ("" if checkpoint_file("tarflow_noise") else " This demonstration model has trained for a few steps only: "
             "its samples are not digits yet, with or without the step."))
@@ -454,8 +485,13 @@ Markdown(text + f". The TarFlow trained without noise scores {others['tarflow']:
 # Chapter 2's bound holds for noise that stays inside each pixel's bin: $P(x) = \int_{[0,1)^D} p(x + u)\,
 # du \ge \exp \mathbb E_u[\log p(x + u)]$. Gaussian noise leaves the bin. The number the noise-trained flow
 # minimises, $-\mathbb E[\log_2 p_\sigma(\tilde x)] / D$, is the cross-entropy of a different, continuous
-# dataset, the noisy images; it is at least their differential entropy, which includes the noise's own,
-# $\tfrac12 \log_2(2\pi e\, \sigma_{\text{grey}}^2)$ bits per dimension in grey levels. The same model can
+# dataset, the noisy images. A cross-entropy is never below the entropy, and conditioning never raises an
+# entropy, so per dimension it is at least $h(\tilde x)/D \ge h(\tilde x \mid x')/D = h(\sigma\epsilon)/D$, the
+# noise's own entropy, $\tfrac12 \log_2(2\pi e\, \sigma_{\text{grey}}^2)$ bits per dimension in grey levels.
+# (`NoiseAugmentation` adds $D \log(2/256)$ to `ldj`, the change of units from $[-1, 1]$ to grey levels, so
+# that its numbers are per grey level like every bpd here; evaluated with uniform noise it also adds chapter
+# 2's margin term $D \log(1 - 2m)$. Tweedie's step used the density in $[-1, 1]$ units: a constant does not
+# change a gradient.) The same model can
 # still be scored honestly: evaluated with uniform noise inside the bins, as `flowbook.evaluate` does, any
 # continuous density gives a valid bound on $-\log_2 P(x)/D$; a model that spread its density by $\sigma$
 # pays for the mass it puts outside the bins. Both numbers for the model above, on the first test images with
@@ -471,15 +507,17 @@ with torch.no_grad():
     tar_bpd = tarflow.bits_per_dim(images).mean().item()
 noise_entropy = 0.5 * math.log2(2 * math.pi * math.e * (sigma * 128) ** 2)
 print(tabulate([["tarflow_noise on Gaussian-noised images (what it was trained on)", f"{noisy_nll:.3f}"],
-                ["the noise's own entropy, a floor for the line above", f"{noise_entropy:.3f}"],
+                ["the noise's own entropy, a floor for the first line (only)", f"{noise_entropy:.3f}"],
                 ["tarflow_noise with uniform dequantization: a bpd of MNIST", f"{noisy_bpd:.3f}"],
                 ["tarflow (uniform dequantization): a bpd of MNIST", f"{tar_bpd:.3f}"]],
                [f"bits per dimension, first {len(images)} test images, one noise sample", ""], floatfmt=".3f",
                disable_numparse=True))
 trained = checkpoint_file("tarflow") is not None and checkpoint_file("tarflow_noise") is not None
-Markdown("Both TarFlows above are shipped, trained models: the gap between the last two lines is mostly what "
-         "noise augmentation costs in a bpd of MNIST (the two also differ in the logit, which only the uniform "
-         "TarFlow has, and in their training)." if trained else
+Markdown("Both TarFlows above are shipped, trained models. They differ in the noise they were trained with, in the "
+         "logit (which only the uniform TarFlow has) and in their training runs: the gap between the last two lines "
+         "is what these differences cost together in a bpd of MNIST, and this chapter has not separated them. "
+         f"These numbers are on the first {len(images)} test images with one noise sample each; the results table's "
+         "are on all 10,000 with 8 importance samples, so the two can differ either way." if trained else
          "At least one of the two TarFlows above is a demonstration model trained for a few steps, so the gap "
          "between the last two lines says more about the short training (and the logit the noise-trained model "
          "lacks) than about the noise; the first two lines hold for any model.")
@@ -488,12 +526,11 @@ Markdown("Both TarFlows above are shipped, trained models: the gap between the l
 # ## 5. What changed since RealNVP
 #
 # - **The networks, not the flow.** TarFlow's layer is MAF's affine autoregressive flow of 2017, and Jet's is
-#   RealNVP's affine coupling; what is new is a transformer for $g$, with patches as tokens. Jet's ablations
+#   RealNVP's affine coupling; what is new is a transformer for $\psi$, with patches as tokens. Jet's ablations
 #   (Kolesnikov et al., 2024) find that the width and depth of the network, and many coupling layers, matter
 #   more than clever layers.
 # - **Scale.** The 2024 models have hundreds of millions of parameters and train for days on accelerators;
-#   the one here has 1.6 million and trains at about 90 to 150 images per second on one CPU thread
-#   (`docs/training.md`).
+#   the one here has 1.6 million and trained for the minutes of section 3's stage table, on a CPU.
 # - **Likelihood stayed the flows' strength.** One parallel pass gives an exact log-likelihood (up to the
 #   dequantization bound), where chapter 7's flow-matching model needed an ODE solve with hundreds of network
 #   evaluations and an estimator. TarFlow's likelihoods on ImageNet beat every other kind of model when it
@@ -502,9 +539,10 @@ Markdown("Both TarFlows above are shipped, trained models: the gap between the l
 # - **Sampling stayed sequential.** An autoregressive flow samples token by token, block by block; key-value
 #   caches make each step cheap (section 3 measured the difference), and the number of sequential steps is
 #   still $n$ per block.
-# - **Samples need help.** In the TarFlow paper, Gaussian noise augmentation and a denoising step (section 4),
-#   and guidance, turned good likelihoods into good samples (section 4 measures what the step and the noise
-#   training do for the small models here). The price is a model of noisy images, whose likelihood is no
+# - **Samples need help.** In the TarFlow paper, Gaussian noise augmentation, a denoising step (section 4) and
+#   classifier-free guidance (which steers a class-conditional model's samples towards their class) made the
+#   samples competitive with diffusion models'; section 4 measures what the step and the noise training do
+#   for the small models here. The price is a model of noisy images, whose likelihood is no
 #   longer that of the data.
 #
 # ## Summary
@@ -518,8 +556,8 @@ Markdown("Both TarFlows above are shipped, trained models: the gap between the l
 #   this budget it stays behind the multi-scale flow at equal training images (section 3 plots by how much).
 #   Its samples cost $n$ sequential transformer steps per block, which a key-value cache makes cheaper.
 # - The noise-trained TarFlow (`tarflow_noise`) trains on Gaussian-noised images and denoises its samples with
-#   one Tweedie step, $\tilde x +
-#   \sigma^2 \nabla \log p_\sigma(\tilde x)$, with the flow's exact score; the likelihood of noisy images is
+#   one Tweedie step, $\tilde x + \sigma^2 \nabla \log p_\sigma(\tilde x)$, with the score of the flow's own
+#   density (by autograd); the likelihood of noisy images is
 #   not a bpd of MNIST, but the same model evaluated with uniform dequantization gives one.
 #
 # ## Exercises
@@ -627,8 +665,8 @@ exercises.check_tweedie_step(tweedie_step)
 # exist only after the earlier steps: $n$ passes in order. IAF computes $(t_i, s_i)$ from $z_{<i}$, which a
 # sample knows at the start (one pass) but a likelihood must first recover from $x$ one token at a time ($n$
 # passes). Maximum-likelihood training evaluates the density at every step, so MAF (and TarFlow) suit it;
-# a model that must sample fast, or that is trained by distillation or by a bound on its own samples (as an
-# IAF posterior in a VAE is), suits IAF.
+# a model that must sample fast, or that is trained by distillation (to imitate another model, on samples it
+# draws itself) or by a bound on its own samples (as an IAF posterior in a VAE is), suits IAF.
 
 # %% [markdown]
 # ### Exercise 5: what noise augmentation buys and costs (conceptual, 3 points, about 15 minutes)
@@ -643,8 +681,9 @@ exercises.check_tweedie_step(tweedie_step)
 # **Answer.** (a) With uniform dequantization the flow must fit a density that is nearly flat inside each bin
 # and drops sharply at its edges, for every pixel, and its mistakes show as speckles. The noisy images'
 # density is the data's convolved with a Gaussian: smooth, easier to fit, with fewer spurious modes;
-# sampling it and then moving to $\mathbb E[x' \mid \tilde x]$ with the exact score removes the noise (a
-# posterior mean is smooth, close to the data's manifold). (b) That number is a cross-entropy of a
+# sampling it and then moving to $\mathbb E[x' \mid \tilde x]$ with the model's score removes the noise, as
+# well as the model knows $p_\sigma$ (a posterior mean is smooth, close to the data's manifold). Whether it
+# shows in a given model's samples is a measurement: section 4 made it for the small model here. (b) That number is a cross-entropy of a
 # different random variable, the noisy images; it includes about $\tfrac12 \log_2 (2\pi e
 # \sigma_{\text{grey}}^2)$ bits per dimension of the noise itself, and Gaussian noise leaves the pixels'
 # bins, so it is no bound on $-\log_2 P(x)/D$. (c) Evaluate the same density with uniform noise inside the

@@ -277,3 +277,12 @@ def test_quick_demonstrations_train_at_least_one_epoch_so_that_they_end_with_a_v
     monkeypatch.setattr(config, "settings", lambda: dataclasses.replace(s, demo_steps=s.demo_steps - 1))
     with pytest.raises(ValueError, match="less than one epoch"):
         pretrained.train_quick("simple", device=torch.device("cpu"), progress=False)
+
+
+def test_image_grid_labels_each_row_at_its_centre():
+    imgs = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.int32)
+    ax = viz.show_imgs(imgs, row_size=3, row_labels=["first", "second"]).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["first", "second"]
+    assert list(ax.get_yticks()) == [2 + 4, 2 + 10 + 4]  # padding 2, rows of 8 + 2 pixels
+    with pytest.raises(ValueError, match="3 row labels for 2 rows"):
+        viz.show_imgs(imgs, row_size=3, row_labels=["a", "b", "c"])
