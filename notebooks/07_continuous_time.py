@@ -139,11 +139,12 @@ print(f"each doubling of N divides the error by about {errors[-2] / errors[-1]:.
 assert 0.8 < order < 1.2
 
 # %% [markdown]
-# The error halves with each doubling of $N$: first order, as the derivation's $O(h^2)$ per step, $N$ times,
-# predicts (on the figure's log-log axes a first-order error is a line of slope $-1$, parallel to the dashed
-# reference, drawn twice as high so that the two can be told apart). The measured error has a second
-# first-order part, which the derivation leaves out: the Euler steps' path drifts from the ODE's solution by
-# $O(h)$, so their log-determinants are taken at slightly different points. So a continuous flow is the limit of chapter 1's stacks of
+# The error halves with each doubling of $N$: first order (on the figure's log-log axes a first-order error is
+# a line of slope $-1$, parallel to the dashed reference, drawn twice as high so that the two can be told
+# apart). Three parts of it are each $O(h)$ over the $N$ steps, and the figure shows their sum: the derivation's
+# $O(h^2)$ per step, $N$ times; the sum $\sum_k h \operatorname{tr} J(t_k)$, which takes each step's trace at
+# its start, in place of the integral; and the Euler path's drift from the ODE's solution, so that the steps'
+# log-determinants are taken at slightly different points. So a continuous flow is the limit of chapter 1's stacks of
 # layers, and its log-determinant needs no determinant at all, only the divergence along the path.
 #
 # ## 2. A continuous normalizing flow on the two moons
@@ -202,11 +203,11 @@ viz.plot_densities_2d({f"coupling flow: {ll_coupling:.2f} nats": coupling.log_pr
                       data=data[:2000], title="Held-out log-likelihood in the titles (higher is better)");
 
 # %%
+snapshots = (f". This is quick mode (full mode trains {config.FULL.cnf_steps} and {config.FULL.toy_steps} steps): "
+             "both are snapshots on their way, not finished models, trained unequally, so their densities and "
+             "log-likelihoods say how far each got in that time, not how good either kind of flow can be.")
 Markdown(f"The continuous flow trained {settings.cnf_steps} steps ({sum(cnf_record['seconds']):.0f} s), the coupling "
-         f"flow {settings.toy_steps}"
-         + (f". This is quick mode (full mode trains {config.FULL.cnf_steps} and {config.FULL.toy_steps} steps): the "
-            "continuous flow is a snapshot on its way, not a finished model, and its density and log-likelihood "
-            "say how far it got in that time, not how good a continuous flow can be." if settings.quick else "."))
+         f"flow {settings.toy_steps}" + (snapshots if settings.quick else "."))
 
 # %% [markdown]
 # ## 3. Hutchinson's trace estimator
@@ -274,14 +275,15 @@ Markdown(f"The means lie {gaps['rademacher']:.1f} (Rademacher) and {gaps['gaussi
 
 # %% [markdown]
 # Along an ODE solve, `flowbook.ode.integrate` draws one probe per image and uses it at every evaluation of $v$,
-# so $a(0)$ is the integral of $\epsilon^\top J \epsilon$ along the path, whose expectation over $\epsilon$ is
-# the integral of the divergence (up to the solver's own error, which also acts on $a$). A log-likelihood
+# so $a(0) = \int_1^0 \epsilon^\top J \epsilon\, dt$ along the path, whose expectation over $\epsilon$ is
+# $\int_1^0 \operatorname{div} v\, dt$ (up to the solver's own error, which also acts on $a$). A log-likelihood
 # computed with it is an unbiased estimate $\ell + n$ of the exact one, $\ell$, with zero-mean noise $n$ from
-# the probe; it is not a bound. An importance-weighted bound (chapter 2) takes $\log \frac{1}{K}\sum_k
-# e^{\ell_k}$ of $K$ log-likelihoods, and with noisy ones, $\ell_k = \ell + n_k$, the average of $e^{\ell_k}$
-# tends to $e^{\ell}\, \mathbb{E}[e^{n}] \ge e^{\ell}$ as $K$ grows (Jensen's inequality, for the convex
-# $\exp$ and $\mathbb{E}[n] = 0$): the probe's noise pushes it up, past what the importance samples may
-# claim. So a flow-matching model's `bits_per_dim` refuses `importance_samples > 1`.
+# the probe. An importance-weighted bound (chapter 2) takes $\log \frac{1}{K}\sum_k e^{\hat\ell_k}$ over $K$
+# dequantization samples, each with its own exact log-likelihood $\ell_k$; with noisy estimates,
+# $\hat\ell_k = \ell_k + n_k$, the average of $e^{\hat\ell_k}$ tends to $\mathbb{E}_u[e^{\ell_k}]\,
+# \mathbb{E}[e^{n}] = P(x)\, \mathbb{E}[e^{n}] \ge P(x)$ as $K$ grows (Jensen's inequality, for the convex
+# $\exp$ and $\mathbb{E}[n] = 0$). Its log tends to $\log P(x) + \log \mathbb{E}[e^{n}]$, above the true
+# log-likelihood: no bound at all. So a flow-matching model's `bits_per_dim` refuses `importance_samples > 1`.
 #
 # ## 4. Flow matching
 #
@@ -495,9 +497,10 @@ print(f"solver {flowmatch.method}: likelihood rtol = atol = {flowmatch.rtol:g}; 
 # --checkpoint checkpoints/<model>.pt` writes: the flows with 8 importance samples, the flow-matching model
 # with one dequantization sample and one Hutchinson probe per image (an unbiased estimate of the looser
 # one-sample bound), once its evaluation, a run of hours on a CPU, has been done. The shipped models include
-# chapter 8's two transformer flows: `tarflow`, and `tarflow_noise`, the same network trained on images with
-# Gaussian noise added, whose bpd is a valid bound on MNIST's but a poor one by design (chapter 8 explains
-# why). The last column is computed here: the share of each model's samples at temperature 1.0 that the
+# chapter 8's two transformer flows: `tarflow`, and `tarflow_noise`, the same transformer blocks with the
+# pixels scaled linearly to $[-1, 1]$ instead of the logit, trained on images with Gaussian noise added; its
+# bpd is a valid bound on MNIST's but a poor one, because the model spreads density outside the pixels' bins
+# (chapter 8 explains why). The last column is computed here: the share of each model's samples at temperature 1.0 that the
 # classifier recognises (for `tarflow_noise`, after a denoising step that chapter 8 derives).
 
 # %%

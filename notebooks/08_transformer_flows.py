@@ -37,8 +37,8 @@
 # **Learning objectives.** After this chapter and its exercises you can
 # - derive the log-determinant of an autoregressive affine flow, and say why its density takes one parallel
 #   pass and its sampling one pass per token (Exercise 4 asks why);
-# - write a causal attention mask, and see it keep a token's shift and log-scale independent of that token
-#   and the ones after it (Exercise 1);
+# - write a causal attention mask, and see it, together with the shift by one position, keep a token's shift
+#   and log-scale independent of that token and the ones after it (Exercise 1);
 # - invert an autoregressive layer token by token, with its log-determinant (Exercise 2);
 # - implement Tweedie's denoising step with a flow's score (Exercise 3), and explain what noise augmentation
 #   does to a likelihood (Exercise 5).
@@ -80,17 +80,18 @@ print(f"mode: {settings.mode}")
 #
 # where $\psi_i$ is any function at all, a transformer for instance; $\psi_1$ sees nothing and gives constants.
 # The Jacobian $\partial z / \partial x$, ordered token by token, is block lower triangular:
-# - $\partial z_i / \partial x_j = 0$ for $j > i$, since $z_i$ reads only $x_1, \dots, x_i$;
+# - $\partial z_i / \partial x_{i'} = 0$ for $i' > i$, since $z_i$ reads only $x_1, \dots, x_i$;
 # - $\partial z_i / \partial x_i = \operatorname{diag}(e^{s_i})$, since $t_i$ and $s_i$ do not depend on $x_i$;
-# - the blocks below the diagonal, $\partial z_i / \partial x_j$ for $j < i$, are whatever $\psi_i$ makes them.
+# - the blocks below the diagonal, $\partial z_i / \partial x_{i'}$ for $i' < i$, are whatever $\psi_i$ makes them.
 #
 # The determinant of a block triangular matrix is the product of the determinants of its diagonal blocks, so
 #
-# $$\log\lvert\det J_f\rvert = \sum_{i=1}^{n} \sum_{c=1}^{d} s_{i,c},$$
+# $$\log\lvert\det J_f\rvert = \sum_{i=1}^{n} \sum_{j=1}^{d} s_{i,j},$$
 #
-# a sum of log-scales ($s_{i,c}$ is the log-scale of value $c$ of token $i$), whatever the network: the blocks
+# a sum of log-scales ($s_{i,j}$ is the log-scale of value $j$ of token $i$), whatever the network: the blocks
 # below the diagonal never enter it. (The TarFlow paper writes the same map as $z_i = (x_i - \mu_i) \odot
-# e^{-\alpha_i}$, that is $\mu_i = -t_i$ and $\alpha_i = -s_i$; flowbook keeps chapter 3's signs.)
+# e^{-\alpha_i}$, that is $\mu_i = -t_i$ and $\alpha_i = -s_i$, the paper's $\alpha_i$ not chapter 2's logit
+# margin $\alpha$; flowbook keeps chapter 3's signs.)
 #
 # **Density in one pass, sampling in $n$.** Given $x$, every $(t_i, s_i)$ can be computed at once, since all
 # the $x_{<i}$ are known: the log-likelihood $\log \mathcal{N}(z; 0, I) + \sum s$ costs one parallel pass of
@@ -180,7 +181,7 @@ viz.plot_masks({"causal mask, n = 49": tarflow_layers.causal_mask(49).float().un
 # - chapter 2's dequantization terms, $D \log(1 - 2m) - D\log 256 + D\log(1 - \alpha) - \sum \log
 #   r (1 - r)$ (the noise margin $m$, the $\log 256$ of the discrete pixels, the logit margin $\alpha$, and
 #   the sum over the $D$ pixels $r$ squeezed into $(\alpha/2, 1 - \alpha/2)$ before the logit);
-# - for each block $k$, its sum of log-scales $\sum_{i,c} s^{(k)}_{i,c}$;
+# - for each block $k$, its sum of log-scales $\sum_{i,j} s^{(k)}_{i,j}$;
 # - nothing for cutting into tokens, putting them back (`patchify`, `unpatchify`) or reversing their order
 #   (`flip`): these only move values around, a permutation, whose determinant is $\pm 1$;
 #
@@ -215,7 +216,7 @@ print(f"a flipped block on a 28x28 input: ldj {ldj_block.item():.8f}, log|det J|
 # ## 3. A TarFlow on MNIST
 #
 # flowbook's TarFlow is trained by `python -m flowbook.train --model tarflow` on the CPU with chapter 2's
-# uniform dequantization, like chapter 3's single-scale flow (the flows of chapters 4 and 6 learn theirs,
+# uniform dequantization, like chapter 3's `simple` flow (the flows of chapters 4 and 6 learn theirs,
 # variationally; the runbook `docs/training.md` has the command). Where a
 # trained checkpoint is shipped, its training, stage by stage:
 
@@ -322,9 +323,9 @@ Markdown(text)
 #   convolution after every block did not learn faster in a one-epoch comparison; `docs/training.md` has the
 #   numbers.)
 # - **Dequantization and scales.** The multi-scale flow learns its dequantization noise (chapter 2's
-#   variational dequantization; the results table shows what it is worth for the single-scale flows,
-#   `vardeq` against `simple`) and factors out half of its values at each scale (chapter 4); the TarFlow
-#   has uniform noise and one scale.
+#   variational dequantization; the results table compares the single-scale flows with and without it,
+#   `vardeq` and `simple`, which also differ in their training images) and factors out half of its values
+#   once, between its two scales (chapter 4); the TarFlow has uniform noise and one scale.
 # - **Not size.** The TarFlow has more parameters than the multi-scale flow (1.6 million against 1.1 million,
 #   in the results table). The TarFlows of the paper have hundreds of millions of parameters, hundreds of
 #   times more, and train for days on accelerators; this one trained for the minutes of the stage table above, on a CPU.
@@ -411,7 +412,7 @@ Markdown(f"On this machine, for 64 images, sampling costs {cached_s / ll_s:.1f} 
 #
 # The best guess of the clean image (in squared error) needs only the *score* of the noisy density. A flow
 # trained on noisy images gives its own model of that density exactly, $\log p_\sigma(\tilde x) = \log
-# \mathcal N(z; 0, I) + \sum_k \sum_{i,c} s^{(k)}_{i,c}$ with $z$ what the blocks make of $\tilde x$, and
+# \mathcal N(z; 0, I) + \sum_k \sum_{i,j} s^{(k)}_{i,j}$ with $z$ what the blocks make of $\tilde x$, and
 # autograd differentiates it (`flowbook.denoise`): the step uses the score of the model's density, exact for
 # that density and as good as the model. A
 # sample then is: draw $z$, run the blocks backwards to $\tilde x$, take one Tweedie step, and quantize.
@@ -485,9 +486,11 @@ Markdown(text + f". The TarFlow trained without noise scores {others['tarflow']:
 # Chapter 2's bound holds for noise that stays inside each pixel's bin: $P(x) = \int_{[0,1)^D} p(x + u)\,
 # du \ge \exp \mathbb E_u[\log p(x + u)]$. Gaussian noise leaves the bin. The number the noise-trained flow
 # minimises, $-\mathbb E[\log_2 p_\sigma(\tilde x)] / D$, is the cross-entropy of a different, continuous
-# dataset, the noisy images. A cross-entropy is never below the entropy, and conditioning never raises an
-# entropy, so per dimension it is at least $h(\tilde x)/D \ge h(\tilde x \mid x')/D = h(\sigma\epsilon)/D$, the
-# noise's own entropy, $\tfrac12 \log_2(2\pi e\, \sigma_{\text{grey}}^2)$ bits per dimension in grey levels.
+# dataset, the noisy images. Measure every entropy in grey levels here, as the bpd below are (the noise is
+# then $\sigma_{\text{grey}}\epsilon$). A cross-entropy is never below the entropy, and conditioning never
+# raises an entropy, so per dimension it is at least $h(\tilde x)/D \ge h(\tilde x \mid x')/D =
+# h(\sigma_{\text{grey}}\epsilon)/D = \tfrac12 \log_2(2\pi e\, \sigma_{\text{grey}}^2)$ bits, the noise's own
+# entropy.
 # (`NoiseAugmentation` adds $D \log(2/256)$ to `ldj`, the change of units from $[-1, 1]$ to grey levels, so
 # that its numbers are per grey level like every bpd here; evaluated with uniform noise it also adds chapter
 # 2's margin term $D \log(1 - 2m)$. Tweedie's step used the density in $[-1, 1]$ units: a constant does not
@@ -540,8 +543,8 @@ Markdown("Both TarFlows above are shipped, trained models. They differ in the no
 #   caches make each step cheap (section 3 measured the difference), and the number of sequential steps is
 #   still $n$ per block.
 # - **Samples need help.** In the TarFlow paper, Gaussian noise augmentation, a denoising step (section 4) and
-#   classifier-free guidance (which steers a class-conditional model's samples towards their class) made the
-#   samples competitive with diffusion models'; section 4 measures what the step and the noise training do
+#   guidance (classifier-free guidance for class-conditional models, and a variant for unconditional ones)
+#   made the samples competitive with diffusion models'; section 4 measures what the step and the noise training do
 #   for the small models here. The price is a model of noisy images, whose likelihood is no
 #   longer that of the data.
 #
