@@ -57,7 +57,9 @@ def bpd_per_image(model: ImageFlow, images: torch.Tensor, importance_samples: in
     seed None: the dequantization noise comes from torch's global generator. With a `seed`, image i (its
     index in the whole set: `first_index` + its position in `images`) draws its noise, every importance
     sample of it, from a generator of its own seeded with `image_seed(seed, i)` (`flowbook.noise.per_image`):
-    its bpd then depends neither on the batches nor on how the set is shared between processes.
+    its bpd then depends neither on the batches nor on how the set is shared between processes (for a model
+    that solves an ODE with an adaptive solver, whose steps are chosen per batch: within the solver's
+    tolerance).
     Non-finite values are kept (never dropped): a mean over them is non-finite too, as it should be.
     A model that draws Gaussian noise now (a noise-trained model in training mode) is refused: its numbers would
     be the bpd of noisy images, no bound on MNIST's likelihood.
@@ -201,6 +203,10 @@ def check_slice(model: ImageFlow, results: dict, test_images: torch.Tensor, imag
     if per_image is None:
         raise ValueError(f"the results JSON of {results.get('checkpoint', 'this model')} has no per-image slice "
                          "values: refresh it with python -m flowbook.evaluate --checkpoint ... --refresh-slice")
+    if results.get("slice") != slice_spec(model):
+        raise ValueError(f"the results JSON of {results.get('checkpoint', 'this model')} records the slice "
+                         f"{results.get('slice')}, but this flowbook computes {slice_spec(model)}: refresh it with "
+                         "python -m flowbook.evaluate --checkpoint ... --refresh-slice")
     n = len(per_image) if images is None else min(images, len(per_image))
     live = slice_bpd(model, test_images, n)
     recorded = sum(per_image[:n]) / n
@@ -210,10 +216,18 @@ def check_slice(model: ImageFlow, results: dict, test_images: torch.Tensor, imag
     return live, recorded
 
 
+THOROUGHNESS = ("test images", "importance samples", "validation images", "validation importance samples",
+                "slice and timings")
+
+
 def thoroughness(results: dict) -> tuple:
-    """(test images, importance samples) of a results JSON: what `evaluate_checkpoint` compares before it
-    replaces one evaluation of the same weights with another."""
-    return results.get("eval_images", {}).get("test", 0), results.get("importance_samples", 0)
+    """(test images, importance samples, validation images, validation importance samples, 1 with the slice
+    fingerprint and timings else 0) of a results JSON: what `evaluate_checkpoint` compares before it replaces
+    one evaluation of the same weights with another (each must be at least the old one's)."""
+    return (results.get("eval_images", {}).get("test", 0), results.get("importance_samples", 0),
+            results.get("eval_images", {}).get("val", 0),
+            results.get("val_importance_samples", results.get("importance_samples", 0)),
+            0 if results.get("bpd_only") else 1)
 
 
 def _check_replace(out: Path, results: dict) -> None:
@@ -227,11 +241,12 @@ def _check_replace(out: Path, results: dict) -> None:
         raise FileExistsError(f"{out} exists and is not a readable results JSON: move it away first") from None
     if old.get("checkpoint_sha256") not in (None, results["checkpoint_sha256"]):
         return
-    if any(new < before for new, before in zip(thoroughness(results), thoroughness(old))):
+    less = [f"{what} {new} < {before}" for what, new, before in zip(THOROUGHNESS, thoroughness(results),
+                                                                     thoroughness(old)) if new < before]
+    if less:
         raise FileExistsError(
-            f"{out} holds an evaluation on {thoroughness(old)[0]} test images with {thoroughness(old)[1]} importance "
-            f"samples, more thorough than this one ({thoroughness(results)[0]} images, {thoroughness(results)[1]} "
-            "samples): it is kept. Write this one elsewhere with --out, or pass --overwrite.")
+            f"{out} holds a more thorough evaluation of these weights than this one ({'; '.join(less)}): it is "
+            "kept. Write this one elsewhere with --out, or pass --overwrite.")
 
 
 def training_totals(meta: dict) -> dict:
@@ -261,7 +276,9 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     sampling_ms_graphs.
 
     The test and validation bpd draw each image's noise from a seed of its own (`bpd_per_image` with
-    EVAL_SEED), so that they depend neither on the batches nor on `devices`: with devices N > 1, N processes
+    EVAL_SEED), so that they depend neither on the batches nor on `devices` (an ODE model's only within the
+    solver's tolerance, since an adaptive solver picks its steps per batch; the processes keep the batches
+    one process would make, so `devices` changes nothing there either): with devices N > 1, N processes
     (Lightning Fabric's DDP; started from the command line) each evaluate a shard of the images, the values
     are gathered, and the first process computes the rest and writes the JSON; the others return None.
     An evaluation that is stopped keeps its finished batches in hidden files beside `out`
@@ -273,7 +290,8 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     at a training run's weights; the JSON says so)."""
     path = Path(path)
     for name, k in (("devices", devices), ("batch_size", 1 if batch_size is None else batch_size),
-                    ("val_images", 1 if val_images is None else val_images)):
+                    ("val_images", 1 if val_images is None else val_images),
+                    ("eval_images", 1 if eval_images is None else eval_images)):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
     out = Path(out) if out is not None else path.with_suffix(".json")
@@ -289,8 +307,8 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     val_k = val_importance_samples or importance_samples
     results = {"arch": ckpt["arch"], "checkpoint": path.name, "checkpoint_sha256": file_sha256(path),
                "eval_images": {"val": len(val_imgs), "test": len(test_imgs)},
-               "importance_samples": importance_samples, "eval_seed": EVAL_SEED, "processes": devices,
-               **noise_record(model)}
+               "importance_samples": importance_samples, "val_importance_samples": val_k, "eval_seed": EVAL_SEED,
+               "processes": devices, **({"bpd_only": True} if bpd_only else {}), **noise_record(model)}
     if not overwrite:
         _check_replace(out, results)  # before the minutes of evaluation, not after
     fabric = None
@@ -315,19 +333,20 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     val_bpd = sharded_bpd(model, val_imgs, val_k, batch_size, EVAL_SEED + 1, fabric, progress=progress,
                           desc="validation bpd", partial=partial["val"], partial_key=key)
     rank = fabric.global_rank if fabric is not None else 0
-    for split in partial.values():  # both sets are done: the saved batches have served
-        Path(f"{split}.rank{rank}.pt").unlink(missing_ok=True)
     if rank != 0:
         return None
-    if ode:
+    for split in partial.values():  # both sets are done (and gathered): every process's saved batches have served,
+        for stale in split.parent.glob(f"{split.name}.rank*.pt"):  # those of an earlier --devices count too
+            stale.unlink(missing_ok=True)
+    if ode:  # an adaptive solver's steps are chosen per batch: the batch size is part of the record
         results["likelihood"] = {"estimator": "hutchinson", "probe": model.probe, "probes_per_image": 1,
-                                 "method": model.method, "rtol": model.rtol, "atol": model.atol}
+                                 "method": model.method, "rtol": model.rtol, "atol": model.atol,
+                                 "batch_size": batch_size}
     results.update({
         "test_bpd": test_bpd.mean().item(),
         "test_bpd_stderr": (test_bpd.std() / len(test_bpd) ** 0.5).item() if len(test_bpd) > 1 else None,
         "val_bpd": val_bpd.mean().item(),
-        "val_importance_samples": val_k,
-        **({"bpd_only": True} if bpd_only else _fingerprint_and_times(model, test.images, batch, repeats, graphs)),
+        **({} if bpd_only else _fingerprint_and_times(model, test.images, batch, repeats, graphs)),
         "parameters": num_parameters(model),
         **training_totals(ckpt["meta"]),
         "training": ckpt["meta"],
@@ -397,7 +416,8 @@ def main(argv=None):
                         help="first N validation images only (default: as many as the test set gets)")
     parser.add_argument("--graphs", action="store_true", help="also time compiled likelihood and sampling")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per batch (default 256; 64 for a flow-matching model); no result depends on it")
+                        help="images per batch (default 256; 64 for a flow-matching model); a flow's results do "
+                             "not depend on it, an ODE model's only within the solver's tolerance")
     parser.add_argument("--bpd-only", action="store_true",
                         help="test and validation bpd only: no slice fingerprint, no timings")
     parser.add_argument("--devices", type=int, default=1,

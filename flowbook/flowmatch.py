@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from flowbook import noise as noise_source
 from flowbook.layers import Dequantization
-from flowbook.layers.checks import check_images, check_latent, check_temperature
+from flowbook.layers.checks import check_images, check_latent, check_precision, check_temperature
 from flowbook.ode import integrate
 from flowbook.prior import gaussian_log_prob
 from flowbook.unet import VelocityUNet
@@ -107,6 +107,7 @@ class FlowMatchingModel(nn.Module):
         the dequantization terms and the ODE's log-determinant, -int_0^1 div v dt (Hutchinson's estimate
         with one probe per image unless divergence="exact"). Solves an ODE: see `method`, `rtol`, `atol`.
         With `return_splits`, (z, ldj, []) as `ImageFlow.encode`: an ODE splits nothing off."""
+        check_precision(self._param.dtype)
         x1, ldj = self.to_data_space(imgs)
         (z, a), self.last_nfe = integrate(self.net, x1, 1.0, 0.0, divergence=divergence, probe=self.probe,
                                           steps=steps, return_nfe=True, **self._solver(method=method, rtol=rtol,
@@ -150,6 +151,7 @@ class FlowMatchingModel(nn.Module):
         return self.dequant(x1 * self.data_scale, ldj, reverse=True)[0]
 
     def _latent(self, img_shape, z_init, temperature):
+        check_precision(self._param.dtype)
         check_temperature(temperature)
         param = self._param
         if z_init is not None:

@@ -9,7 +9,7 @@ import torch.nn as nn
 from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, GlowStep, NoiseAugmentation, SplitFlow,
                              SqueezeFlow, TarFlowBlock, VariationalDequantization, create_channel_mask,
                              create_checkerboard_mask)
-from flowbook.layers.checks import check_images, check_latent, check_temperature
+from flowbook.layers.checks import check_images, check_latent, check_precision, check_temperature
 from flowbook.prior import gaussian_log_prob
 
 MNIST_SHAPE = (1, 28, 28)
@@ -64,11 +64,7 @@ class ImageFlow(nn.Module):
         return "noisy_bpd" if self.noise_sigma is not None else self.loss_name
 
     def _check_precision(self):
-        if self._param.dtype in (torch.bfloat16, torch.float16):
-            raise ValueError(f"this model's weights are {str(self._param.dtype).replace('torch.', '')}: its bpd would "
-                             "be off by tenths of a bit and dequantization would no longer invert exactly. Keep the "
-                             "weights in float32 (model.float()) and use autocast for speed (training: "
-                             "--precision bf16-mixed)")
+        check_precision(self._param.dtype)
 
     def encode(self, imgs, return_splits: bool = False):
         """imgs: int [B, C, H, W] in 0..255 -> (z, ldj): latent [B, C', H', W'] and ldj [B] in nats.

@@ -23,6 +23,8 @@ from flowbook import noise
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
+# torchdiffeq's fixed-grid methods: they step only between the requested times unless given a step size
+FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 
 
 def divergence_exact(v: torch.Tensor, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
@@ -89,8 +91,13 @@ def integrate(velocity, x: torch.Tensor, t0: float, t1: float, *, divergence: st
 
     velocity: a callable (x [B, ...], t [B]) -> [B, ...]. divergence: None (only x(t1)), "exact" or
     "hutchinson" (with one `probe` per solve). method: a torchdiffeq method; adaptive ones ("dopri5")
-    use rtol/atol, fixed-step ones ("euler", "rk4", ...) take `steps` equal steps. create_graph: keep
+    use rtol/atol, fixed-step ones ("euler", "rk4", ...: FIXED_STEP_METHODS) take `steps` equal steps and
+    refuse to run without them (torchdiffeq would take one step for the whole interval). `steps` with the
+    default "dopri5" means Euler steps; with another adaptive method it is refused. create_graph: keep
     the graph for a gradient of the result (maximum-likelihood training).
+
+    An adaptive solver picks one step size for the whole batch (from an error norm over all of it), so a
+    point's result depends, within the tolerance, on the batch it is solved with.
 
     Returns x(t1) [B, ...], or (x(t1), a) with a [B] = int_t0^t1 div v dt where a divergence is asked
     for; and the number of velocity evaluations last where `return_nfe`.
@@ -103,7 +110,13 @@ def integrate(velocity, x: torch.Tensor, t0: float, t1: float, *, divergence: st
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if method == "dopri5":
             method = "euler"
+        if method not in FIXED_STEP_METHODS:
+            raise ValueError(f"steps={steps} needs a fixed-step method {FIXED_STEP_METHODS}; {method!r} is "
+                             "adaptive: leave steps out and set rtol and atol")
         options = {"step_size": abs(t1 - t0) / steps}
+    elif method in FIXED_STEP_METHODS:
+        raise ValueError(f"the fixed-step method {method!r} needs steps (without, it would take a single step "
+                         "from t0 to t1)")
     eps = draw_probe(x, probe) if divergence == "hutchinson" else None
     dynamics = _Dynamics(velocity, divergence, eps, create_graph)
     times = torch.tensor([t0, t1], device=x.device, dtype=x.dtype if x.dtype == torch.float64 else torch.float32)

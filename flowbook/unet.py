@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 
 def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """[B] times in [0, 1] -> [B, dim] sinusoids of 1000 t at dim / 2 frequencies from 1 to 1/10,000."""
+    """[B] times in [0, 1] -> [B, dim] sinusoids of 1000 t at dim / 2 frequencies, geometrically spaced from 1
+    down to 10,000^(-(dim/2 - 1)/(dim/2)) (about 1/8,700 for dim 128)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = 1000 * t.float()[:, None] * freqs[None]

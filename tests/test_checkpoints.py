@@ -113,6 +113,9 @@ def test_shipped_checkpoint_reproduces_its_recorded_slice_bpd(path, mnist):
     assert results["test_bpd"] >= bpd - 0.15, "the recorded test bpd is far better than the slice shows"
     with pytest.raises(ValueError, match="not the ones evaluated"):
         check_slice(model, {**results, "slice_bpd_per_image": [v + 0.05 for v in per_image]}, mnist[2].images, 8)
+    with pytest.raises(ValueError, match="--refresh-slice"):  # a slice of other settings is not compared
+        check_slice(model, {**results, "slice": {**results["slice"], "seed": results["slice"]["seed"] + 1}},
+                    mnist[2].images, 8)
 
 
 def test_metadata_with_paths_loads_back_and_other_objects_are_refused_before_writing(tmp_path):

@@ -32,8 +32,7 @@ def small_images(b=3, seed=0):
     return torch.randint(0, 256, (b, 1, 12, 12), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
 
 
-@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
-def test_ode_log_determinant_of_a_linear_field_is_t_trace_a(divergence):
+def test_ode_log_determinant_of_a_linear_field_is_t_trace_a():
     """dz/dt = A z for time T: z(T) = exp(TA) z(0) and log det = T tr A (the integral of div v = tr A)."""
     a = torch.randn(3, 3, dtype=torch.float64) * 0.5
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -43,6 +42,122 @@ def test_ode_log_determinant_of_a_linear_field_is_t_trace_a(divergence):
     # and as the flow's ldj: from t = 1 back to 0, a(0) = -int_0^1 tr A dt
     _, back = integrate(LinearField(a), x, 1.0, 0.0, divergence="exact", rtol=1e-9, atol=1e-9)
     assert torch.allclose(back, torch.full((4,), -a.trace().item(), dtype=torch.float64), atol=1e-7)
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_ode_hutchinson_uses_one_probe_per_point_for_the_whole_solve(probe):
+    """For v = A x the estimate of div v is eps^T A eps at every time, so a solve that draws its probe once
+    gives exactly T eps^T A eps (a probe drawn anew at each evaluation would not)."""
+    a = torch.randn(3, 3, dtype=torch.float64) * 0.5
+    x = torch.randn(4, 3, dtype=torch.float64)
+    torch.manual_seed(5)
+    eps = draw_probe(x, probe)
+    torch.manual_seed(5)
+    _, est = integrate(LinearField(a), x, 0.0, 0.7, divergence="hutchinson", probe=probe, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(est, 0.7 * torch.einsum("bi,ij,bj->b", eps, a, eps), rtol=0, atol=1e-9)
+    assert not torch.allclose(est, torch.full_like(est, 0.7 * a.trace().item())), "an estimate, not the trace"
+
+
+def test_fixed_step_methods_are_torchdiffeqs_fixed_grid_solvers():
+    from torchdiffeq._impl.odeint import SOLVERS
+    from torchdiffeq._impl.solvers import FixedGridODESolver
+
+    from flowbook.ode import FIXED_STEP_METHODS
+
+    assert set(FIXED_STEP_METHODS) == {name for name, solver in SOLVERS.items() if issubclass(solver, FixedGridODESolver)}
+
+
+def _autograd_logdet(fn, x):
+    """[B]: log|det d fn(x[b]) / dx[b]| by autograd, one point at a time (fn maps [1, ...] to [1, ...])."""
+    rows = []
+    for xb in x:
+        jac = torch.autograd.functional.jacobian(lambda v: fn(v.view(1, *xb.shape)).flatten(), xb.flatten())
+        rows.append(torch.linalg.slogdet(jac)[1])
+    return torch.stack(rows)
+
+
+def test_ode_log_determinant_of_a_nonlinear_field_equals_the_autograd_jacobian():
+    """The flow f: x(1) -> x(0) of a perturbed 2-D field (rk4, fine steps): a(0) from the exact divergence
+    equals log|det df/dx| by autograd, and toy_cnf.log_prob adds the prior to it."""
+    from flowbook import toy_cnf
+    from flowbook.prior import gaussian_log_prob
+
+    field = perturb_(toy_cnf.ToyVelocity(hidden=16).double(), scale=0.3)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    z, a = integrate(field, x, 1.0, 0.0, divergence="exact", method="rk4", steps=200)
+    expected = _autograd_logdet(lambda v: integrate(field, v, 1.0, 0.0, method="rk4", steps=200), x)
+    assert a.abs().min() > 1e-2, "a field that changes volume"
+    torch.testing.assert_close(a, expected, rtol=1e-8, atol=1e-8)
+    lp = toy_cnf.log_prob(field, x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lp, gaussian_log_prob(z) + expected, rtol=1e-6, atol=1e-6)
+
+
+def test_divergence_through_the_velocity_unet_is_the_trace_of_each_images_jacobian():
+    """The image network (perturbed, float64, 8x8 images, 16 channels so that the time matters: see the next
+    test): the exact divergence, from one backward pass per pixel over the whole batch, is the trace of each
+    image's own Jacobian, and Hutchinson's estimates average to it. (Its integral along a solve is checked on
+    the 2-D field above: the sinusoidal time embedding of an untrained network oscillates in t too fast for a
+    fixed-step comparison here.)"""
+    net = perturb_(VelocityUNet(c_in=1, channels=(16, 16, 16), c_emb=16), scale=0.05).double()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    div = divergence_exact(net(x, t), x)
+    traces = torch.stack([torch.autograd.functional.jacobian(
+        lambda v: net(v.view(1, 1, 8, 8), t[b:b + 1]).flatten(), x[b].detach().flatten()).trace() for b in range(2)])
+    assert traces.abs().min() > 1e-2
+    torch.testing.assert_close(div, traces, rtol=1e-10, atol=1e-10)
+    many = x.detach()[:1].repeat(2000, 1, 1, 1).requires_grad_(True)
+    est = divergence_hutchinson(net(many, t[:1].expand(2000)), many, draw_probe(many))
+    assert abs(est.mean() - traces[0]) < 4 * est.std() / math.sqrt(2000)
+
+
+def test_gradient_through_the_solver_reaches_the_field():
+    """Maximum likelihood backpropagates through the solve: for v = A x, a(0) = -tr A per point, so the
+    gradient of its sum over 4 points with respect to A is -4 I."""
+    field = LinearField(torch.randn(3, 3, dtype=torch.float64) * 0.5)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    _, back = integrate(field, x, 1.0, 0.0, divergence="exact", create_graph=True, rtol=1e-9, atol=1e-9)
+    back.sum().backward()
+    torch.testing.assert_close(field.a.grad, -4 * torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-7)
+
+
+def test_velocity_unet_treats_each_image_alone_and_uses_its_time():
+    """(16 channels: with 8, each of group norm's 8 groups is one channel, and the norm after the time is
+    added removes it, a per-channel constant, entirely.)"""
+    net = perturb_(VelocityUNet(c_in=1, channels=(16, 16, 16), c_emb=16), scale=0.05).double().eval()
+    x = torch.randn(3, 1, 12, 12, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    torch.testing.assert_close(net(x, t)[:1], net(x[:1], t[:1]), rtol=0, atol=1e-10)  # no batch statistics
+    assert (net(x, torch.full_like(t, 0.2)) - net(x, torch.full_like(t, 0.8))).abs().max() > 1e-3
+    torch.testing.assert_close(net(x, torch.tensor(0.3, dtype=torch.float64)), net(x, torch.full_like(t, 0.3)))
+    fresh = VelocityUNet(c_in=1, channels=(8, 8, 8), c_emb=16)
+    assert torch.equal(fresh(x.float(), t.float()), torch.zeros_like(x.float())), "a new field is v = 0"
+
+
+def test_ode_and_flowmatch_refuse_bad_options():
+    x = torch.randn(2, 3)
+    field = LinearField(torch.eye(3))
+    with pytest.raises(ValueError, match="unknown divergence"):
+        integrate(field, x, 0.0, 1.0, divergence="trace")
+    for steps in (0, True, 2.5):
+        with pytest.raises(ValueError, match="steps must be an integer"):
+            integrate(field, x, 0.0, 1.0, steps=steps)
+    with pytest.raises(ValueError, match="unknown probe"):
+        draw_probe(x, "uniform")
+    for method in ("rk4", "euler", "midpoint"):  # torchdiffeq alone would take one step from t0 to t1
+        with pytest.raises(ValueError, match="needs steps"):
+            integrate(field, x, 0.0, 1.0, method=method)
+    with pytest.raises(ValueError, match="is adaptive"):
+        integrate(field, x, 0.0, 1.0, method="bosh3", steps=10)
+    model = small_model()
+    with pytest.raises(ValueError, match="bfloat16"):
+        small_model().bfloat16().bits_per_dim(small_images())
+    with pytest.raises(ValueError, match="bfloat16"):
+        small_model().bfloat16().sample(model.latent_shape(1))
+    with pytest.raises(ValueError, match="splits nothing off"):
+        model.sample(model.latent_shape(1), z_splits=[torch.zeros(1)])
+    with pytest.raises(ValueError, match="must be finite"):
+        model.sample(model.latent_shape(1), z_init=torch.full(model.latent_shape(1), float("nan")))
 
 
 def test_exact_divergence_is_the_trace_of_the_autograd_jacobian():
@@ -121,6 +236,23 @@ def test_ode_log_determinant_with_hutchinson_is_unbiased_for_the_exact_one():
     _, est = integrate(field, x.repeat(2000, 1), 1.0, 0.0, divergence="hutchinson", rtol=1e-7, atol=1e-7)
     assert est.std() > 1e-3, "one probe per point must give a spread of estimates"
     assert abs(est.mean() - exact[0]) < 4 * est.std() / math.sqrt(2000)
+
+
+def test_flowmatch_encode_adds_the_dequantization_the_scaling_and_the_ode_terms():
+    """encode's ldj = chapter 2's dequantization terms - D log(data_scale) + a(0), each computed here on its
+    own (exact divergence, a few rk4 steps, a perturbed network so that a(0) is not zero)."""
+    from flowbook.layers import Dequantization
+
+    model = small_model().double()
+    imgs = small_images()
+    torch.manual_seed(3)
+    z, ldj = model.encode(imgs, divergence="exact", method="rk4", steps=3)
+    torch.manual_seed(3)
+    y, ldj_deq = Dequantization()(imgs, torch.zeros(3, dtype=torch.float64))
+    z_ode, a = integrate(model.net, y / 4, 1.0, 0.0, divergence="exact", method="rk4", steps=3)
+    assert model.data_scale == 4 and a.abs().min() > 1e-3
+    torch.testing.assert_close(z, z_ode)
+    torch.testing.assert_close(ldj, ldj_deq - 144 * math.log(4) + a)
 
 
 def test_flowmatch_refuses_importance_sampling_over_estimates():

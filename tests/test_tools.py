@@ -188,10 +188,22 @@ def test_evaluation_never_replaces_a_more_thorough_json_of_the_same_weights(tmp_
     before = (tmp_path / "simple.json").read_text()
     with pytest.raises(FileExistsError, match="more thorough"):
         evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=1, eval_images=8, progress=False)
+    with pytest.raises(FileExistsError, match="slice and timings 0 < 1"):  # as thorough in bpd, without the slice
+        evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=2, eval_images=16,
+                            bpd_only=True, progress=False)
+    with pytest.raises(FileExistsError, match="validation images 4 < 16"):
+        evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=2, eval_images=16,
+                            val_images=4, progress=False)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="eval_images must be an integer >= 1"):
+            evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", eval_images=bad, progress=False)
     assert (tmp_path / "simple.json").read_text() == before
+    stale = tmp_path / ".quick.test.partial.rank1.pt"  # left by an earlier run with --devices 2
+    stale.write_bytes(b"")
     other = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=1, eval_images=8,
                                 progress=False, out=tmp_path / "quick.json")
     assert other["eval_images"]["test"] == 8 and (tmp_path / "simple.json").read_text() == before
+    assert not stale.exists() and not list(tmp_path.glob(".quick.*")), "a finished evaluation leaves no partial files"
     assert thorough["images_seen"] is None or thorough["images_seen"] >= 0
     save_checkpoint(perturb_(create_flow("simple"), scale=0.02), "simple", tmp_path / "simple.pt", epochs=2)
     newer = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=1, eval_images=8,

@@ -38,6 +38,15 @@ def check_images(imgs: torch.Tensor, quants: int = 256, img_shape: tuple | None 
         raise ValueError(f"{expected}, got values in {low}..{high}{hint}")
 
 
+def check_precision(dtype: torch.dtype) -> None:
+    """A ValueError for half-precision weights (bfloat16, float16): a model's bpd in them would be off by tenths
+    of a bit (the log 256 term alone is thousands of nats per image) and dequantization would not invert."""
+    if dtype in (torch.bfloat16, torch.float16):
+        raise ValueError(f"this model's weights are {str(dtype).replace('torch.', '')}: its bpd would be off by "
+                         "tenths of a bit and dequantization would no longer invert exactly. Keep the weights in "
+                         "float32 (model.float()) and use autocast for speed (training: --precision bf16-mixed)")
+
+
 def check_latent(z: torch.Tensor, name: str = "z") -> None:
     """Raise a ValueError unless `z` is a floating tensor of shape [B, C, H, W]."""
     if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.dim() != 4:
