@@ -37,10 +37,10 @@ print(json.dumps({{"kept": kept, "faults": resource.getrusage(resource.RUSAGE_SE
 glibc = pytest.mark.skipif(cpu._glibc() is None, reason="mallopt's options are glibc's")
 
 
-def page_faults(mode: str) -> dict:
+def page_faults(mode: str, **malloc_env) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults, whatever this process set
     out = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True, check=True,
-                         env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+                         env={**env, **malloc_env, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -56,6 +56,14 @@ def test_keep_freed_memory_stops_page_faults_of_repeated_steps():
     assert default["env"] is None and kept["env"] == str(cpu.MMAP_THRESHOLD), "processes it starts inherit it"
 
 
+@glibc
+def test_keep_freed_memory_keeps_a_users_own_settings_for_the_processes_it_starts():
+    assert page_faults("keep", MALLOC_MMAP_THRESHOLD_="65536")["env"] == "65536"
+
+
 def test_keep_freed_memory_is_a_no_op_without_glibc(monkeypatch):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(cpu.platform, "libc_ver", lambda: ("", ""))
     assert cpu.keep_freed_memory() is False
+    assert not any(name.startswith("MALLOC_") for name in os.environ), "nothing set for child processes either"

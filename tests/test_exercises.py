@@ -10,7 +10,7 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from conftest import ROOT, perturb_
 from flowbook import editions, exercises
 from flowbook import ode, ood, pretrained
 from flowbook import denoise as denoise_module
@@ -755,10 +755,11 @@ def test_ch8_checks_leave_flowbook_working_even_after_a_failed_one():
     with pytest.raises(exercises.CheckFailed, match="implement this yourself"):
         exercises.check_autoregressive_inverse(WRONG["check_autoregressive_inverse"][-1][0])
     assert torch.equal(tarflow.causal_mask(3), _bool_ones(3).tril())
-    block = tarflow.TarFlowBlock((1, 4, 4), patch_size=2, width=16, depth=1).double()
+    block = perturb_(tarflow.TarFlowBlock((1, 4, 4), patch_size=2, width=16, depth=1)).double()  # not the identity
     z = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     x, ldj = block(z, torch.zeros(2, dtype=torch.float64), reverse=True, kv_cache=False)
-    assert torch.allclose(block(x, ldj)[0], z)
+    assert not torch.allclose(x, z)
+    torch.testing.assert_close(block(x, ldj)[0], z, rtol=0, atol=1e-12)
 
 
 def test_ch8_tweedie_checker_leaves_flowbook_denoise_working_after_switching_it_off():

@@ -137,6 +137,23 @@ def test_flip_reverses_the_order_in_which_tokens_condition_each_other():
         assert (others.abs().max() > 0) == depends
 
 
+def test_log_scales_are_bounded_by_exp_of_the_scaling_factor():
+    """s = tanh(s_raw / e^c) e^c: a huge raw log-scale gives s = e^c in every value of every token, so the
+    block's ldj is n d e^c (and -n d e^c for a huge negative one with c = log 2)."""
+    block = TarFlowBlock((1, 8, 8), patch_size=2, width=16, depth=1).double()
+    n, d = block.num_tokens, block.token_dim
+    x = torch.randn(B, 1, 8, 8, dtype=F64)
+    with torch.no_grad():
+        block.proj_out.bias[d:] = 100.0  # the log-scale half; the shifts stay 0
+    _, ldj = block(x, torch.zeros(B, dtype=F64))
+    torch.testing.assert_close(ldj, torch.full((B,), n * d * 1.0, dtype=F64))
+    with torch.no_grad():
+        block.proj_out.bias[d:] = -100.0
+        block.scaling_factor.fill_(math.log(2))
+    _, ldj = block(x, torch.zeros(B, dtype=F64))
+    torch.testing.assert_close(ldj, torch.full((B,), -n * d * 2.0, dtype=F64))
+
+
 def test_block_rejects_a_bad_patch_size_or_input_shape():
     with pytest.raises(ValueError, match=r"patch size must divide.*\[B, 1, 28, 28\].*divisor of 28"):
         TarFlowBlock((1, 28, 28), patch_size=3)
