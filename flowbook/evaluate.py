@@ -66,7 +66,8 @@ def bpd_per_image(model: ImageFlow, images: torch.Tensor, importance_samples: in
 
     partial: a file where each finished batch is saved, with `partial_key` (what else decides the values:
     the weights, the options); an evaluation started again with the same file and key takes the batches
-    saved there instead of computing them again (an hours-long ODE evaluation survives being stopped)."""
+    saved there instead of computing them again (an hours-long ODE evaluation survives being stopped). The
+    key does not cover flowbook's own code: delete the file after changing how a likelihood is computed."""
     if not getattr(model, "gives_bound", True):
         raise ValueError("this model draws Gaussian noise now (training mode, or its noise_kind set), so its bpd "
                          "would be that of noisy images, not a bound on MNIST's: call model.eval() first")
