@@ -42,9 +42,13 @@ def log_prob(velocity, x, rtol: float = 1e-5, atol: float = 1e-5, create_graph: 
 
 @torch.no_grad()
 def sample(velocity, n: int, steps: int | None = None, seed: int | None = None, **solver):
-    """[n, 2]: z ~ N(0, I) solved from t = 0 to t = 1 (adaptive, or `steps` Euler steps)."""
+    """[n, 2]: z ~ N(0, I) solved from t = 0 to t = 1 (adaptive, or `steps` Euler steps), in the dtype and
+    on the device of `velocity`'s parameters (float32 on the CPU for a function without any)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    param = next(velocity.parameters(), None) if isinstance(velocity, torch.nn.Module) else None
     z = torch.randn(n, 2, generator=gen)
+    if param is not None:
+        z = z.to(device=param.device, dtype=param.dtype)
     return integrate(velocity, z, 0.0, 1.0, steps=steps, **solver)
 
 
