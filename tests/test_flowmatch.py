@@ -255,6 +255,26 @@ def test_flowmatch_encode_adds_the_dequantization_the_scaling_and_the_ode_terms(
     torch.testing.assert_close(ldj, ldj_deq - 144 * math.log(4) + a)
 
 
+def test_flowmatch_bpd_of_an_image_depends_on_its_seed_not_its_batch():
+    """With per-image seeds (as in an evaluation) an image draws the same noise and probe in any batch: with
+    fixed steps its bpd is the same alone or among others; the adaptive solver, whose steps the whole batch
+    shares, agrees within its tolerance."""
+    from flowbook import noise
+
+    model = small_model().double()
+    imgs = small_images()
+    alone = {}
+    for name, solver, tol in (("fixed", dict(steps=6), 1e-12), ("adaptive", dict(rtol=1e-6, atol=1e-6), 1e-3)):
+        with noise.per_image([11, 12, 13]):
+            batch = model.bits_per_dim(imgs, **solver)
+        with noise.per_image([12]):
+            alone[name] = model.bits_per_dim(imgs[1:2], **solver)
+        torch.testing.assert_close(batch[1:2], alone[name], rtol=0, atol=tol)
+    with noise.per_image([13]):
+        other = model.bits_per_dim(imgs[1:2], steps=6)
+    assert not torch.allclose(other, alone["fixed"], rtol=0, atol=1e-6), "another seed draws other noise"
+
+
 def test_flowmatch_refuses_importance_sampling_over_estimates():
     with pytest.raises(ValueError, match="importance_samples must be 1"):
         small_model().bits_per_dim(small_images(), importance_samples=8)
