@@ -86,7 +86,8 @@ def compiled_calls(model: ImageFlow, mode: str = "reduce-overhead"):
     def sample(latent_shape, temperature: float = 1.0):
         check_temperature(temperature)
         imgs = draw(tuple(latent_shape), temperature=temperature).clone()
-        if imgs.min() < 0:  # a NaN pixel cast to int: checked here, outside the compiled graph
+        if imgs.min() < 0:  # -1 marks a NaN or infinite value (dequantization._mark_non_finite): checked here,
+            # outside the compiled graph
             raise ValueError("the flow's reverse pass produced NaN or infinite values, which are no pixels: "
                              "the latent was too large for the trained model (lower the temperature)")
         return imgs

@@ -32,7 +32,7 @@ def ood_variants(images: torch.Tensor, seed: int = 0) -> dict:
         "digits": images,
         "all black": torch.zeros_like(images),
         "constant grey": torch.full_like(images, 128),
-        "uniform noise": torch.randint(0, 256, images.shape, generator=gen, dtype=images.dtype),
+        "uniform noise": torch.randint(0, 256, images.shape, generator=gen, dtype=images.dtype).to(images.device),
         "inverted": 255 - images,
         "shifted": torch.roll(images, shifts=5, dims=3),
         "flipped left-right": torch.flip(images, dims=[3]),
@@ -84,6 +84,11 @@ def typicality_score(model: ImageFlow, images: torch.Tensor, reference: torch.Te
 
 def separation_auc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
     """The probability that an out-of-distribution input scores higher than an in-distribution one (the
-    area under the ROC curve; 0.5 is chance, 1 a perfect separation), ties counted half."""
+    area under the ROC curve; 0.5 is chance, 1 a perfect separation), ties counted half. Non-finite scores
+    are refused: a NaN compares as neither higher nor equal and would silently lower the area."""
+    for name, scores in (("in_scores", in_scores), ("out_scores", out_scores)):
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"{name} holds {int((~torch.isfinite(scores)).sum())} NaN or infinite values: no AUC of "
+                             "them is meaningful (find out why the model gave them first)")
     diff = out_scores.view(-1, 1) - in_scores.view(1, -1)
     return ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item()

@@ -210,6 +210,35 @@ def test_dequantization_reverse_ldj_inverts_the_deterministic_part():
     torch.testing.assert_close(ldj_back, margin_term.expand(B), rtol=0, atol=1e-9)
 
 
+def test_split_refuses_an_odd_number_of_channels_and_a_z_split_of_another_shape():
+    with pytest.raises(ValueError, match="even number, got 3"):
+        SplitFlow()(torch.randn(2, 3, 4, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match="z_split must have the shape of z"):
+        SplitFlow()(torch.randn(2, 2, 4, 4), torch.zeros(2), reverse=True, z_split=torch.randn(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, 1.7, float("nan")])
+def test_dequantization_refuses_noise_outside_the_unit_interval(bad):
+    """Noise 1.7 would score pixel 10 as pixel 11; NaN would only surface in a later reverse pass."""
+    x = torch.full((1, 1, 2, 2), 10, dtype=torch.int32)
+    noise = torch.full(x.shape, 0.5)
+    noise[0, 0, 0, 0] = bad
+    for layer in (Dequantization(), NoiseAugmentation(sigma=0.05).eval()):
+        with pytest.raises(ValueError, match="noise"):
+            layer(x, torch.zeros(1), noise=noise)
+
+
+def test_non_finite_values_become_pixels_of_minus_one_for_a_compiled_sampler_to_catch():
+    """A compiled sampler skips the finiteness check; NaN and infinities are marked -1 (an eager pass raises)."""
+    from flowbook.layers.dequantization import _mark_non_finite
+
+    y = torch.tensor([0.3, float("nan"), float("inf"), -float("inf")])
+    x = torch.floor(y).clamp(0, 255).nan_to_num(0).to(torch.int32)
+    assert _mark_non_finite(x, y).tolist() == [0, -1, -1, -1]
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        Dequantization()(torch.full((1, 1, 2, 2), float("inf")), torch.zeros(1), reverse=True)
+
+
 @pytest.mark.parametrize("extreme", [0.0, 1 - 2 ** -24, 0.5])
 def test_dequantization_is_exact_in_float32_for_every_value_and_extreme_noise(extreme):
     x = torch.arange(256, dtype=torch.int32).view(1, 1, 16, 16)
@@ -385,6 +414,53 @@ def test_actnorm_initialises_from_the_first_batch_to_zero_mean_and_unit_variance
     with torch.no_grad():
         probe(torch.zeros(1, 3, 4, 4), torch.zeros(1))  # a shape probe of zeros must not initialise it
     assert not probe.initialized and torch.equal(probe.log_scale, torch.zeros_like(probe.log_scale))
+
+
+def test_actnorm_refuses_to_initialise_from_too_few_or_non_finite_values():
+    with pytest.raises(ValueError, match="at least two values per channel"):
+        ActNorm(2)(torch.randn(1, 2, 1, 1), torch.zeros(1))
+    bad = torch.randn(4, 2, 3, 3)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        ActNorm(2)(bad, torch.zeros(4))
+
+
+def _actnorm_on_half(rank, world, init_file, z, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        layer = ActNorm(3).double()
+        layer(z.chunk(world)[rank], torch.zeros(len(z) // world, dtype=torch.float64))
+        torch.save({k: v for k, v in layer.state_dict().items()}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_actnorm_initialises_on_two_processes_as_one_process_on_the_whole_batch(tmp_path):
+    """Under DDP each process sees half of the global batch; the statistics are gathered, so both start from
+    the weights one process would compute from the whole batch (not each from its own half)."""
+    z = torch.randn(8, 3, 4, 4, dtype=torch.float64) * torch.tensor([0.5, 2.0, 7.0]).view(1, 3, 1, 1) + 3
+    z[4:] += 5  # the halves differ: a per-process initialisation would disagree
+    torch.multiprocessing.spawn(_actnorm_on_half, args=(2, tmp_path / "init", z, tmp_path / "state"), nprocs=2)
+    whole = ActNorm(3).double()
+    whole(z, torch.zeros(8, dtype=torch.float64))
+    for rank in range(2):
+        state = torch.load(tmp_path / f"state.{rank}", weights_only=True)
+        torch.testing.assert_close(state["loc"], whole.loc.detach(), rtol=0, atol=1e-10)
+        torch.testing.assert_close(state["log_scale"], whole.log_scale.detach(), rtol=0, atol=1e-10)
+
+
+def test_invertible_1x1_convolution_stays_in_float32_under_bfloat16_autocast():
+    """Its log-determinant is that of the float32 matrix: the matrix applied must be that one too."""
+    layer = perturb_(InvConv1x1(4, lu=True), scale=0.3)
+    z = torch.randn(2, 4, 3, 3)
+    expected, ldj = layer(z, torch.zeros(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ldj_auto = layer(z, torch.zeros(2))
+        back, ldj_back = layer(got, ldj_auto, reverse=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(ldj_auto, ldj)
+    torch.testing.assert_close(back, z, rtol=1e-5, atol=1e-5)
 
 
 def test_actnorm_initialisation_survives_saving_and_loading(tmp_path):

@@ -1,4 +1,5 @@
 """Out-of-distribution inputs and typicality: the variants, latent norms, scores and the AUC."""
+import pytest
 import torch
 
 from conftest import perturb_
@@ -29,6 +30,9 @@ def test_separation_auc_is_chance_for_equal_scores_and_one_for_perfect_separatio
     a = torch.tensor([0.1, 0.2, 0.3])
     assert separation_auc(a, a + 10) == 1.0 and separation_auc(a + 10, a) == 0.0
     assert separation_auc(torch.ones(4), torch.ones(4)) == 0.5
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="out_scores holds 1 NaN or infinite"):
+            separation_auc(a, torch.tensor([1.0, bad]))
 
 
 def test_bpd_terms_add_up_to_the_one_sample_bpd_and_measure_the_whole_latent():

@@ -107,7 +107,7 @@ class Dequantization(nn.Module):
         num_dims = y[0].numel()
         log_det = log_det + num_dims * (math.log(self.quants) - math.log(1 - self.alpha))
         x = torch.floor(w * self.quants).clamp(0, self.quants - 1).to(torch.int32)
-        return x, ldj + log_det.to(ldj.dtype)
+        return _mark_non_finite(x, y), ldj + log_det.to(ldj.dtype)
 
 
 class VariationalDequantization(Dequantization):
@@ -246,7 +246,7 @@ class NoiseAugmentation(nn.Module):
     def _to_images(self, y, ldj):
         _check_finite(y)
         x = torch.floor((y.to(torch.float64) + 1) * (self.quants / 2)).clamp(0, self.quants - 1).to(torch.int32)
-        return x, ldj - y[0].numel() * math.log(2 / self.quants)
+        return _mark_non_finite(x, y), ldj - y[0].numel() * math.log(2 / self.quants)
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, quants={self.quants}, margin={self.margin}"
@@ -265,9 +265,21 @@ def _check_finite(y):
                          "the latent was too large for the trained model (lower the temperature)")
 
 
+def _mark_non_finite(x, y):
+    """x [B, ...] int32 pixels with -1 wherever y was NaN or infinite: casting a NaN to an integer gives
+    INT_MIN on some CPUs and 0 on GPUs, and the clamp turns infinities into 0 or 255, so a compiled sampler,
+    which skips `_check_finite`, could otherwise return them as ordinary pixels (its caller checks for -1)."""
+    return torch.where(torch.isfinite(y), x, torch.full_like(x, -1))
+
+
 def _check_noise(noise, x, what: str = "in [0, 1)"):
     if not isinstance(noise, torch.Tensor) or noise.shape != x.shape or not noise.is_floating_point():
         got = (f"{str(noise.dtype).replace('torch.', '')} {list(noise.shape)}" if isinstance(noise, torch.Tensor)
                else type(noise).__name__)
         raise ValueError(f"expected noise as a float tensor of shape {list(x.shape)} {what}, got {got}")
+    if not torch.compiler.is_compiling():
+        if not torch.isfinite(noise).all():
+            raise ValueError(f"expected noise {what}, got NaN or infinite values")
+        if what == "in [0, 1)" and not ((noise >= 0) & (noise < 1)).all():
+            raise ValueError(f"expected noise in [0, 1), got values in [{noise.min().item():g}, {noise.max().item():g}]")
     return noise

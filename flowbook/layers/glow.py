@@ -34,10 +34,23 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def initialize(self, z: torch.Tensor) -> None:
-        """Set b and log_s from the batch z [B, C, H, W]: zero mean, unit variance per channel."""
-        flat = z.transpose(0, 1).reshape(z.shape[1], -1)
-        self.loc.copy_(-flat.mean(dim=1).view_as(self.loc))
-        self.log_scale.copy_(-torch.log(flat.std(dim=1) + self.eps).view_as(self.log_scale))
+        """Set b and log_s from the batch z [B, C, H, W]: zero mean, unit variance per channel. Under
+        torch.distributed (DDP), from the statistics of every process's batch together, as one process would
+        compute them from the whole global batch (otherwise each process would start from its own weights)."""
+        flat = z.detach().transpose(0, 1).reshape(z.shape[1], -1).double()
+        stats = torch.stack([torch.full_like(flat[:, 0], flat.shape[1]), flat.sum(1), flat.pow(2).sum(1)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        count, total, squares = stats
+        if count[0] < 2:
+            raise ValueError("ActNorm initialises from the first training batch's statistics and needs at least two "
+                             f"values per channel, got {int(count[0])}: train with a larger batch")
+        mean = total / count
+        std = ((squares - count * mean ** 2).clamp_min(0) / (count - 1)).sqrt()  # unbiased, as torch.std
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise ValueError("ActNorm's first training batch holds non-finite values: its statistics would be NaN")
+        self.loc.copy_(-mean.view_as(self.loc))
+        self.log_scale.copy_(-torch.log(std + self.eps).view_as(self.log_scale))
         self.initialized.fill_(True)
         self._known_initialized = True
 
@@ -105,12 +118,17 @@ class InvConv1x1(nn.Module):
         return self.perm @ lower @ upper, self.log_s.sum()
 
     def forward(self, z, ldj, reverse=False):
-        w, log_det = self.weight_and_logdet()
-        log_det = z.shape[2] * z.shape[3] * log_det
-        if not reverse:
-            return F.conv2d(z, w.view(*w.shape, 1, 1)), ldj + log_det
-        w_inv = torch.linalg.inv(w)
-        return F.conv2d(z, w_inv.view(*w.shape, 1, 1)), ldj - log_det
+        # In the weights' precision even under autocast: a bfloat16 W is another matrix than the one whose
+        # log-determinant is added (a bias of thousandths of a bit per pixel), and the layer is a C x C matrix
+        # per pixel, cheap in float32.
+        with torch.autocast(z.device.type, enabled=False):
+            w, log_det = self.weight_and_logdet()
+            log_det = z.shape[2] * z.shape[3] * log_det
+            z = z.to(w.dtype)
+            if not reverse:
+                return F.conv2d(z, w.view(*w.shape, 1, 1)), ldj + log_det
+            w_inv = torch.linalg.inv(w)
+            return F.conv2d(z, w_inv.view(*w.shape, 1, 1)), ldj - log_det
 
 
 class GlowStep(nn.Module):

@@ -38,8 +38,12 @@ class SplitFlow(nn.Module):
 
     def forward(self, z, ldj, reverse=False, z_split=None, temperature=1.0):
         if not reverse:
+            if z.shape[1] % 2:
+                raise ValueError(f"SplitFlow halves the channels and needs an even number, got {z.shape[1]}")
             z, z_split = z.chunk(2, dim=1)
             return z, ldj + gaussian_log_prob(z_split)
         if z_split is None:
             z_split = torch.randn_like(z) * temperature
+        elif z_split.shape != z.shape:
+            raise ValueError(f"z_split must have the shape of z, {list(z.shape)}, got {list(z_split.shape)}")
         return torch.cat([z, z_split], dim=1), ldj - gaussian_log_prob(z_split)
