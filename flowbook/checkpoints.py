@@ -23,6 +23,10 @@ def atomic_save(obj, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    if hasattr(os, "fchmod"):  # as a plain open() would make it (mkstemp's 0600 would hide it from others)
+        os.fchmod(fd, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -84,8 +88,9 @@ def read_checkpoint(path: str | Path) -> dict:
     except Exception as err:
         raise CheckpointError(f"{path} is not a readable flowbook checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a flowbook checkpoint (expected format {FORMAT!r}); "
-                              "Lightning's .ckpt files are converted by `python -m flowbook.train`")
+        raise CheckpointError(f"{path} is not a flowbook checkpoint (expected format {FORMAT!r}). A Lightning "
+                              "last.ckpt is for `python -m flowbook.train ... --resume`; to start a new stage "
+                              "from a run, pass its <model>.pt to --init")
     return ckpt
 
 

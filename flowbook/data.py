@@ -35,7 +35,10 @@ class ImageDataset(Dataset):
         return self.images[i], self.labels[i]
 
     def subset(self, n: int | None) -> "ImageDataset":
-        """The first n items (all of them for None)."""
+        """The first n items (all of them for None); more than there are is an error, not a silent cap (a run
+        would record the number asked for, not the number it used)."""
+        if n is not None and n > len(self):
+            raise ValueError(f"asked for {n:,} images, but this set has {len(self):,}")
         return self if n is None else ImageDataset(self.images[:n], self.labels[:n])
 
 

@@ -25,6 +25,7 @@ import torch
 
 from flowbook import config
 from flowbook.checkpoints import model_from_checkpoint, read_checkpoint
+from flowbook.data import NUM_TRAIN
 from flowbook.models import ImageFlow
 from flowbook.provenance import file_sha256
 from flowbook.train import run_lock, train
@@ -127,8 +128,9 @@ def train_quick(name: str, retrain: bool = False, device: torch.device | None = 
             model, curve = model_from_checkpoint(ckpt, map_location=device, arch=name), None
         else:
             _clear_run(out)
+            per_epoch = (s.train_images or NUM_TRAIN) // s.batch_size  # demo_steps may span epochs (full mode)
             model, summary = train(name, out, device=str(device), progress="steps" if progress else False,
-                                   epochs=1, max_steps=s.demo_steps,
+                                   epochs=-(-s.demo_steps // per_epoch), max_steps=s.demo_steps,
                                    batch_size=s.batch_size, train_images=s.train_images, val_images=s.eval_images)
             curve = summary["train_curve"]
     images = f"{s.train_images} images" if s.train_images else "the training set"

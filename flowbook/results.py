@@ -28,9 +28,9 @@ def load_results(folder: Path | None = None) -> dict:
 
 
 def results_table(folder: Path | None = None) -> str:
-    """A Markdown table: test bpd (8 importance samples) and the number of test images it was computed on,
-    validation bpd (with its number of images where not all NUM_VAL, and of importance samples where not
-    one), training (epochs, images, hours, hardware), parameters."""
+    """A Markdown table: test bpd (with its number of importance samples where not 8) and the number of test
+    images it was computed on, validation bpd (with its number of images where not all NUM_VAL, and of
+    importance samples where not one), training (epochs, images, hours, hardware), parameters."""
     lines = ["| model | test bpd | test images | validation bpd | reference (200 epochs) | epochs | images seen "
              "| training time | trained on | parameters |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -40,7 +40,9 @@ def results_table(folder: Path | None = None) -> str:
         unusual = [f"{r['eval_images']['val']:,} images"] if r["eval_images"]["val"] != NUM_VAL else []
         unusual += [f"{r['val_importance_samples']} samples"] if r.get("val_importance_samples", 1) != 1 else []
         val = f"{r['val_bpd']:.3f}" + (f" ({', '.join(unusual)})" if unusual else "")
-        lines.append(f"| {name} | {r['test_bpd']:.3f} | {r['eval_images']['test']:,} | {val} | "
+        k = r.get("importance_samples", 8)
+        test = f"{r['test_bpd']:.3f}" + ("" if k == 8 else f" ({k} sample{'s' if k > 1 else ''})")
+        lines.append(f"| {name} | {test} | {r['eval_images']['test']:,} | {val} | "
                      f"{reference} | {r['epochs']:g} | {int(r['images_seen']):,} | {hours:.1f} h | "
                      f"{'; '.join(r['train_hardware'])} | {r['parameters']:,} |")
     return "\n".join(lines)

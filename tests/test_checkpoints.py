@@ -149,3 +149,11 @@ def test_readme_shows_exactly_the_shipped_results():
         pytest.skip("no shipped checkpoints")
     assert results_table(ROOT / "checkpoints") in (ROOT / "README.md").read_text(), \
         "the README's results table differs from checkpoints/*.json: paste `python -m flowbook.results`"
+
+
+def test_atomic_save_makes_a_file_as_readable_as_a_plain_one(tmp_path):
+    from flowbook.checkpoints import atomic_save
+
+    atomic_save({"a": 1}, tmp_path / "saved.pt")
+    (tmp_path / "plain.txt").write_text("")
+    assert (tmp_path / "saved.pt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777

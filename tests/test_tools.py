@@ -67,6 +67,7 @@ def test_val_images_evaluates_fewer_validation_images_and_the_table_says_how_man
     results.update({k: 1 for k in ("train_wall_s", "images_seen", "epochs") if results.get(k) is None})
     (tmp_path / "simple.json").write_text(json.dumps(results))
     assert f"| {results['val_bpd']:.3f} (4 images) |" in results_table(tmp_path)
+    assert f"| {results['test_bpd']:.3f} (1 sample) | 8 |" in results_table(tmp_path), "not the usual 8 samples"
 
 
 def test_a_stopped_evaluation_continues_from_its_saved_batches(tmp_path, mnist):
@@ -228,7 +229,10 @@ def test_without_a_checkpoint_no_chapter_starts_a_long_run(tmp_path, monkeypatch
     monkeypatch.setattr(pretrained.config, "PROJECT_ROOT", tmp_path)
     model, source, curve = pretrained.load_trained("simple", device=torch.device("cpu"))
     assert len(calls) == 1 and calls[0]["max_steps"] == config.settings().demo_steps <= 1000
-    assert calls[0]["epochs"] == 1 and "make train-all" in source and curve == [(1, 5.0)]
+    per_epoch = (config.settings().train_images or 50_000) // config.settings().batch_size
+    epochs = calls[0]["epochs"]  # enough for the steps (1,000 in full mode span three epochs), and no more
+    assert (epochs - 1) * per_epoch < calls[0]["max_steps"] <= epochs * per_epoch
+    assert "make train-all" in source and curve == [(1, 5.0)]
 
 
 def _hold_lock_in_another_process(folder, seconds):
@@ -298,3 +302,22 @@ def test_image_grid_labels_each_row_at_its_centre():
     assert list(ax.get_yticks()) == [2 + 4, 2 + 10 + 4]  # padding 2, rows of 8 + 2 pixels
     with pytest.raises(ValueError, match="3 row labels for 2 rows"):
         viz.show_imgs(imgs, row_size=3, row_labels=["a", "b", "c"])
+
+
+def test_a_switch_option_accepts_only_clear_values():
+    import argparse
+
+    from flowbook.training.cli import _switch
+
+    assert [_switch(v) for v in ("1", "On", "yes", "0", "off", "FALSE")] == [True, True, True, False, False, False]
+    with pytest.raises(argparse.ArgumentTypeError, match="expected 1/true/yes/on"):
+        _switch("y")
+
+
+def test_a_subset_larger_than_the_set_is_refused():
+    from flowbook.data import ImageDataset
+
+    data = ImageDataset(torch.zeros(5, 1, 28, 28, dtype=torch.int32), torch.zeros(5, dtype=torch.int64))
+    assert len(data.subset(5)) == 5 and len(data.subset(None)) == 5
+    with pytest.raises(ValueError, match="asked for 6 images, but this set has 5"):
+        data.subset(6)

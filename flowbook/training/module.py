@@ -104,8 +104,8 @@ class FlowModule(pl.LightningModule):
         # shapes compile nothing.
         with self._noise_rows(1, batch_idx):
             loss = self.flow.forward(batch[0])
-        self._val += torch.stack([loss.detach().double() * len(batch[0]), torch.tensor(len(batch[0]),
-                                                                                       dtype=torch.float64)])
+        self._val += torch.stack([loss.detach().double() * len(batch[0]),
+                                  torch.tensor(len(batch[0]), dtype=torch.float64, device=loss.device)])
 
     def on_validation_epoch_end(self):
         total = self.trainer.strategy.reduce(self._val, reduce_op="sum") if self.trainer.world_size > 1 else self._val
