@@ -45,10 +45,10 @@ def test_train_writes_best_weights_last_state_and_summary(tmp_path):
 
 
 def test_a_finished_run_is_not_overwritten_and_resumes(tmp_path):
-    _tiny_run(tmp_path, epochs=1)
+    _tiny_run(tmp_path, epochs=1, schedule="exponential")  # a schedule without an end
     with pytest.raises(FileExistsError, match="--resume"):
         _tiny_run(tmp_path, epochs=2)
-    _, summary = _tiny_run(tmp_path, epochs=2, resume=True)
+    _, summary = _tiny_run(tmp_path, epochs=2, resume=True, schedule="exponential")
     assert summary["epochs"] == 2
     state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["epoch"] == 1 and state["global_step"] == 4  # 2 epochs x 2 steps, none repeated
@@ -429,3 +429,11 @@ def test_a_run_that_skipped_most_of_its_steps_is_diverged_not_finished(tmp_path,
         _tiny_run(tmp_path, epochs=2)
     assert json.loads((tmp_path / "train_summary.json").read_text())["status"] == "diverged"
 
+
+
+def test_a_run_whose_cosine_schedule_ended_is_not_resumed_at_a_zero_learning_rate(tmp_path):
+    _tiny_run(tmp_path, epochs=1)  # cosine: its learning rate reaches zero at the end
+    before = (tmp_path / "last.ckpt").read_bytes()
+    with pytest.raises(ValueError, match="ended its cosine schedule.*--init"):
+        _tiny_run(tmp_path, epochs=2, resume=True)
+    assert (tmp_path / "last.ckpt").read_bytes() == before

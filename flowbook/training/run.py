@@ -21,7 +21,7 @@ from flowbook.training.distributed import Processes
 from flowbook.training.module import FlowModule, TrainingDiverged
 from flowbook.training.progress import StepProgress
 from flowbook.training.run_folder import (RunCheckpoints, _check_same_run, _init_weights, _saved_settings,
-                                          requeue_checkpoints, run_lock)
+                                          check_schedule_left, requeue_checkpoints, run_lock)
 from flowbook.training.schedule import BudgetPlanner
 from flowbook.training.settings import GRADIENT_CLIP, RunSettings
 
@@ -90,6 +90,8 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
     run = run.resolved(device, steps_per_epoch)
     if saved is not None:
         _check_same_run(saved, run, out_dir, arch)
+    if resume:
+        check_schedule_left(last, arch)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume and (stale := requeue_checkpoints(out_dir)):
         # A job requeued before its first epoch ended: less than an epoch, which Lightning would load inexactly

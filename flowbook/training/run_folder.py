@@ -165,6 +165,17 @@ def _saved_settings(last: Path, arch: str) -> dict | None:
                  if isinstance(cb, dict) and "settings" in cb), None)
 
 
+def check_schedule_left(last: Path, arch: str) -> None:
+    """A clear error where --resume would continue a run whose cosine schedule has ended: every further step
+    would run at a learning rate of zero, recorded as training. A new stage (--init) starts a schedule anew."""
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    factors = [f for s in state.get("lr_schedulers", []) for f in s.get("lr_lambdas", []) if isinstance(f, dict)]
+    if any(f.get("schedule") == "cosine" and f.get("progress", 0.0) >= 1.0 for f in factors):
+        raise ValueError(f"the run in {last.parent} has ended its cosine schedule (its learning rate is zero): "
+                         f"--resume would train at zero. To train further, start a new stage: --init "
+                         f"{last.parent / f'{arch}.pt'} --out <new folder>")
+
+
 def _check_same_run(saved: dict, run: RunSettings, folder: Path, arch: str) -> None:
     """A clear error where --resume would continue a run with other settings than it was started with."""
     new = dataclasses.asdict(run)
