@@ -437,3 +437,23 @@ def test_a_run_whose_cosine_schedule_ended_is_not_resumed_at_a_zero_learning_rat
     with pytest.raises(ValueError, match="ended its cosine schedule.*--init"):
         _tiny_run(tmp_path, epochs=2, resume=True)
     assert (tmp_path / "last.ckpt").read_bytes() == before
+
+
+def test_budget_planner_follows_the_first_process_under_ddp():
+    """Each process measures its own clock; all follow the first one's plan. Here this process's clock says
+    no further epoch fits, the first process's says two do: this one plans two and does not stop."""
+    class Strategy:
+        def broadcast(self, value, src=0):
+            assert src == 0
+            return 2 if value == 0 else value  # the first process has room for two more epochs, this one none
+
+    class Stub:
+        global_step, num_training_batches, should_stop, world_size, strategy = 40, 10, False, 2, Strategy()
+
+    module = types.SimpleNamespace(lr_factor=LRFactor("cosine", 10_000))
+    planner = BudgetPlanner(planned_steps=10_000, minutes=3.5, epoch_s=[60.0])
+    trainer = Stub()
+    planner.on_train_start(trainer, module)
+    planner._start -= 200  # this process: 3.3 of 3.5 minutes spent
+    planner.on_train_epoch_end(trainer, module)
+    assert not trainer.should_stop and module.lr_factor.total_steps == 40 + 2 * 10

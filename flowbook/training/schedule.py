@@ -33,6 +33,15 @@ class LRFactor:
         return warm * 0.5 * (1 + math.cos(math.pi * self.progress))
 
 
+def _from_first_process(trainer, value):
+    """`value` as the first process computed it. With several processes (DDP) each measures its own clock;
+    the first one's plan is everyone's, so that their learning rates, and the epoch they stop after, agree
+    (a process that stopped alone would leave the others waiting in their next all-reduce)."""
+    if getattr(trainer, "world_size", 1) > 1:
+        return trainer.strategy.broadcast(value, src=0)
+    return value
+
+
 class BudgetPlanner(pl.Callback):
     """Plans the cosine schedule's length (`FlowModule.lr_factor.total_steps`) and, with a time budget
     of `minutes` for this run, stops training at the end of the last whole epoch that fits.
@@ -59,6 +68,7 @@ class BudgetPlanner(pl.Callback):
         self._epoch_start_step = 0
 
     def _plan(self, trainer, module, total: int):
+        total = _from_first_process(trainer, total)
         module.lr_factor.total_steps = max(trainer.global_step + 1, min(self.planned_steps, total))
 
     def on_train_start(self, trainer, module):
@@ -98,7 +108,7 @@ class BudgetPlanner(pl.Callback):
         if self.seconds is None:
             return
         left = self.seconds - (self.clock() - self._start)
-        more = int(max(0.0, left) // self.epoch_s[-1])
+        more = _from_first_process(trainer, int(max(0.0, left) // self.epoch_s[-1]))
         if more == 0:
             trainer.should_stop = True
         else:
