@@ -1,5 +1,9 @@
 """The order of the training data and the seeds of each epoch: what makes a resumed run, and a run on several
-processes, see what an uninterrupted one-process run sees."""
+processes, see what an uninterrupted one-process run sees.
+
+On one GPU (`DeviceBatches`, the images held on the GPU) the order comes from a generator on that device and
+validation runs in larger batches: such a run repeats itself when resumed, but sees another order than the
+CPU's and several processes' runs with the same seed (which agree with each other)."""
 from __future__ import annotations
 
 import math
