@@ -457,3 +457,9 @@ def test_budget_planner_follows_the_first_process_under_ddp():
     planner._start -= 200  # this process: 3.3 of 3.5 minutes spent
     planner.on_train_epoch_end(trainer, module)
     assert not trainer.should_stop and module.lr_factor.total_steps == 40 + 2 * 10
+
+
+def test_max_steps_shorter_than_an_epoch_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="max_steps 1 ends the run before its first epoch of 2 steps"):
+        _tiny_run(tmp_path, epochs=1, max_steps=1)
+    assert not (tmp_path / "last.ckpt").exists()

@@ -83,6 +83,9 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
     steps_per_epoch = len(train_set) // run.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {run.batch_size} is larger than the {len(train_set)} training images")
+    if 0 < run.max_steps < steps_per_epoch:
+        raise ValueError(f"max_steps {run.max_steps} ends the run before its first epoch of {steps_per_epoch} steps, "
+                         "so before its first validation: ask for at least one epoch's steps, or fewer --train-images")
     saved = _saved_settings(last, arch) if resume else None
     if saved is not None:  # what this run left to the defaults, it inherits from the run it continues
         run = dataclasses.replace(run, **{k: saved[k] for k in ("precision", "channels_last", "compile", "init")
