@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from conftest import perturb_
+from test_layers import autograd_logdet
 from flowbook.flowmatch import FlowMatchingModel, LinearPath
 from flowbook.models import create_flow
 from flowbook.ode import divergence_exact, divergence_hutchinson, draw_probe, integrate
@@ -67,15 +68,6 @@ def test_fixed_step_methods_are_torchdiffeqs_fixed_grid_solvers():
     assert set(FIXED_STEP_METHODS) == {name for name, solver in SOLVERS.items() if issubclass(solver, FixedGridODESolver)}
 
 
-def _autograd_logdet(fn, x):
-    """[B]: log|det d fn(x[b]) / dx[b]| by autograd, one point at a time (fn maps [1, ...] to [1, ...])."""
-    rows = []
-    for xb in x:
-        jac = torch.autograd.functional.jacobian(lambda v: fn(v.view(1, *xb.shape)).flatten(), xb.flatten())
-        rows.append(torch.linalg.slogdet(jac)[1])
-    return torch.stack(rows)
-
-
 def test_ode_log_determinant_of_a_nonlinear_field_equals_the_autograd_jacobian():
     """The flow f: x(1) -> x(0) of a perturbed 2-D field (rk4, fine steps): a(0) from the exact divergence
     equals log|det df/dx| by autograd, and toy_cnf.log_prob adds the prior to it."""
@@ -85,7 +77,7 @@ def test_ode_log_determinant_of_a_nonlinear_field_equals_the_autograd_jacobian()
     field = perturb_(toy_cnf.ToyVelocity(hidden=16).double(), scale=0.3)
     x = torch.randn(3, 2, dtype=torch.float64)
     z, a = integrate(field, x, 1.0, 0.0, divergence="exact", method="rk4", steps=200)
-    expected = _autograd_logdet(lambda v: integrate(field, v, 1.0, 0.0, method="rk4", steps=200), x)
+    expected = autograd_logdet(lambda v: integrate(field, v, 1.0, 0.0, method="rk4", steps=200), x)
     assert a.abs().min() > 1e-2, "a field that changes volume"
     torch.testing.assert_close(a, expected, rtol=1e-8, atol=1e-8)
     lp = toy_cnf.log_prob(field, x, rtol=1e-10, atol=1e-10)

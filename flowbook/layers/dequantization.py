@@ -238,7 +238,7 @@ class NoiseAugmentation(nn.Module):
         else:
             if noise is None:
                 noise = noise_source.randn(z.shape, device=z.device, dtype=torch.float64)
-            eps = _check_noise(noise, z, "of standard normal noise").to(torch.float64)
+            eps = _check_noise(noise, z, uniform=False).to(torch.float64)
             u = 0.5 + (self.quants / 2 * self.sigma) * eps
         y = 2 * (z.to(torch.float64) + u) / self.quants - 1
         return y.to(ldj.dtype), ldj + log_det
@@ -272,7 +272,10 @@ def _mark_non_finite(x, y):
     return torch.where(torch.isfinite(y), x, torch.full_like(x, -1))
 
 
-def _check_noise(noise, x, what: str = "in [0, 1)"):
+def _check_noise(noise, x, uniform: bool = True):
+    """`noise` unchanged where it is a finite float tensor of x's shape, in [0, 1) where `uniform` (else
+    standard normal noise); a ValueError otherwise (the values are not checked while compiling)."""
+    what = "in [0, 1)" if uniform else "of standard normal noise"
     if not isinstance(noise, torch.Tensor) or noise.shape != x.shape or not noise.is_floating_point():
         got = (f"{str(noise.dtype).replace('torch.', '')} {list(noise.shape)}" if isinstance(noise, torch.Tensor)
                else type(noise).__name__)
@@ -280,6 +283,6 @@ def _check_noise(noise, x, what: str = "in [0, 1)"):
     if not torch.compiler.is_compiling():
         if not torch.isfinite(noise).all():
             raise ValueError(f"expected noise {what}, got NaN or infinite values")
-        if what == "in [0, 1)" and not ((noise >= 0) & (noise < 1)).all():
+        if uniform and not ((noise >= 0) & (noise < 1)).all():
             raise ValueError(f"expected noise in [0, 1), got values in [{noise.min().item():g}, {noise.max().item():g}]")
     return noise

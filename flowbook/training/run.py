@@ -86,7 +86,8 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
     if 0 < run.max_steps < steps_per_epoch:
         raise ValueError(f"max_steps {run.max_steps} ends the run before its first epoch of {steps_per_epoch} steps, "
                          "so before its first validation: ask for at least one epoch's steps, or fewer --train-images")
-    saved = _saved_settings(last, arch) if resume else None
+    state = torch.load(last, map_location="cpu", weights_only=False) if resume else None  # read once, checked twice
+    saved = _saved_settings(state, last, arch) if resume else None
     if saved is not None:  # what this run left to the defaults, it inherits from the run it continues
         run = dataclasses.replace(run, **{k: saved[k] for k in ("precision", "channels_last", "compile", "init")
                                           if getattr(run, k) is None and k in saved})
@@ -94,7 +95,7 @@ def train(arch: str, out_dir: str | Path | None = None, *, resume: bool = False,
     if saved is not None:
         _check_same_run(saved, run, out_dir, arch)
     if resume:
-        check_schedule_left(last, arch)
+        check_schedule_left(state, last, arch)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume and (stale := requeue_checkpoints(out_dir)):
         # A job requeued before its first epoch ended: less than an epoch, which Lightning would load inexactly

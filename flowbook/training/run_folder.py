@@ -154,10 +154,9 @@ def run_lock(folder: Path, wait: bool = False):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _saved_settings(last: Path, arch: str) -> dict | None:
-    """The settings of the run whose state is `last` (None for a run from before they were saved); a
-    clear error where it is a run of another model."""
-    state = torch.load(last, map_location="cpu", weights_only=False)
+def _saved_settings(state: dict, last: Path, arch: str) -> dict | None:
+    """The settings of the run whose state (loaded from `last`) is `state` (None for a run from before they
+    were saved); a clear error where it is a run of another model."""
     saved_arch = state.get("hyper_parameters", {}).get("arch")
     if saved_arch is not None and saved_arch != arch:
         raise ValueError(f"{last} is a run of the {saved_arch!r} flow, not {arch!r}: choose another --out")
@@ -165,10 +164,10 @@ def _saved_settings(last: Path, arch: str) -> dict | None:
                  if isinstance(cb, dict) and "settings" in cb), None)
 
 
-def check_schedule_left(last: Path, arch: str) -> None:
-    """A clear error where --resume would continue a run whose cosine schedule has ended: every further step
-    would run at a learning rate of zero, recorded as training. A new stage (--init) starts a schedule anew."""
-    state = torch.load(last, map_location="cpu", weights_only=False)
+def check_schedule_left(state: dict, last: Path, arch: str) -> None:
+    """A clear error where --resume would continue the run whose state (loaded from `last`) is `state` and
+    whose cosine schedule has ended: every further step would run at a learning rate of zero, recorded as
+    training. A new stage (--init) starts a schedule anew."""
     factors = [f for s in state.get("lr_schedulers", []) for f in s.get("lr_lambdas", []) if isinstance(f, dict)]
     if any(f.get("schedule") == "cosine" and f.get("progress", 0.0) >= 1.0 for f in factors):
         raise ValueError(f"the run in {last.parent} has ended its cosine schedule (its learning rate is zero): "
