@@ -38,19 +38,24 @@ def _glibc():
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed buffers of up to 32 MiB in the process instead of unmapping them.
 
-    Returns True where all three options were set, False where the C library is not glibc (nothing changed).
+    Returns True where the options were set (or were already set in the environment), False where the C library
+    is not glibc (nothing changed) or mallopt refused one.
     Call it once, early; it affects the whole process (every thread) from then on, and the processes it starts
-    afterwards (Jupyter kernels, worker processes), through the environment variables of the same options
-    (those already set are kept).
+    afterwards (Jupyter kernels, worker processes), through the environment variables of the same options.
+    An option whose environment variable is already set (by the user, or by a parent process) is left as it
+    is: glibc read the variable when this process started.
     """
     libc = _glibc()
     if libc is None:
         return False
-    for name, value in (("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD), ("MALLOC_TRIM_THRESHOLD_", TRIM_THRESHOLD),
-                        ("MALLOC_TOP_PAD_", TOP_PAD)):
-        os.environ.setdefault(name, str(value))
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
-    options = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-               (M_TOP_PAD, TOP_PAD))
-    return all(libc.mallopt(option, value) == 1 for option, value in options)
+    done = []
+    for name, option, value in (("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+                                ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                                ("MALLOC_TOP_PAD_", M_TOP_PAD, TOP_PAD)):
+        if name in os.environ:  # the user's own setting, in force since start-up
+            continue
+        os.environ[name] = str(value)
+        done.append(libc.mallopt(option, value) == 1)
+    return all(done)
