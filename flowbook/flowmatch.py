@@ -123,7 +123,7 @@ class FlowMatchingModel(nn.Module):
     def bits_per_dim(self, imgs, importance_samples: int = 1, **solver):
         """[B]: -log2 p(x) / D with the log(256) term, as `ImageFlow.bits_per_dim`, from one dequantization
         sample. importance_samples must be 1: a log-mean-exp over Hutchinson estimates is biased upward."""
-        if importance_samples != 1 or isinstance(importance_samples, bool):
+        if importance_samples != 1 or not isinstance(importance_samples, int) or isinstance(importance_samples, bool):
             raise ValueError("a flow-matching model's log-likelihood is an estimate (Hutchinson's trace): "
                              "importance sampling over such estimates is biased, so importance_samples must be 1, "
                              f"got {importance_samples!r}")
@@ -145,6 +145,7 @@ class FlowMatchingModel(nn.Module):
                steps: int | None = None):
         """z [B, C, H, W] -> int32 images [B, C, H, W]: the ODE from t = 0 to 1 (adaptive at `sample_rtol`,
         `sample_atol` unless given, or `steps` Euler steps), then the dequantization's inverse (sigmoid, floor)."""
+        z = self._check_z(z, "z")
         solver = self._solver(method=method, rtol=rtol or self.sample_rtol, atol=atol or self.sample_atol)
         x1, self.last_nfe = integrate(self.net, z, 0.0, 1.0, steps=steps, return_nfe=True, **solver)
         ldj = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
@@ -155,15 +156,23 @@ class FlowMatchingModel(nn.Module):
         check_temperature(temperature)
         param = self._param
         if z_init is not None:
-            check_latent(z_init, "z_init")
-            if not torch.isfinite(z_init).all():
-                raise ValueError("z_init holds NaN or infinite values: a latent must be finite")
-            return z_init.to(device=param.device, dtype=param.dtype)
+            return self._check_z(z_init, "z_init")
         if (not isinstance(img_shape, (tuple, list, torch.Size)) or len(img_shape) != 4
                 or tuple(img_shape[1:]) != self.img_shape or not isinstance(img_shape[0], int) or img_shape[0] < 1):
             raise ValueError(f"expected the latent shape [B, {', '.join(map(str, self.img_shape))}], got "
                              f"{img_shape!r}; pass model.latent_shape(B)")
         return torch.randn(tuple(img_shape), device=param.device, dtype=param.dtype) * temperature
+
+    def _check_z(self, z, name):
+        """z as a latent of this model ([B, C, H, W] of its image shape, finite), on its device and in its dtype."""
+        check_precision(self._param.dtype)
+        check_latent(z, name)
+        if tuple(z.shape[1:]) != self.img_shape:
+            raise ValueError(f"expected {name} of shape [B, {', '.join(map(str, self.img_shape))}], got "
+                             f"{list(z.shape)}; pass model.latent_shape(B)")
+        if not torch.isfinite(z).all():
+            raise ValueError(f"{name} holds NaN or infinite values: a latent must be finite")
+        return z.to(device=self._param.device, dtype=self._param.dtype)
 
     def latent_shape(self, batch_size: int = 1):
         """The shape of z for `batch_size` images: the images' own shape (an ODE keeps the dimensions)."""

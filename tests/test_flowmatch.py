@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import perturb_
+from conftest import dequantized_logits_by_hand, perturb_
 from test_layers import autograd_logdet
 from flowbook.flowmatch import FlowMatchingModel, LinearPath
 from flowbook.models import create_flow
@@ -126,6 +126,17 @@ def test_velocity_unet_treats_each_image_alone_and_uses_its_time():
     assert torch.equal(fresh(x.float(), t.float()), torch.zeros_like(x.float())), "a new field is v = 0"
 
 
+def test_velocity_unet_in_float64_is_smooth_in_time():
+    """A float64 solve at a tight tolerance needs v to be float64-accurate in t too: the derivative in t by
+    central differences agrees for steps of 1e-4 and 1e-7 (with t rounded to float32, the small step sees noise)."""
+    net = perturb_(VelocityUNet(c_in=1, channels=(16, 16, 16), c_emb=16), scale=0.05).double().eval()
+    x = torch.randn(2, 1, 12, 12, dtype=torch.float64)
+    t = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    with torch.no_grad():
+        slope = {h: (net(x, t + h) - net(x, t - h)) / (2 * h) for h in (1e-4, 1e-7)}
+    torch.testing.assert_close(slope[1e-7], slope[1e-4], rtol=1e-3, atol=1e-3 * slope[1e-4].abs().max().item())
+
+
 def test_ode_and_flowmatch_refuse_bad_options():
     x = torch.randn(2, 3)
     field = LinearField(torch.eye(3))
@@ -150,6 +161,13 @@ def test_ode_and_flowmatch_refuse_bad_options():
         model.sample(model.latent_shape(1), z_splits=[torch.zeros(1)])
     with pytest.raises(ValueError, match="must be finite"):
         model.sample(model.latent_shape(1), z_init=torch.full(model.latent_shape(1), float("nan")))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="z holds NaN or infinite values"):
+            model.decode(torch.full(model.latent_shape(1), bad))
+    with pytest.raises(ValueError, match=r"expected z of shape \[B, 1, 12, 12\], got \[1, 1, 12, 11\]"):
+        model.decode(torch.zeros(1, 1, 12, 11))
+    with pytest.raises(ValueError, match=r"expected z_init of shape \[B, 1, 12, 12\]"):
+        model.sample(model.latent_shape(1), z_init=torch.zeros(1, 1, 11, 12))
 
 
 def test_exact_divergence_is_the_trace_of_the_autograd_jacobian():
@@ -199,7 +217,9 @@ def test_flowmatch_model_bpd_is_finite_and_every_parameter_gets_a_gradient():
     loss = model(imgs)
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    missing = [n for n, p in model.named_parameters()
+               if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().max() == 0]
+    assert not missing, f"parameters without a finite, non-zero gradient: {missing}"
     bpd = model.bits_per_dim(imgs, rtol=1e-4, atol=1e-4)
     assert bpd.shape == (3,) and torch.isfinite(bpd).all()
 
@@ -212,10 +232,12 @@ def test_flowmatch_bpd_counts_the_log_256_term():
     imgs = small_images()
     torch.manual_seed(1)
     got = model.bits_per_dim(imgs)
-    torch.manual_seed(1)
-    x1, ldj = model.to_data_space(imgs)
-    continuous = -0.5 * (x1 ** 2 + math.log(2 * math.pi)).flatten(1).sum(1) + ldj + 144 * math.log(256)
-    assert torch.allclose(got, -continuous / (math.log(2) * 144) + 8, atol=1e-4)
+    torch.manual_seed(1)  # the same noise, drawn as Dequantization draws it
+    y, ldj = dequantized_logits_by_hand(imgs, torch.rand(imgs.shape, dtype=torch.float64), model.dequant.alpha,
+                                        model.dequant.margin)
+    x1, ldj = y / model.data_scale, ldj - 144 * math.log(model.data_scale)
+    expected = -(-0.5 * (x1 ** 2 + math.log(2 * math.pi)).flatten(1).sum(1) + ldj) / (math.log(2) * 144)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4)
 
 
 def test_ode_log_determinant_with_hutchinson_is_unbiased_for_the_exact_one():
@@ -268,8 +290,9 @@ def test_flowmatch_bpd_of_an_image_depends_on_its_seed_not_its_batch():
 
 
 def test_flowmatch_refuses_importance_sampling_over_estimates():
-    with pytest.raises(ValueError, match="importance_samples must be 1"):
-        small_model().bits_per_dim(small_images(), importance_samples=8)
+    for bad in (8, 1.0, True):
+        with pytest.raises(ValueError, match="importance_samples must be 1"):
+            small_model().bits_per_dim(small_images(), importance_samples=bad)
 
 
 def test_flowmatch_encode_then_decode_returns_the_images():
@@ -277,6 +300,12 @@ def test_flowmatch_encode_then_decode_returns_the_images():
     imgs = small_images()
     z, _ = model.encode(imgs, rtol=1e-8, atol=1e-8)
     assert torch.equal(model.decode(z, rtol=1e-8, atol=1e-8), imgs)
+    # in the continuous space, not only after rounding to pixels: the solve back lands on x1 within the tolerance
+    torch.manual_seed(0)
+    x1, _ = model.to_data_space(imgs)
+    z = integrate(model.net, x1, 1.0, 0.0, rtol=1e-9, atol=1e-9)
+    assert (z - x1).abs().max() > 1e-2, "the perturbed field moves x1"
+    torch.testing.assert_close(integrate(model.net, z, 0.0, 1.0, rtol=1e-9, atol=1e-9), x1, rtol=0, atol=1e-6)
 
 
 def test_flowmatch_sampling_is_reproducible_from_a_seed_and_in_range():
@@ -341,6 +370,7 @@ def test_toy_max_likelihood_step_records_solver_cost_and_lowers_the_loss():
 
     data = sample_toy("moons", 512, seed=0)
     _, record = toy_cnf.train_max_likelihood(data, steps=6, lr=1e-2, batch_size=64, progress=False)
+    assert len(record["nfe"]) == 6, "one solver cost per training step"
     assert all(n >= 6 for n in record["nfe"]), "dopri5 evaluates v at least 6 times per solve"
     assert min(record["loss"][3:]) < record["loss"][0]
 
@@ -357,7 +387,9 @@ def test_evaluate_writes_an_estimated_bpd_with_its_solver_and_standard_error(tmp
     monkeypatch.setattr(FlowMatchingModel, "rtol", 1e-2)
     monkeypatch.setattr(FlowMatchingModel, "atol", 1e-2)
     results = evaluate.evaluate_checkpoint(tmp_path / "flowmatch.pt", device="cpu", eval_images=3, progress=False)
-    assert results["importance_samples"] == 1 and results["likelihood"]["estimator"] == "hutchinson"
+    assert results["importance_samples"] == 1 and results["likelihood"] == {
+        "estimator": "hutchinson", "probe": model.probe, "probes_per_image": 1, "method": model.method,
+        "rtol": 1e-2, "atol": 1e-2, "batch_size": 64}, "the record names the solve that made the numbers"
     assert results["test_bpd_stderr"] > 0 and 0 < results["test_bpd"] < 16
     assert results["slice"]["images"] == 2
     with pytest.raises(ValueError, match="importance_samples must be 1"):

@@ -150,9 +150,14 @@ class TarFlowBlock(nn.Module):
                  flip: bool = False):
         super().__init__()
         C, H, W = img_shape
-        if H % patch_size or W % patch_size:
-            raise ValueError(f"the patch size must divide the height and width, got patch size {patch_size} for "
-                             f"images [B, {C}, {H}, {W}]; choose a divisor of {H} and {W}")
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1 or H % patch_size \
+                or W % patch_size:
+            raise ValueError(f"the patch size must be a positive integer that divides the height and width, got "
+                             f"patch size {patch_size!r} for images [B, {C}, {H}, {W}]; choose a divisor of {H} and {W}")
+        for name, value in (("width", width), ("depth", depth), ("heads", heads)):
+            if (value is not None or name != "heads") and (isinstance(value, bool) or not isinstance(value, int)
+                                                           or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         heads = heads or max(1, width // 64)
         if width % heads:
             raise ValueError(f"the width must be divisible by the number of heads, got width {width} and {heads} heads")
