@@ -277,7 +277,7 @@ def _lu_right(p, lo, up, sg, ls):
     return p @ (torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype)) @ (torch.triu(up, 1) + torch.diag(sg * ls.exp()))
 
 
-def _lu_inverse_with(combine, sign=-1.0):
+def _lu_inverse_with(combine, sign=-1.0, detach=False):
     def lu_weight_and_logdet(p, lo, up, sg, ls, inverse=False):
         if not inverse:
             return SOLUTIONS["lu_weight_and_logdet"](p, lo, up, sg, ls)
@@ -285,7 +285,8 @@ def _lu_inverse_with(combine, sign=-1.0):
         lower, upper = torch.tril(lo, -1) + eye, torch.triu(up, 1) + torch.diag(sg * ls.exp())
         l_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
         u_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
-        return combine(p, l_inv, u_inv), sign * ls.sum()
+        log_det = sign * ls.sum()
+        return combine(p, l_inv, u_inv), log_det.detach() if detach else log_det
     return lu_weight_and_logdet
 
 
@@ -325,12 +326,25 @@ def _roc_without_start(in_scores, out_scores):
     return torch.trapezoid(tpr, fpr).item()
 
 
+def _roc_with(swapped=False, ascending=False):
+    """The ROC curve from (0, 0) to (1, 1) and the trapezoid rule, with torch.trapezoid's arguments swapped
+    (x before y) or the thresholds from the smallest score up."""
+    def auc(in_scores, out_scores):
+        top = torch.cat([in_scores, out_scores]).max().view(1) + 1  # above every score: the point (0, 0)
+        t = torch.cat([in_scores, out_scores, top]).unique().flip(0).view(-1, 1)
+        t = t.flip(0) if ascending else t
+        tpr = (out_scores.view(1, -1) >= t).double().mean(1)
+        fpr = (in_scores.view(1, -1) >= t).double().mean(1)
+        return (torch.trapezoid(fpr, tpr) if swapped else torch.trapezoid(tpr, fpr)).item()
+    return auc
+
+
 def _no_volume(x, a, b):
     return torch.distributions.Normal(0.0, 1.0).log_prob((x - b) / a)
 
 
 def _hutchinson_with(probe="rademacher", times_eps=True, average=True, detach=True, sign=1.0, per_dim=False,
-                     time=None, shared=False):
+                     time=None, shared=False, flat=True):
     """Chapter 7's estimator with one thing changed."""
     def estimate(velocity, x, t, num_probes=1):
         x = x.detach().requires_grad_(True)
@@ -342,21 +356,22 @@ def _hutchinson_with(probe="rademacher", times_eps=True, average=True, detach=Tr
                     probe, torch.randint(0, 2, x.shape).to(x.dtype) * 2 - 1)
                 eps = eps[:1].expand_as(x) if shared else eps
                 vjp = torch.autograd.grad(v, x, eps, retain_graph=True, create_graph=not detach)[0]
-                terms = (vjp * eps if times_eps else vjp).flatten(1)
+                terms = (vjp * eps if times_eps else vjp)
+                terms = terms.flatten(1) if flat else terms  # not flat: sums dimension 1 only, fits [B, D] data only
                 total = total + sign * (terms.mean(1) if per_dim else terms.sum(1))
         out = total / num_probes if average else total
         return out.detach() if detach else out
     return estimate
 
 
-def _cfm_with(t="uniform", swap=False, target="velocity", reduce="mean", detach=False):
+def _cfm_with(t="uniform", swap=False, target="velocity", reduce="mean", detach=False, flat_t=False):
     """Chapter 7's flow-matching loss with one thing changed."""
     def loss(velocity, x1):
         b = x1.shape[0]
         tt = {"normal": torch.randn(b), "shared": torch.full((b,), torch.rand(()).item()),
               "grid": torch.linspace(0, 1, b)}.get(t, torch.rand(b))
         tt = tt.to(x1.dtype)
-        x0, tb = torch.randn_like(x1), tt.view(-1, 1)
+        x0, tb = torch.randn_like(x1), tt.view(-1, 1) if flat_t else tt.view(-1, *[1] * (x1.dim() - 1))
         xt = (1 - tb) * x1 + tb * x0 if swap else (1 - tb) * x0 + tb * x1
         u = {"sign": x0 - x1, "data": x1}.get(target, x1 - x0)
         v = velocity(xt, tt)
@@ -389,9 +404,11 @@ _TWEEDIE = denoise_module.tweedie_denoise  # captured before the check
 
 
 def _ar_inverse_with(params="x", scale=1.0, shift=1.0, order="scale first", sign=1.0, reduce="sum", write="clone",
-                     graph=True, prefix=False, dtype=None, shape="tokens"):
-    """Chapter 8's autoregressive inverse with one thing changed."""
+                     graph=True, prefix=False, dtype=None, shape="tokens", detach=None):
+    """Chapter 8's autoregressive inverse with one thing changed (`detach`: "z" cuts z off the graph, "x" feeds
+    shift_and_log_scale a detached x, the shortcut around the in-place error)."""
     def ar_inverse(shift_and_log_scale, z):
+        z = z.detach() if detach == "z" else z
         with contextlib.nullcontext() if graph else torch.no_grad():
             if params in ("z", "zeros"):  # one parallel pass
                 t, scales = shift_and_log_scale(z if params == "z" else torch.zeros_like(z))
@@ -400,7 +417,8 @@ def _ar_inverse_with(params="x", scale=1.0, shift=1.0, order="scale first", sign
                 x = z if write == "alias" else torch.zeros(z.shape, dtype=dtype or z.dtype)
                 scales = []
                 for i in range(z.shape[1]):
-                    t, s = shift_and_log_scale(x[:, :i + 1] if prefix else x)
+                    read = x.detach() if detach == "x" else x
+                    t, s = shift_and_log_scale(read[:, :i + 1] if prefix else read)
                     t, s = t[:, i], s[:, i]
                     xi = z[:, i] * torch.exp(-scale * s) - shift * t if order == "scale first" else (
                         (z[:, i] - t) * torch.exp(-s))
@@ -594,6 +612,8 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
                                     @ (torch.triu(up, 1) + torch.diag(ls.exp())), ls.sum()), "left out the sign"),
         (lambda p, lo, up, sg, ls: (p @ (torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype))
                                     @ (torch.triu(up, 1) + torch.diag(sg * ls.exp())), ls.exp().sum()), "not the sum of exp"),
+        (lambda p, lo, up, sg, ls: (p @ (torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype))
+                                    @ (torch.triu(up, 1) + torch.diag(sg * ls.exp())), ls.sum().detach()), "has no graph"),
         (lambda p, lo, up, sg, ls: (lambda w: (w, torch.linalg.slogdet(w)[1]))(
             p @ (torch.tril(lo, -1) + torch.eye(len(ls), dtype=ls.dtype)) @ (torch.triu(up, 1) + torch.diag(sg * ls.exp()))),
          "implement this yourself"),
@@ -611,6 +631,10 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_lu_inverse_with(lambda p, l_inv, u_inv: torch.linalg.inv(p @ torch.linalg.inv(l_inv) @ torch.linalg.inv(u_inv))),
          "implement this yourself"),
         (_lu_inverse_with(lambda p, l_inv, u_inv: (p @ l_inv.inverse() @ u_inv.inverse()).inverse()), "implement this yourself"),
+        (lambda p, lo, up, sg, ls, inverse=False: (lambda w, ld: (torch.linalg.matrix_power(w, -1), -ld) if inverse
+                                                   else (w, ld))(*SOLUTIONS["lu_weight_and_logdet"](p, lo, up, sg, ls)),
+         "implement this yourself"),
+        (_lu_inverse_with(lambda p, l_inv, u_inv: u_inv @ l_inv @ p.T, detach=True), "has no graph"),
     ],
     "check_actnorm": [
         (_actnorm_with(scale=lambda std: std.log()), "wrong sign"),
@@ -635,6 +659,7 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_hutchinson_with(sign=-1.0), "check the sign"),
         (_hutchinson_with(per_dim=True), "do not average it"),
         (_hutchinson_with(time=0.0), "evaluate v at the given times"),
+        (_hutchinson_with(flat=False), "sum over every dimension but the first"),
         (lambda v, x, t, n=1: ode.divergence_hutchinson(v(x.requires_grad_(), t), x, torch.ones_like(x)),
          "implement this yourself"),
     ],
@@ -647,6 +672,7 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_cfm_with(reduce="sum"), "not the sum"),
         (_cfm_with(detach=True), "nothing can train on it"),
         (_cfm_with(t="grid"), "not on a grid"),
+        (_cfm_with(flat_t=True), "images"),
         (lambda v, x1: LinearPath().loss(v, x1), "implement this yourself"),
     ],
     "check_euler_sample": [
@@ -665,6 +691,8 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
             (b.view(-1, 1) - a.view(1, -1)) == 0).float().mean(), "Python float"),
         (lambda a, b: ood.separation_auc(a, b), "implement this yourself"),
         (lambda a, b: _roc_without_start(a, b), "starts at (0, 0)"),
+        (_roc_with(swapped=True), "torch.trapezoid(y=tpr, x=fpr)"),
+        (_roc_with(ascending=True), "minus the AUC"),
     ],
     "check_causal_mask": [
         (lambda T: _bool_ones(T).triu(), "True above the diagonal"),
@@ -695,6 +723,8 @@ WRONG = {  # checker: [(a plausible mistake, the words its hint must contain)]
         (_ar_inverse_with(prefix=True), "the whole sequence"),
         (_ar_inverse_with(dtype=torch.float32), "z's dtype"),
         (_ar_inverse_with(shape="flat"), "x must have z's shape"),
+        (_ar_inverse_with(detach="z"), "no path from z to your x"),
+        (_ar_inverse_with(detach="x", write="in place"), "depend on z_i only"),
         (lambda f, z: tarflow.TarFlowBlock._reverse_plain(SimpleNamespace(shift_and_log_scale=f, num_tokens=z.shape[1]),
                                                           z), "implement this yourself"),
     ],

@@ -35,6 +35,9 @@ def check_lu_weight(lu_weight_and_logdet) -> None:
     - the inverse's factors in the forward order instead of reversed
     - the inverse's log-determinant not negated
     - torch.linalg.inv, solve or pinv for the inverse (switched off)
+    - torch.linalg.matrix_power(W, -1) for the inverse (switched off too)
+    - a log-determinant without its graph (detached, or rebuilt from a number): training could not move log_s
+    - the inverse's log-determinant without its graph
     - a determinant through a tensor method, w.slogdet() or w.det() (switched off too)
     - an inverse through a tensor method, w.inverse() or w.pinverse() (switched off too)
     """
@@ -80,6 +83,7 @@ def check_lu_weight(lu_weight_and_logdet) -> None:
 
     def gradient():
         w, got = lu_weight_and_logdet(*args)
+        _logdet_gradient(got, layer.log_s, 1.0, "")
         (w.sum() + got).backward()
         expect(layer.log_s.grad is not None and layer.lower.grad is not None and layer.upper.grad is not None,
                "gradients must reach lower, upper and log_s: build W from them with differentiable operations")
@@ -109,6 +113,7 @@ def check_lu_weight(lu_weight_and_logdet) -> None:
 
     def inverse_gradient():
         w_inv, neg = lu_weight_and_logdet(*args, inverse=True)
+        _logdet_gradient(neg, layer.log_s, -1.0, "with inverse=True, ")
         for p_ in (layer.log_s, layer.lower, layer.upper):
             p_.grad = None
         (w_inv.sum() + neg).backward()
@@ -121,6 +126,17 @@ def check_lu_weight(lu_weight_and_logdet) -> None:
                       blocks=[(InvConv1x1, "weight_and_logdet"), *_DETERMINANTS, *_INVERSES])
 
 
+def _logdet_gradient(got, log_s, sign, where):
+    """Expect the returned log-determinant `got` to carry its graph to log_s: d got / d log_s = sign * 1."""
+    expect(isinstance(got, torch.Tensor) and got.requires_grad, f"{where}the log-determinant has no graph, so "
+           "training could not move log_s through it: return it computed from log_s (log_s.sum()), not detached "
+           "or rebuilt from a number")
+    grad = torch.autograd.grad(got.sum(), log_s, retain_graph=True, allow_unused=True)[0]
+    expect(grad is not None and torch.allclose(grad, torch.full_like(grad, sign)),
+           f"{where}the log-determinant's gradient with respect to log_s must be {sign:+g} for each entry: "
+           f"compute it as {'' if sign > 0 else '-'}log_s.sum()")
+
+
 # torch functions that compute a determinant, or a decomposition that gives it in O(C^3)
 _DETERMINANTS = [(torch.linalg, name) for name in ("slogdet", "det", "svd", "svdvals", "lu", "lu_factor",
                                                     "lu_factor_ex", "eig", "eigvals", "qr", "cholesky", "matrix_norm",
@@ -129,8 +145,9 @@ _DETERMINANTS = [(torch.linalg, name) for name in ("slogdet", "det", "svd", "svd
     [(torch.Tensor, name) for name in ("slogdet", "det", "logdet", "svd", "lu", "qr", "cholesky")]
 # torch functions that invert a general matrix (the exercise inverts W from its triangular factors)
 _INVERSES = [(torch.linalg, name) for name in ("inv", "inv_ex", "solve", "solve_ex", "pinv", "lstsq", "tensorinv",
-                                               "tensorsolve")] + [(torch, name) for name in ("inverse", "pinverse")] + \
-    [(torch.Tensor, name) for name in ("inverse", "pinverse")]
+                                               "tensorsolve", "matrix_power")] + \
+    [(torch, name) for name in ("inverse", "pinverse", "matrix_power")] + \
+    [(torch.Tensor, name) for name in ("inverse", "pinverse", "matrix_power")]
 
 
 def check_actnorm(ActNormLayer) -> None:
@@ -288,6 +305,8 @@ def check_separation_auc(separation_auc) -> None:
 
     Catches:
     - the probability the other way round (1 - AUC)
+    - torch.trapezoid(fpr, tpr), x and y swapped (also 1 - AUC)
+    - minus the AUC (the ROC curve's points in the wrong order)
     - ties not counted half (a step curve instead of the trapezoid)
     - the ROC curve without its start at (0, 0)
     - a tensor instead of a Python float
@@ -303,8 +322,11 @@ def check_separation_auc(separation_auc) -> None:
         got = separation_auc(a, b)
         expect(isinstance(got, float), f"return a Python float (tensor.item()), got {type(got).__name__}")
         right = _exact_auc(a, b)
-        expect(not near(got, 1 - right), "that is the probability that an in-distribution input scores "
-               "higher: the AUC counts pairs where the out-of-distribution score is the larger one")
+        expect(not near(got, 1 - right), "that is 1 - AUC, the probability that an in-distribution input scores "
+               "higher: the AUC counts pairs where the out-of-distribution score is the larger one (with the ROC "
+               "curve: torch.trapezoid(y=tpr, x=fpr), the y values first)")
+        expect(not near(got, -right), f"that is minus the AUC ({got:.6f}): the ROC curve's points must go from "
+               "(0, 0) to (1, 1), thresholds from the largest score down, for the trapezoid rule to add up areas")
         expect(near(got, right), f"AUC {got:.6f}, expected {right:.6f} (tolerance {AUC_TOLERANCE:g})")
 
     def ties():

@@ -4,9 +4,10 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.functional import jacobian
 
 from flowbook import denoise
-from flowbook.exercises._harness import close, diagnose, expect, logdet, perturbed, reference, run_checks
+from flowbook.exercises._harness import close, diagnose, expect, perturbed, reference, run_checks
 from flowbook.layers import tarflow
 from flowbook.layers.tarflow import TarFlowBlock
 
@@ -182,6 +183,8 @@ def check_autoregressive_inverse(ar_inverse) -> None:
     - a prefix x[:, :i + 1] passed to shift_and_log_scale instead of the whole sequence
     - x in another dtype than z (torch.zeros(z.shape) is float32)
     - x of another shape than z's
+    - z detached (autograd sees no path from z to x)
+    - a detached x fed to shift_and_log_scale (x_i then depends on z_i alone for autograd, though the round trip holds)
     - TarFlowBlock's own reverse (switched off: forward, _reverse_plain and _reverse_cached)
     """
     block = _block()
@@ -257,13 +260,23 @@ def check_autoregressive_inverse(ar_inverse) -> None:
                "log_det with autograd's log|det dx/dz|, so leave the graph in (a sampler can call your inverse "
                "under torch.no_grad())")
         try:
-            want = logdet(lambda v: ar_inverse(shift_and_log_scale, v)[0], z[0])
+            got = jacobian(lambda v: ar_inverse(shift_and_log_scale, v.unsqueeze(0))[0].flatten(), z[0])
         except RuntimeError as err:
             expect("inplace" not in str(err), "autograd cannot differentiate your inverse: writing x[:, i] = ... "
                    "into the tensor that shift_and_log_scale already read changes a value its backward needs. "
                    "Collect the tokens in a list and torch.stack them, or write into a copy (x = x.clone()) each step")
             raise
-        close(out["log_det"][:1], want.view(1), "log_det against autograd's log|det dx/dz| (first example)", 1e-8)
+        got = got.reshape(T * D, T * D)
+        want = jacobian(lambda v: _inverse_variant(shift_and_log_scale, v.unsqueeze(0)).flatten(), z[0])
+        want = want.reshape(T * D, T * D)
+        expect(got.abs().max() > 0, "autograd sees no path from z to your x (z detached?): build x from z itself")
+        own_tokens = torch.block_diag(*(want[i * D:(i + 1) * D, i * D:(i + 1) * D] for i in range(T)))
+        expect(not torch.allclose(got, own_tokens, rtol=0, atol=1e-9), "autograd sees each x_i depend on z_i only: "
+               "x_i also depends on z_<i, through (t_i, s_i) computed from the x_<i already inverted. Call "
+               "shift_and_log_scale on x with its graph (no .detach(), no torch.no_grad() inside)")
+        close(got, want, "dx/dz from autograd against the inverse's Jacobian (first example)", 1e-8)
+        close(out["log_det"][:1], torch.linalg.slogdet(got)[1].view(1),
+              "log_det against autograd's log|det dx/dz| (first example)", 1e-8)
 
     run_checks("check_autoregressive_inverse", [
         ("shapes", shapes), ("x, token by token", inverse), ("log_det = -(the forward's ldj)", log_det),
