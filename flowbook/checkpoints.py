@@ -23,8 +23,7 @@ def atomic_save(obj, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     if hasattr(os, "fchmod"):  # as a plain open() would make it (mkstemp's 0600 would hide it from others)
         os.fchmod(fd, 0o666 & ~umask)
     try:
@@ -37,6 +36,20 @@ def atomic_save(obj, path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux says it (/proc/self/status); elsewhere set
+    and restored at once (for a moment the whole process, every thread, has umask 0 then)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -42,8 +42,8 @@ def keep_freed_memory() -> bool:
     is not glibc (nothing changed) or mallopt refused one.
     Call it once, early; it affects the whole process (every thread) from then on, and the processes it starts
     afterwards (Jupyter kernels, worker processes), through the environment variables of the same options.
-    An option whose environment variable is already set (by the user, or by a parent process) is left as it
-    is: glibc read the variable when this process started.
+    An option whose environment variable is already set (by the user, or by a parent process), or that
+    GLIBC_TUNABLES names, is left as it is: glibc read the variable when this process started.
     """
     libc = _glibc()
     if libc is None:
@@ -51,10 +51,12 @@ def keep_freed_memory() -> bool:
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
     done = []
+    tunables = os.environ.get("GLIBC_TUNABLES", "")  # glibc's newer spelling: glibc.malloc.mmap_threshold=...:...
     for name, option, value in (("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_THRESHOLD),
                                 ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_THRESHOLD),
                                 ("MALLOC_TOP_PAD_", M_TOP_PAD, TOP_PAD)):
-        if name in os.environ:  # the user's own setting, in force since start-up
+        tunable = "glibc.malloc." + name.removeprefix("MALLOC_").rstrip("_").lower()
+        if name in os.environ or f"{tunable}=" in tunables:  # the user's own setting, in force since start-up
             continue
         os.environ[name] = str(value)
         done.append(libc.mallopt(option, value) == 1)

@@ -246,8 +246,8 @@ def _check_replace(out: Path, results: dict) -> None:
                                                                      thoroughness(old)) if new < before]
     if less:
         raise FileExistsError(
-            f"{out} holds a more thorough evaluation of these weights than this one ({'; '.join(less)}): it is "
-            "kept. Write this one elsewhere with --out, or pass --overwrite.")
+            f"{out} holds an evaluation of these weights that this one is less thorough than in "
+            f"{'; '.join(less)}: it is kept. Write this one elsewhere with --out, or pass --overwrite.")
 
 
 def training_totals(meta: dict) -> dict:
@@ -272,7 +272,8 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     (default the same); left as None, 8 for a flow and 1 for a flow-matching model, whose log-likelihood is
     an estimate (see `default_importance_samples`); its JSON also records the solver and the estimator, and
     every JSON the standard error of the test bpd over images. An existing JSON for the same weights is only replaced by an evaluation at
-    least as thorough (test images, importance samples), unless `overwrite`. With `graphs`, likelihood
+    least as thorough in each of `THOROUGHNESS` (test images, importance samples, validation images and their
+    importance samples, the slice and timings), unless `overwrite`. With `graphs`, likelihood
     and sampling are also timed through compiled calls (CUDA graphs on a GPU): inference_ms_graphs and
     sampling_ms_graphs.
 
@@ -284,7 +285,7 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     are gathered, and the first process computes the rest and writes the JSON; the others return None.
     An evaluation that is stopped keeps its finished batches in hidden files beside `out`
     (`.<name>.test.partial.rank0.pt`, ...); started again for the same weights and options, it continues from
-    them, and deletes them once both sets are done.
+    them, and deletes them once the JSON is written.
     `val_images`: the first N validation images only (default: as many as the test set gets, `eval_images`), for
     a model whose likelihood costs seconds per image (an ODE): the test set is what results are compared on.
     `bpd_only`: the test and validation bpd alone, without the slice fingerprint and the timings (a quick look
@@ -336,9 +337,6 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
     rank = fabric.global_rank if fabric is not None else 0
     if rank != 0:
         return None
-    for split in partial.values():  # both sets are done (and gathered): every process's saved batches have served,
-        for stale in split.parent.glob(f"{split.name}.rank*.pt"):  # those of an earlier --devices count too
-            stale.unlink(missing_ok=True)
     if ode:  # an adaptive solver's steps are chosen per batch: the batch size is part of the record
         results["likelihood"] = {"estimator": "hutchinson", "probe": model.probe, "probes_per_image": 1,
                                  "method": model.method, "rtol": model.rtol, "atol": model.atol,
@@ -356,6 +354,9 @@ def evaluate_checkpoint(path: str | Path, device: str | None = None, importance_
         "versions": versions(),
     })
     _write_json(out, results)
+    for split in partial.values():  # the JSON holds both sets now: every process's saved batches have served
+        for stale in split.parent.glob(f"{split.name}.rank*.pt"):  # (those of an earlier --devices count too);
+            stale.unlink(missing_ok=True)  # until then a failure in the slice or the timings loses no batch
     return results
 
 

@@ -122,16 +122,17 @@ def train_quick(name: str, retrain: bool = False, device: torch.device | None = 
     cached = out / f"{name}.pt"
     out.mkdir(parents=True, exist_ok=True)
     # Another notebook training the same demonstration model at this moment: wait for it and use its model.
+    per_epoch = (s.train_images or NUM_TRAIN) // s.batch_size  # demo_steps may span epochs (full mode)
+    run = {"epochs": -(-s.demo_steps // per_epoch), "max_steps": s.demo_steps, "batch_size": s.batch_size,
+           "train_images": s.train_images, "val_images": s.eval_images}
     with run_lock(out, wait=True):
         ckpt = read_checkpoint(cached) if cached.exists() and not retrain else None
-        if ckpt is not None and ckpt["meta"].get("settings", {}).get("max_steps") == s.demo_steps:
+        settings = ckpt["meta"].get("settings", {}) if ckpt is not None else {}
+        if ckpt is not None and all(settings.get(key) == value for key, value in run.items()):  # this mode's run
             model, curve = model_from_checkpoint(ckpt, map_location=device, arch=name), None
         else:
             _clear_run(out)
-            per_epoch = (s.train_images or NUM_TRAIN) // s.batch_size  # demo_steps may span epochs (full mode)
-            model, summary = train(name, out, device=str(device), progress="steps" if progress else False,
-                                   epochs=-(-s.demo_steps // per_epoch), max_steps=s.demo_steps,
-                                   batch_size=s.batch_size, train_images=s.train_images, val_images=s.eval_images)
+            model, summary = train(name, out, device=str(device), progress="steps" if progress else False, **run)
             curve = summary["train_curve"]
     images = f"{s.train_images} images" if s.train_images else "the training set"
     return model, f"a small model trained here for only {s.demo_steps} steps on {images}", curve

@@ -151,6 +151,23 @@ def test_readme_shows_exactly_the_shipped_results():
         "the README's results table differs from checkpoints/*.json: paste `python -m flowbook.results`"
 
 
+def test_the_umask_is_read_without_changing_it(monkeypatch):
+    import os
+
+    from flowbook import checkpoints
+
+    before = os.umask(0o027)
+    try:
+        changes = []
+        real = os.umask
+        monkeypatch.setattr(os, "umask", lambda mask: changes.append(mask) or real(mask))
+        assert checkpoints._umask() == 0o027
+        if os.path.exists("/proc/self/status"):
+            assert changes == [], "on Linux the umask is read from /proc, never set to 0 for a moment"
+    finally:
+        os.umask(before)
+
+
 def test_atomic_save_makes_a_file_as_readable_as_a_plain_one(tmp_path):
     from flowbook.checkpoints import atomic_save
 

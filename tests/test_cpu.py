@@ -62,6 +62,8 @@ def test_keep_freed_memory_keeps_a_users_own_settings_in_the_process_and_the_pro
     user = page_faults("keep", MALLOC_MMAP_THRESHOLD_="65536")  # every 4 MiB buffer mapped, unmapped when freed
     assert user["env"] == "65536", "the processes it starts inherit the user's value"
     assert user["faults"] > pages / 2, f"the user's threshold was overridden: {user['faults']} faults for {pages} pages"
+    tuned = page_faults("keep", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536")  # glibc's newer spelling
+    assert tuned["faults"] > pages / 2, f"the user's tunable was overridden: {tuned['faults']} faults for {pages} pages"
 
 
 def test_keep_freed_memory_is_a_no_op_without_glibc(monkeypatch):

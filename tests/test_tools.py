@@ -187,7 +187,7 @@ def test_evaluation_never_replaces_a_more_thorough_json_of_the_same_weights(tmp_
     thorough = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=2, eval_images=16,
                                    progress=False)
     before = (tmp_path / "simple.json").read_text()
-    with pytest.raises(FileExistsError, match="more thorough"):
+    with pytest.raises(FileExistsError, match="less thorough than in"):
         evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=1, eval_images=8, progress=False)
     with pytest.raises(FileExistsError, match="slice and timings 0 < 1"):  # as thorough in bpd, without the slice
         evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=2, eval_images=16,
@@ -205,6 +205,21 @@ def test_evaluation_never_replaces_a_more_thorough_json_of_the_same_weights(tmp_
                                 progress=False, out=tmp_path / "quick.json")
     assert other["eval_images"]["test"] == 8 and (tmp_path / "simple.json").read_text() == before
     assert not stale.exists() and not list(tmp_path.glob(".quick.*")), "a finished evaluation leaves no partial files"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during the timings, after the bpd of both sets
+
+    monkeypatch.setattr(evaluate, "sampling_time", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=1, eval_images=8,
+                            progress=False, out=tmp_path / "stopped.json")
+    kept = sorted(p.name for p in tmp_path.glob(".stopped.*"))
+    assert not (tmp_path / "stopped.json").exists() and kept == [".stopped.test.partial.rank0.pt",
+                                                                 ".stopped.val.partial.rank0.pt"], kept
+    monkeypatch.setattr(evaluate, "sampling_time", lambda *args, **kwargs: 1.0)
+    again = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=1, eval_images=8,
+                                progress=False, out=tmp_path / "stopped.json")
+    assert again["test_bpd"] == other["test_bpd"] and not list(tmp_path.glob(".stopped.*"))
     assert thorough["images_seen"] is None or thorough["images_seen"] >= 0
     save_checkpoint(perturb_(create_flow("simple"), scale=0.02), "simple", tmp_path / "simple.pt", epochs=2)
     newer = evaluate_checkpoint(tmp_path / "simple.pt", device="cpu", importance_samples=1, eval_images=8,
@@ -283,6 +298,27 @@ def test_two_notebooks_training_the_same_quick_model_do_not_clear_each_others_ru
     # it waited for the other trainer, then removed the stale files but kept the lock file, and held it
     assert seen == {"other done": True, "files": [".lock"], "locked": True}
     holder.wait()
+
+
+def test_a_cached_demonstration_model_is_reused_only_when_it_was_trained_as_this_mode_would(tmp_path, monkeypatch):
+    import flowbook.pretrained as pretrained
+    from flowbook.checkpoints import save_checkpoint
+
+    monkeypatch.setattr(pretrained.config, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(config, "settings", lambda: config.FULL)
+    s, trained = config.FULL, []
+    monkeypatch.setattr(pretrained, "train", lambda name, folder, **run: trained.append(run) or (
+        create_flow(name).eval(), {"train_curve": []}))
+    cached = tmp_path / "runs" / "quick" / "simple" / "simple.pt"
+    cached.parent.mkdir(parents=True)
+    old = {"epochs": 1, "max_steps": s.demo_steps, "batch_size": s.batch_size, "train_images": s.train_images,
+           "val_images": s.eval_images}  # an older full-mode run: one epoch, so it stopped before demo_steps
+    save_checkpoint(create_flow("simple"), "simple", cached, settings=old)
+    pretrained.train_quick("simple", device=torch.device("cpu"), progress=False)
+    assert len(trained) == 1 and trained[0]["epochs"] > 1, "the stale model must be trained again"
+    save_checkpoint(create_flow("simple"), "simple", cached, settings=trained[0])
+    _, _, curve = pretrained.train_quick("simple", device=torch.device("cpu"), progress=False)
+    assert len(trained) == 1 and curve is None, "a model trained as this mode would is reused"
 
 
 def test_quick_demonstrations_train_at_least_one_epoch_so_that_they_end_with_a_validation(monkeypatch):

@@ -230,16 +230,17 @@ class NoiseAugmentation(nn.Module):
         check_images(z, self.quants)
         num_dims = z[0].numel()
         log_det = num_dims * math.log(2 / self.quants)
-        if self.current_noise == "uniform":
-            if noise is None:
-                noise = noise_source.rand(z.shape, device=z.device, dtype=torch.float64)
-            u = _squeeze_noise(_check_noise(noise, z).to(torch.float64), self.margin)
+        uniform = self.current_noise == "uniform"
+        if noise is None:  # drawn here: no check (a check of a GPU tensor's values makes the CPU wait for it)
+            draw = noise_source.rand if uniform else noise_source.randn
+            noise = draw(z.shape, device=z.device, dtype=torch.float64)
+        else:  # a caller's noise: its shape, range and finiteness checked
+            noise = _check_noise(noise, z, uniform=uniform).to(torch.float64)
+        if uniform:
+            u = _squeeze_noise(noise, self.margin)
             log_det += num_dims * math.log(1 - 2 * self.margin)
         else:
-            if noise is None:
-                noise = noise_source.randn(z.shape, device=z.device, dtype=torch.float64)
-            eps = _check_noise(noise, z, uniform=False).to(torch.float64)
-            u = 0.5 + (self.quants / 2 * self.sigma) * eps
+            u = 0.5 + (self.quants / 2 * self.sigma) * noise
         y = 2 * (z.to(torch.float64) + u) / self.quants - 1
         return y.to(ldj.dtype), ldj + log_det
 
