@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """[B] times in [0, 1] -> [B, dim] sinusoids of 1000 t at dim / 2 frequencies, geometrically spaced from 1
-    down to 10,000^(-(dim/2 - 1)/(dim/2)) (about 1/8,700 for dim 128). In float64 for float64 times, else in
-    float32 (a bfloat16 t would round 1000 t to steps of up to 4)."""
+    down to 10,000^(-(dim/2 - 1)/(dim/2)) (about 1/8,700 for dim 128). Computed in float64 for float64 times
+    (a float64 solve needs v smooth in t to float64 precision), else in float32."""
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     half = dim // 2
     freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device, dtype=dtype) / half)
