@@ -596,11 +596,11 @@ exercises.check_causal_mask(causal_mask)
 # $x_i = z_i \odot e^{-s_i} - t_i$ computed token by token, where `t, s = shift_and_log_scale(x)` gives
 # [B, n, d] tensors whose row $i$ depends only on rows $< i$ of its argument, and `log_det` [B] is the
 # log-determinant of the map $z \mapsto x$. The rows not inverted yet may hold anything (zeros, say): pass the
-# whole [B, n, d] sequence each time, in z's dtype. Keep `x` differentiable (no `torch.no_grad`, and no
-# in-place write into a tensor that `shift_and_log_scale` has already read: write into a copy, or collect the
-# tokens in a list and stack them). The checker switches off the TarFlow block's own reverse pass, inverts a
-# random block's output with your function, and checks the round trip and the log-determinant against
-# autograd.
+# whole [B, n, d] sequence each time, in z's dtype. Keep `x` differentiable in `z`, through every path (no
+# `torch.no_grad`, no `.detach()`, and no in-place write into a tensor that `shift_and_log_scale` has already
+# read: write into a copy, or collect the tokens in a list and stack them). The checker switches off the
+# TarFlow block's own reverse pass, inverts a random block's output with your function, and checks the round
+# trip, and your Jacobian $\partial x / \partial z$ and log-determinant against autograd.
 
 # %% tags=["student"]
 def ar_inverse(shift_and_log_scale, z):
