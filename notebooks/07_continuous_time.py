@@ -496,7 +496,7 @@ print(f"solver {flowmatch.method}: likelihood rtol = atol = {flowmatch.rtol:g}; 
 # Every shipped model, each on the full test set from its results JSON, which `python -m flowbook.evaluate
 # --checkpoint checkpoints/<model>.pt` writes: the flows with 8 importance samples, the flow-matching model
 # with one dequantization sample and one Hutchinson probe per image (an unbiased estimate of the looser
-# one-sample bound), once its evaluation, a run of hours on a CPU, has been done. The shipped models include
+# one-sample bound; its evaluation is a run of hours on a CPU, and until it has run, its row says so). The shipped models include
 # chapter 8's two transformer flows: `tarflow`, and `tarflow_noise`, the same transformer blocks with the
 # pixels scaled linearly to $[-1, 1]$ instead of the logit, trained on images with Gaussian noise added; its
 # bpd is a valid bound on MNIST's but a poor one, because the model spreads density outside the pixels' bins
@@ -534,9 +534,11 @@ if "flowmatch" in results:
     fm = results["flowmatch"]
     gap = fm["test_bpd"] - ms["test_bpd"]
     solve = fm["likelihood"]
+    assert solve["rtol"] == solve["atol"], "the sentence below names one tolerance"
+    tol = f"{solve['rtol']:g}".replace("e-0", "e-")  # 1e-5, not 1e-05
     comparison = (f"On all {fm['eval_images']['test']:,} test images the flow-matching model has "
                   f"{fm['test_bpd']:.3f} ± {fm['test_bpd_stderr']:.3f} bpd ({solve['method']}, rtol = atol = "
-                  f"{solve['rtol']:g}, one {solve['probe']} probe per image), {abs(gap):.3f} "
+                  f"{tol}, one {solve['probe'].capitalize()} probe per image), {abs(gap):.3f} "
                   f"{'above' if gap > 0 else 'below'} the multi-scale flow's {ms['test_bpd']:.3f}. With one sample on "
                   f"both sides, on validation images: {fm['val_bpd']:.3f} (the first {fm['eval_images']['val']:,}) "
                   f"against {ms['val_bpd']:.3f} (all {ms['eval_images']['val']:,}).")

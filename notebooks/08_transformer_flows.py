@@ -233,7 +233,7 @@ else:
 # ### In the results table
 #
 # Every shipped model from its results JSON, on the full test set: the flows' test bpd with 8 importance
-# samples (the flow-matching model's, once evaluated, with one sample through the ODE: chapter 7), the
+# samples (the flow-matching model's with one sample through the ODE: chapter 7), the
 # parameters and the training images; a model that has no results JSON yet is listed as not evaluated.
 # `tarflow_noise` is section 4's model: its number is a bpd of MNIST too, but of a model trained on noisy images.
 
@@ -244,7 +244,8 @@ rows = [[name, f"{r['test_bpd']:.3f}", f"{r['eval_images']['test']:,}", r["impor
 for name in ALL_MODELS:
     if name not in results and (checkpoint_file(name) is not None or name == "tarflow"):
         rows.append([name, "not evaluated yet", "-", "-", "-", "-"])
-print(tabulate(rows, ["model", "test bpd", "test images", "K", "parameters", "training images"]))
+print(tabulate(rows, ["model", "test bpd", "test images", "K", "parameters", "training images"],
+               floatfmt=".3f"))  # 1.200, not 1.2
 
 # %%
 if "tarflow" in results and "multiscale" in results:
