@@ -226,7 +226,8 @@ Markdown(f"The continuous flow trained {settings.cnf_steps} steps ({sum(cnf_reco
 #
 # $$\epsilon^\top S \epsilon = \sum_i S_{ii}\, \epsilon_i^2 + \sum_{i \ne j} S_{ij}\, \epsilon_i \epsilon_j .$$
 #
-# The two sums are uncorrelated, and the second, $2 \sum_{i<j} S_{ij} \epsilon_i \epsilon_j$, has variance
+# The two sums are uncorrelated (each product $\epsilon_i^2 \epsilon_j \epsilon_k$ with $j \ne k$ has mean 0),
+# and the second, $2 \sum_{i<j} S_{ij} \epsilon_i \epsilon_j$, has variance
 # $4 \sum_{i<j} S_{ij}^2 = 2 \sum_{i \ne j} S_{ij}^2$ for either probe (its terms are uncorrelated, each
 # $\epsilon_i \epsilon_j$ of variance 1). For a Rademacher probe $\epsilon_i^2 = 1$, so the first sum is the
 # constant $\operatorname{tr} S$; for a Gaussian probe $\epsilon_i^2$ has variance 2 and the first sum adds
@@ -278,12 +279,15 @@ Markdown(f"The means lie {gaps['rademacher']:.1f} (Rademacher) and {gaps['gaussi
 # so $a(0) = \int_1^0 \epsilon^\top J \epsilon\, dt$ along the path, whose expectation over $\epsilon$ is
 # $\int_1^0 \operatorname{div} v\, dt$ (up to the solver's own error, which also acts on $a$). A log-likelihood
 # computed with it is an unbiased estimate $\ell + n$ of the exact one, $\ell$, with zero-mean noise $n$ from
-# the probe. An importance-weighted bound (chapter 2) takes $\log \frac{1}{K}\sum_k e^{\hat\ell_k}$ over $K$
+# the probe (the probe enters only the integral $a$, linearly, never the path $z(t)$). An importance-weighted
+# bound (chapter 2) takes $\log \frac{1}{K}\sum_k e^{\hat\ell_k}$ over $K$
 # dequantization samples, each with its own exact log-likelihood $\ell_k$; with noisy estimates,
-# $\hat\ell_k = \ell_k + n_k$, the average of $e^{\hat\ell_k}$ tends to $\mathbb{E}_u[e^{\ell_k}]\,
-# \mathbb{E}[e^{n}] = P(x)\, \mathbb{E}[e^{n}] \ge P(x)$ as $K$ grows (Jensen's inequality, for the convex
-# $\exp$ and $\mathbb{E}[n] = 0$). Its log tends to $\log P(x) + \log \mathbb{E}[e^{n}]$, above the true
-# log-likelihood: no bound at all. So a flow-matching model's `bits_per_dim` refuses `importance_samples > 1`.
+# $\hat\ell_k = \ell_k + n_k$, the average of $e^{\hat\ell_k}$ tends, as $K$ grows, to
+# $\mathbb{E}_u\big[e^{\ell_k}\, \mathbb{E}[e^{n_k} \mid u_k]\big] \ge \mathbb{E}_u[e^{\ell_k}] = P(x)$,
+# because for every dequantization noise $u_k$, $\mathbb{E}[e^{n_k} \mid u_k] \ge e^{\mathbb{E}[n_k \mid u_k]} = 1$
+# (Jensen's inequality, for the convex $\exp$; the probe's noise has mean 0 at every point). Its log tends to
+# a value above $\log P(x)$, the true log-likelihood: no bound at all. So a flow-matching model's
+# `bits_per_dim` refuses `importance_samples > 1`.
 #
 # ## 4. Flow matching
 #
@@ -310,7 +314,8 @@ Markdown(f"The means lie {gaps['rademacher']:.1f} (Rademacher) and {gaps['gaussi
 #
 # the second step by the tower property. Points moved by the field $u_t$ change the average of $\varphi$ in
 # exactly this way, so the ODE $dx/dt = u_t(x)$ started from $p_0$ has the distribution $p_t$ at every $t$ (this
-# is the continuity equation above, integrated against $\varphi$). The
+# is the continuity equation above, integrated against $\varphi$; for a smooth field it has only one solution
+# from $p_0$). The
 # **conditional flow-matching loss** regresses on the lines' own velocities instead:
 #
 # $$\mathcal{L}_{CFM}(\theta) = \mathbb{E}_{t,\, x_0,\, x_1} \|v_\theta(x_t, t) - (x_1 - x_0)\|^2 .$$
@@ -365,7 +370,8 @@ Markdown(f"A flow-matching step costs **{ml_ms / fm_ms:.0f} times** less than a 
 # $$x \;\xrightarrow{\text{dequantize, logit (chapter 2)}}\; y \;\xrightarrow{\;/\,4\;}\; x_1
 #   \;\xrightarrow{\text{ODE from } t=1 \text{ to } t=0}\; z,$$
 #
-# and `encode` adds to `ldj`, per image with $D = 784$ pixels:
+# so the ODE's state at $t = 1$ is $x_1$, the scaled logits, not the integer image $x$ (section 2's $x(1)$ was
+# the data itself). `encode` adds to `ldj`, per image with $D = 784$ pixels:
 # - chapter 2's dequantization terms: $D\log(1 - 2m) - D \log 256 + D\log(1-\alpha) - \sum_i \log r_i(1-r_i)$
 #   (the noise margin $m$, the $\log 256$ of the discrete pixels, the logit margin $\alpha$ and the logit of
 #   each squeezed pixel $r_i$);
@@ -439,12 +445,14 @@ mean_image = flowmatch.dequant(x1_mean * flowmatch.data_scale, torch.zeros(1, de
 spread_one = (one - one.mean(0)).abs().mean()
 spread_adaptive = (adaptive.float() - adaptive.float().mean(0)).abs().mean()
 print(f"one Euler step: the samples lie {spread_one:.1f} grey levels from their own mean image on average, and "
-      f"{(one - mean_image).abs().mean():.1f} from the mean training image (in logit space); adaptive samples lie "
+      f"{(one - mean_image).abs().mean():.1f} from the mean of the training images' logits, decoded to pixels; "
+      "adaptive samples lie "
       f"{spread_adaptive:.1f} from theirs")
 
 # %% [markdown]
 # Why one step should collapse the samples: at $t = 0$, $x_t = x_0$ says nothing about which $x_1$ the line
-# leads to, so the marginal velocity there is $u_0(z) = \mathbb{E}[x_1] - z$, and a single step of length 1
+# leads to ($x_0$ and $x_1$ are drawn independently), so the marginal velocity there is
+# $u_0(z) = \mathbb{E}[x_1] - z$, and a single step of length 1
 # lands at $\mathbb{E}[x_1]$, the mean training image in logit space, whatever $z$ was. A trained model should
 # show it in the first row:
 
@@ -470,8 +478,9 @@ Markdown(f"With the model named above, the share of recognisable samples is {sco
 # printed below): a sample is rounded to 8 bits at the end, while a likelihood's error goes straight into the
 # bpd (Exercise 5 asks in which direction, and how to check). The $\pm$ is the standard error of the mean over
 # the images, each with its own noise and probe: it holds both the images' own spread in bpd and the noise of
-# the estimate. In full mode this cell runs on all 10,000
-# test images: hours on a CPU, minutes on a GPU.
+# the estimate. In quick mode this cell runs on a few test images, which say little about the whole test set
+# (the next section compares the shipped model's full-test-set number, and the multi-scale flow on the same
+# few images); in full mode it runs on all 10,000, hours on a CPU.
 
 # %%
 ode_images = test_set.images[:settings.ode_images]
@@ -496,7 +505,8 @@ print(f"solver {flowmatch.method}: likelihood rtol = atol = {flowmatch.rtol:g}; 
 # Every shipped model, each on the full test set from its results JSON, which `python -m flowbook.evaluate
 # --checkpoint checkpoints/<model>.pt` writes: the flows with 8 importance samples, the flow-matching model
 # with one dequantization sample and one Hutchinson probe per image (an unbiased estimate of the looser
-# one-sample bound; its evaluation is a run of hours on a CPU, and until it has run, its row says so). The shipped models include
+# one-sample bound; it comes from an offline evaluation, a run of hours on a CPU). The shipped models
+# include
 # chapter 8's two transformer flows: `tarflow`, and `tarflow_noise`, the same transformer blocks with the
 # pixels scaled linearly to $[-1, 1]$ instead of the logit, trained on images with Gaussian noise added; its
 # bpd is a valid bound on MNIST's but a poor one, because the model spreads density outside the pixels' bins
@@ -524,12 +534,18 @@ print(tabulate(rows, ["model", "test bpd", "test images", "parameters", "trainin
 
 # %% [markdown]
 # The test bpd column is not quite one measurement: the flows' bound combines 8 importance samples per image
-# (a tighter bound, chapter 2), the flow-matching model's takes one. Their validation bpd, in the results
-# JSONs, is one sample on both sides:
+# (a tighter bound, chapter 2), the flow-matching model's takes one. The validation bpd of the multi-scale flow
+# and of the flow-matching model, in their results JSONs, takes one sample each (on all 10,000 validation
+# images and on the first 512 respectively); and on the test images of the bpd cell above (a few, in quick
+# mode), both models are computed here with one sample:
 
 # %%
 ms = results["multiscale"]
 assert ms["val_importance_samples"] == 1, "the sentence below says one sample"
+multiscale, _, _ = load_trained("multiscale", device=device)
+torch.manual_seed(0)
+with torch.no_grad():  # one dequantization sample per image, as the flow-matching model's
+    ms_here = torch.cat([multiscale.bits_per_dim(b.to(device)).cpu() for b in ode_images.split(256)])
 if "flowmatch" in results:
     fm = results["flowmatch"]
     gap = fm["test_bpd"] - ms["test_bpd"]
@@ -547,6 +563,11 @@ else:
                   f"CPU): the bpd cell above, on {where}, is this chapter's measurement of its bpd, against the multi-scale "
                   f"flow's {ms['test_bpd']:.3f} on the full test set (8 samples) and {ms['val_bpd']:.3f} on the "
                   "validation set (one sample).")
+diff = bpd - ms_here  # paired by image
+comparison += (f" On the {len(ode_images):,} test images of the bpd cell above, one sample each: "
+               f"{bpd.mean():.3f} for the flow-matching model against {ms_here.mean():.3f} for the multi-scale flow, "
+               f"a difference of {diff.mean():.3f} ± {diff.std().item() / math.sqrt(len(diff)):.3f} (standard error, "
+               "paired by image).")
 Markdown(comparison)
 
 # %% [markdown]
@@ -554,7 +575,6 @@ Markdown(comparison)
 # multi-scale flow against the flow-matching model:
 
 # %%
-multiscale, _, _ = load_trained("multiscale", device=device)
 n_ll = len(ode_images.split(16)[0])  # the flow-matching likelihood: the first batch of the bpd cell
 batch = test_set.images[:n_ll].to(device)
 with torch.no_grad():
@@ -603,8 +623,9 @@ print(f"the flow-matching model took {batch_s[0] / ms_ll:.0f}x the multi-scale f
 # - Maximum likelihood trains a continuous flow through an ODE solver, whose cost grew as the flow learned
 #   (measured on the two moons).
 # - Hutchinson's estimator gives an unbiased divergence from one vector-Jacobian product; Rademacher probes
-#   have less variance than Gaussian ones. A log-likelihood computed with it is an unbiased estimate, not a
-#   bound, and importance sampling over such estimates would overstate the likelihood.
+#   have less variance than Gaussian ones. A log-likelihood computed with it is an unbiased estimate of the
+#   one-sample bound, not itself a bound, and importance sampling over such estimates would overstate the
+#   likelihood.
 # - Flow matching regresses $v_\theta$ on the straight lines' velocities $x_1 - x_0$, which has the gradient
 #   of regressing on the true marginal field: no ODE during training.
 # - The flow-matching model of MNIST has a likelihood in the same units as every flow here, at the price of
@@ -736,7 +757,7 @@ exercises.check_euler_sample(euler_sample)
 # it is. The reported number is then a property of model *and* solver. To show that yours is not an
 # artefact: recompute it at tolerances 10 times tighter, and 100 times, on the same images and probes (same seeds)
 # until the change is far below the estimator's standard error; report the tolerance, the number of
-# function evaluations, and the standard error next to the bpd, as section 5 does.
+# function evaluations, and the standard error next to the bpd (section 5's bpd cell prints all three).
 
 # %% [markdown]
 # ## References
