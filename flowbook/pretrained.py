@@ -76,7 +76,7 @@ def training_history(name: str) -> list[dict]:
             "epochs": stage.get("epochs"), "steps": stage.get("steps"), "images_seen": stage.get("images_seen"),
             "batch_size": run.get("batch_size"), "peak_lr": run.get("lr"), "schedule": run.get("schedule"),
             "warmup_steps": run.get("warmup_steps"), "budget_minutes": run.get("max_minutes"),
-            "minutes": None if wall is None else round(wall / 60, 1),
+            "minutes": None if wall is None else wall / 60,  # unrounded: a table rounds it once
             "precision": run.get("precision"), "hardware": stage.get("hardware") or stage.get("device"),
         })
     return rows

@@ -279,8 +279,9 @@ Markdown(f"The means lie {gaps['rademacher']:.1f} (Rademacher) and {gaps['gaussi
 # so $a(0) = \int_1^0 \epsilon^\top J \epsilon\, dt$ along the path, whose expectation over $\epsilon$ is
 # $\int_1^0 \operatorname{div} v\, dt$ (up to the solver's own error, which also acts on $a$). A log-likelihood
 # computed with it is an unbiased estimate $\ell + n$ of the exact one, $\ell$, with zero-mean noise $n$ from
-# the probe (the probe enters only the integral $a$, linearly, never the path $z(t)$). An importance-weighted
-# bound (chapter 2) takes $\log \frac{1}{K}\sum_k e^{\hat\ell_k}$ over $K$
+# the probe (the probe does not change the Jacobians along the path, so the expectation over $\epsilon$ passes
+# through the integral; only the adaptive solver's step sizes, within its tolerance, depend on it). An
+# importance-weighted bound (chapter 2) takes $\log \frac{1}{K}\sum_k e^{\hat\ell_k}$ over $K$
 # dequantization samples, each with its own exact log-likelihood $\ell_k$; with noisy estimates,
 # $\hat\ell_k = \ell_k + n_k$, the average of $e^{\hat\ell_k}$ tends, as $K$ grows, to
 # $\mathbb{E}_u\big[e^{\ell_k}\, \mathbb{E}[e^{n_k} \mid u_k]\big] \ge \mathbb{E}_u[e^{\ell_k}] = P(x)$,
@@ -314,8 +315,8 @@ Markdown(f"The means lie {gaps['rademacher']:.1f} (Rademacher) and {gaps['gaussi
 #
 # the second step by the tower property. Points moved by the field $u_t$ change the average of $\varphi$ in
 # exactly this way, so the ODE $dx/dt = u_t(x)$ started from $p_0$ has the distribution $p_t$ at every $t$ (this
-# is the continuity equation above, integrated against $\varphi$; for a smooth field it has only one solution
-# from $p_0$). The
+# is the continuity equation above, integrated against $\varphi$: $p_t$ and the distribution of the ODE's
+# solution both satisfy it from $p_0$, and for a smooth field it has only one solution). The
 # **conditional flow-matching loss** regresses on the lines' own velocities instead:
 #
 # $$\mathcal{L}_{CFM}(\theta) = \mathbb{E}_{t,\, x_0,\, x_1} \|v_\theta(x_t, t) - (x_1 - x_0)\|^2 .$$
@@ -453,7 +454,7 @@ print(f"one Euler step: the samples lie {spread_one:.1f} grey levels from their 
 # Why one step should collapse the samples: at $t = 0$, $x_t = x_0$ says nothing about which $x_1$ the line
 # leads to ($x_0$ and $x_1$ are drawn independently), so the marginal velocity there is
 # $u_0(z) = \mathbb{E}[x_1] - z$, and a single step of length 1
-# lands at $\mathbb{E}[x_1]$, the mean training image in logit space, whatever $z$ was. A trained model should
+# lands at $\mathbb{E}[x_1]$, the mean of the training images' scaled logits, whatever $z$ was. A trained model should
 # show it in the first row:
 
 # %%
@@ -624,8 +625,8 @@ print(f"the flow-matching model took {batch_s[0] / ms_ll:.0f}x the multi-scale f
 #   (measured on the two moons).
 # - Hutchinson's estimator gives an unbiased divergence from one vector-Jacobian product; Rademacher probes
 #   have less variance than Gaussian ones. A log-likelihood computed with it is an unbiased estimate of the
-#   one-sample bound, not itself a bound, and importance sampling over such estimates would overstate the
-#   likelihood.
+#   exact one, so its average over images and dequantization noise estimates the one-sample bound; but
+#   importance sampling (a log-mean-exp) over such estimates would overstate the likelihood.
 # - Flow matching regresses $v_\theta$ on the straight lines' velocities $x_1 - x_0$, which has the gradient
 #   of regressing on the true marginal field: no ODE during training.
 # - The flow-matching model of MNIST has a likelihood in the same units as every flow here, at the price of

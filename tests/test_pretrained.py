@@ -26,6 +26,9 @@ def test_training_history_matches_the_results_json(name):
     assert sum(r["epochs"] for r in rows) == results["epochs"], "the stages' epochs must add up to the total"
     assert sum(r["images_seen"] for r in rows) == results["images_seen"]
     assert all(r["batch_size"] > 0 and r["peak_lr"] > 0 and r["schedule"] for r in rows)
+    history = results.get("training", {}).get("history") or []
+    for row, stage in zip(rows, history):  # rounded only where a table prints it (113.47 is not 114)
+        assert row["minutes"] == pytest.approx(stage["wall_s"] / 60)
 
 
 def test_training_history_without_a_shipped_checkpoint_is_empty(tmp_path, monkeypatch):
