@@ -75,12 +75,14 @@ bench: setup
 
 # Train four models into runs/<model>/ with the CLI defaults and evaluate each (a killed run continues where it
 # stopped; docs/training.md has the recipes of the shipped checkpoints).
-# On a CPU give each run a budget: `make train-all MINUTES=90` (see docs/training.md).
+# On a CPU give each run a budget and the CPU settings:
+# `make train-all MINUTES=90 TRAIN_ARGS="--batch-size 64 --lr 3e-3 --warmup-steps 100"` (see docs/training.md).
 MINUTES ?=
+TRAIN_ARGS ?=
 train-all: setup
 	for m in simple vardeq multiscale glow; do \
 	  $(BIN)/python -m flowbook.train --model $$m --out runs/$$m $$([ -f runs/$$m/last.ckpt ] && echo --resume) \
-	    $(if $(MINUTES),--max-minutes $(MINUTES)) && \
+	    $(if $(MINUTES),--max-minutes $(MINUTES)) $(TRAIN_ARGS) && \
 	  $(BIN)/python -m flowbook.evaluate --checkpoint runs/$$m/$$m.pt || exit 1; done
 
 # Generated editions only: training runs in runs/ are results, never cleaned.

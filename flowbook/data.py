@@ -94,7 +94,7 @@ def _torchvision_mnist(root: Path, train: bool, download: bool):
         raise MNISTNotFoundError(
             f"MNIST was not found in {root / 'MNIST' / 'raw'} and could not be downloaded "
             f"({type(err).__name__}: {err}). Set PATH_DATASETS to the folder that holds MNIST/raw "
-            f"(for example PATH_DATASETS=../shared/data), or run once with a network to download it."
+            f"(for example PATH_DATASETS=/path/to/data), or run once with a network to download it."
         ) from None
     verify_mnist_files(root / "MNIST" / "raw")  # what was just downloaded, too
     return mnist

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One GPU job: benchmark, train the models (resumable), evaluate them, and pack weights, results and the
-# training state into $OUT.
+# training state into the output folder OUT.
 #
 #   bash scripts/gpu_job.sh                                    # on a GPU machine, from the project root
-#   MODELS=multiscale EPOCHS=200 MINUTES=8 BATCH=1024 LR=2e-3 WARMUP=200 PRECISION=bf16-mixed \
+#   MODELS=multiscale EPOCHS=200 MINUTES=9 BATCH=1024 LR=2e-3 WARMUP=200 PRECISION=bf16-mixed \
 #     CHANNELS_LAST=1 COMPILE=default bash scripts/gpu_job.sh
+#
+# The machine's Python needs the project's packages (`pip install -e ".[dev]"`, or an image with torch,
+# torchvision, pytorch-lightning, torchdiffeq, tabulate and pytest).
 #
 # Settings (environment):
 #   MODELS      models to train, in order (default: multiscale vardeq simple)
@@ -15,18 +18,19 @@
 #   CHECKS=1    first run tests/test_fast.py's GPU test for the models in MODELS (the fast path computes
 #               what the eager model computes, on this GPU)
 #   EXTRA       more flowbook.train flags ("--train-images 512" for a smoke test); EVAL_IMAGES=N: evaluate on N
-#   STATE       a folder holding an earlier job's $OUT (default .gpu-state): each run_<model>.tar found there
+#   OUT         the output folder (default runs/out)
+#   STATE       a folder holding an earlier job's OUT (default .gpu-state): each run_<model>.tar found there
 #               is unpacked into runs/<model>/ first, so training continues where that job stopped
 #   NOTEBOOKS=1 at the end, run every chapter under nbval in full mode (needs the three checkpoints in
 #               checkpoints/, else full mode would train for hours, and the wheels in .whl/)
 #   PYTHON      the interpreter (default python3)
-# MNIST: from $PATH_DATASETS, or from the four .gz files in .mnist/ (ignored by git; carry it to a machine
-# without a network), unpacked to /tmp/flowbook-data/MNIST/raw. With NOTEBOOKS=1, the wheels in .whl/ (see
+# MNIST: from $PATH_DATASETS, or from the four files in .mnist/, gzipped or not (ignored by git; carry it to a
+# machine without a network), copied to /tmp/flowbook-data/MNIST/raw. With NOTEBOOKS=1, the wheels in .whl/ (see
 # scripts/fetch_gpu_wheels.sh) are installed to /tmp/site first.
 #
-# $OUT receives at most 7 files: job.log, and per model <model>.pt (best weights) and run_<model>.tar
-# (last.ckpt, train_summary.json, the results JSON <model>.json and the CSV log): copy them into $STATE to
-# resume on a fresh machine.
+# OUT receives job.log, and per model <model>.pt (best weights) and run_<model>.tar (last.ckpt,
+# train_summary.json, the results JSON <model>.json and the CSV log): copy them into STATE to resume on a
+# fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/runs/out}"
@@ -55,7 +59,8 @@ if [ "${NOTEBOOKS:-0}" = 1 ] && compgen -G ".whl/*.whl" > /dev/null; then  # Jup
 fi
 if [ -z "${PATH_DATASETS:-}" ] && [ -d .mnist ]; then
   mkdir -p /tmp/flowbook-data/MNIST/raw
-  for f in .mnist/*-ubyte.gz; do gunzip -c "$f" > "/tmp/flowbook-data/MNIST/raw/$(basename "$f" .gz)"; done
+  for f in .mnist/*-ubyte.gz; do [ -e "$f" ] && gunzip -c "$f" > "/tmp/flowbook-data/MNIST/raw/$(basename "$f" .gz)"; done
+  for f in .mnist/*-ubyte; do [ -e "$f" ] && cp "$f" /tmp/flowbook-data/MNIST/raw/; done
   export PATH_DATASETS=/tmp/flowbook-data
 fi
 DEVICE="$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')"
