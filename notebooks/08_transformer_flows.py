@@ -13,8 +13,9 @@
 # generators, and for some years looked like a finished chapter of the field. In 2024 they came back. TarFlow
 # (Zhai et al., 2024) stacks causal transformer blocks over image patches, each an *autoregressive* affine
 # flow; it set new likelihood records on ImageNet 64x64, and with Gaussian noise augmentation and one
-# denoising step drew samples close to those of diffusion models. STARFlow (Gu et al., 2025) scaled it up, and
-# Jet (Kolesnikov et al., 2024) showed that plain coupling flows with vision-transformer networks go far too.
+# denoising step (and guidance, section 5) drew samples close to those of diffusion models. STARFlow (Gu et
+# al., 2025) scaled it up, and Jet (Kolesnikov et al., 2024) showed that plain coupling flows with
+# vision-transformer networks go far too.
 # This chapter builds a TarFlow from the ground up, next to the RealNVP-style flows of chapters 3 to 6, on the
 # same MNIST, in the same units.
 #
@@ -53,7 +54,7 @@ from tabulate import tabulate
 from torch.autograd.functional import jacobian
 
 from flowbook import config, exercises, viz
-from flowbook.classifier import THRESHOLD, load_classifier, recognisability
+from flowbook.classifier import THRESHOLD, load_classifier, probabilities, recognisability
 from flowbook.data import load_mnist
 from flowbook.denoise import log_density, sample_denoised, tweedie_denoise
 from flowbook.gallery import sample_grid
@@ -218,7 +219,9 @@ print(f"a flipped block on a 28x28 input: ldj {ldj_block.item():.8f}, log|det J|
 # flowbook's TarFlow is trained by `python -m flowbook.train --model tarflow` on the CPU with chapter 2's
 # uniform dequantization, like chapter 3's `simple` flow (the flows of chapters 4 and 6 learn theirs,
 # variationally; the runbook `docs/training.md` has the command). Where a
-# trained checkpoint is shipped, its training, stage by stage:
+# trained checkpoint is shipped, its training, stage by stage (minutes are wall time, and the stages ran under
+# different loads: the first beside another training run, the second on one thread beside the noise-trained
+# TarFlow, the later ones with two threads, mostly alone, so their minutes per epoch differ):
 
 # %%
 history = training_history("tarflow")
@@ -280,23 +283,26 @@ viz.plot_curves({f"{m} ({max(c[2] for c in pts)} stage{'s' if max(c[2] for c in 
 
 # %%
 if "tarflow" in curves and "multiscale" in curves:
-    xs, ys, _ = zip(*curves["tarflow"])
+    xs, ys, stage = zip(*curves["tarflow"])
     ms = dict((x, y) for x, y, _ in curves["multiscale"])
     text = (f"The TarFlow's validation bpd went from {ys[0]:.3f} after its first epoch ({xs[0]:,} images) to "
             f"{ys[-1]:.3f} after {xs[-1]:,} images")
-    last = min(3, len(ys) - 1)
-    if last:
-        text += (f"; over its last {last} epochs ({xs[-1] - xs[-1 - last]:,} images) it fell by "
-                 f"{ys[-1 - last] - ys[-1]:.3f}")
+    # The last stage, measured from where the stage before it ended (or from the first epoch, with one stage).
+    k = max([i for i, st in enumerate(stage) if st < stage[-1]], default=0)
+    span, fall = xs[-1] - xs[k], ys[k] - ys[-1]
+    if span:
+        text += (f"; its last stage took it from {ys[k]:.3f}, where the stage before ended, to {ys[-1]:.3f} in "
+                 f"{span:,} images" if k else f"; it fell by {fall:.3f} over {span:,} images")
     both = sorted(set(xs) & set(ms))
     if both:
         at = both[-1]
         gap = dict(zip(xs, ys))[at] - ms[at]
-        remaining, fall = ys[-1] - ms[max(ms)], ys[-1 - last] - ys[-1] if last else 0.0
-        if last and 10 * fall < remaining:
-            text += (f"; ten times as many images more at that rate (a fall of {10 * fall:.3f}) would not close the "
-                     f"{remaining:.3f} bpd between its last value and the multi-scale flow's last")
-        text += (f". After {at:,} images, where both curves have a point, the multi-scale flow stood at "
+        remaining = ys[-1] - ms[max(ms)]
+        if span and 10 * fall < remaining:
+            text += (f"; another {10 * span:,} images (ten times as many) at that average rate, a fall of "
+                     f"{10 * fall:.3f}, would not close the {remaining:.3f} bpd between its last value and the "
+                     "multi-scale flow's last")
+        text += (f". After {at:,} images, the last point the two curves share, the multi-scale flow stood at "
                  f"{ms[at]:.3f} and the TarFlow at {dict(zip(xs, ys))[at]:.3f}: "
                  + (f"{gap:.3f} bpd behind at equal training images" if gap > 0 else f"{-gap:.3f} bpd ahead"))
     text += (f"; the multi-scale flow ended there." if both and both[-1] == max(ms) else
@@ -325,8 +331,9 @@ Markdown(text)
 #   numbers.)
 # - **Dequantization and scales.** The multi-scale flow learns its dequantization noise (chapter 2's
 #   variational dequantization; the results table compares the single-scale flows with and without it,
-#   `vardeq` and `simple`, which also differ in their training images) and factors out half of its values
-#   once, between its two scales (chapter 4); the TarFlow has uniform noise and one scale.
+#   `vardeq` and `simple`, which also differ in their training images) and works at three resolutions, 28x28,
+#   14x14 and 7x7, factoring out half of its values once, before the 7x7 scale (chapter 4); the TarFlow has
+#   uniform noise and one resolution of 49 patches.
 # - **Not size.** The TarFlow has more parameters than the multi-scale flow (1.6 million against 1.1 million,
 #   in the results table). The TarFlows of the paper have hundreds of millions of parameters, hundreds of
 #   times more, and train for days on accelerators; this one trained for the minutes of the stage table above, on a CPU.
@@ -381,8 +388,10 @@ viz.show_imgs(cached[:32], title=f"Samples at temperature 1.0 ({'shipped' if his
 # %%
 Markdown(f"On this machine, for 64 images, sampling costs {cached_s / ll_s:.1f} times a likelihood with the cache and "
          f"{plain_s / ll_s:.0f} times without: the {sum(isinstance(f, TarFlowBlock) for f in tarflow.flows)} blocks run "
-         f"{tarflow.flows[1].num_tokens} sequential steps each, where the likelihood runs one pass per block. With the "
-         f"cache the steps add up to about one pass per block, plus the overhead of many small steps; the cache saves "
+         f"{tarflow.flows[1].num_tokens} sequential steps each, where the likelihood runs one pass per block. Without the "
+         f"cache that is {'close to' if 0.5 < plain_s / ll_s / tarflow.flows[1].num_tokens < 2 else 'far from'} the "
+         f"{tarflow.flows[1].num_tokens} times that counting passes predicts (each step reruns a whole pass of its "
+         f"block). With the cache the steps add up to about one pass per block, plus the overhead of many small steps; the cache saves "
          f"{100 * (1 - cached_s / plain_s):.0f}% of the sampling time here. The samples above come from the "
          + ("shipped TarFlow." if history else "demonstration model, trained for a few steps: noise, not digits."))
 
@@ -413,8 +422,9 @@ Markdown(f"On this machine, for 64 images, sampling costs {cached_s / ll_s:.1f} 
 #
 # The best guess of the clean image (in squared error) needs only the *score* of the noisy density. A flow
 # trained on noisy images gives its own model of that density exactly, $\log p_\sigma(\tilde x) = \log
-# \mathcal N(z; 0, I) + \sum_k \sum_{i,j} s^{(k)}_{i,j}$ with $z$ what the blocks make of $\tilde x$, and
-# autograd differentiates it (`flowbook.denoise`): the step uses the score of the model's density, exact for
+# \mathcal N(z; 0, I) + \sum_k \sum_{i,j} s^{(k)}_{i,j}$ with $z$ what the blocks make of $\tilde x$, in the
+# $[-1, 1]$ units the model sees (flowbook's model also adds a constant for the change to grey levels, which
+# the next section explains; a constant changes no gradient), and autograd differentiates it (`flowbook.denoise`): the step uses the score of the model's density, exact for
 # that density and as good as the model. A
 # sample then is: draw $z$, run the blocks backwards to $\tilde x$, take one Tweedie step, and quantize.
 #
@@ -433,7 +443,8 @@ print(f"sigma = {sigma} in units of the [-1, 1] pixel scale, {sigma * 128:.1f} g
 # to the clean image, $\tilde x + 4(\mathbb E[x' \mid \tilde x] - \tilde x) \approx x' - 3\sigma\epsilon$:
 # it overshoots and leaves three times the noise, with its sign flipped. The classifier of chapter 7
 # judges each set (the share of samples it recognises with probability at least 0.9), next to the samples of
-# the TarFlow of section 3 and of chapter 4's multi-scale flow, all at temperature 1.0:
+# the TarFlow of section 3 and of chapter 4's multi-scale flow, all at temperature 1.0 (chapter 7's table
+# judges other samples of the same models, drawn with another seed, so its shares differ somewhat from these):
 
 # %%
 clf = load_classifier()
@@ -445,36 +456,39 @@ others = {}  # the uniform TarFlow above and chapter 4's multi-scale flow, at te
 for name, model in [("tarflow", tarflow), ("multiscale", load_trained("multiscale", device=device, progress=False)[0])]:
     others[name] = recognisability(clf, sample_grid(model, settings.judged_samples, temperature=1.0, seed=0))
 print(tabulate([[f"{s:.3f}" + (" (no step)" if s == 0 else " (the training sigma)" if s == sigma else ""),
-                 f"{scores[s]:.2f}"] for s in steps]
-               + [[f"{name} (no noise in training)", f"{score:.2f}"] for name, score in others.items()]
-               + [["real test digits", f"{real:.2f}"]],
-               ["Tweedie step sigma'", f"share recognisable (of {settings.judged_samples})"]))
+                 scores[s]] for s in steps]
+               + [[f"{name} (no noise in training)", score] for name, score in others.items()]
+               + [["real test digits", real]],
+               ["Tweedie step sigma'", f"share recognisable (of {settings.judged_samples})"], floatfmt=".2f"))
 viz.show_imgs(torch.cat([samples[s][:8] for s in steps]), row_size=8,
               row_labels=["no step", "sigma' = sigma/2", "sigma' = sigma", "sigma' = 2 sigma"],
               title="The same 8 samples, one row per step size");
 
 # %%
-share = sum(scores.values()) / len(scores)
-noise_level = 2 * math.sqrt(max(share * (1 - share), 1e-4) / settings.judged_samples)  # two standard errors
-spread = max(scores.values()) - min(scores.values())
-p_a, p_b = scores[0.0], others["tarflow"]  # two independent sets of samples
-pair_noise = 2 * math.sqrt(max(p_a * (1 - p_a) + p_b * (1 - p_b), 1e-4) / settings.judged_samples)
-if spread <= noise_level:
-    text = (f"For the `tarflow_noise` model named above no step size changes the share of recognisable samples by "
-            f"more than the sampling noise of {settings.judged_samples} samples (the shares lie within "
-            f"{spread:.2f} of each other, two standard errors are about {noise_level:.2f})")
-else:
-    best = max(steps, key=scores.get)
-    text = (f"For the `tarflow_noise` model named above the share of recognisable samples goes from {scores[0.0]:.2f} "
-            f"without the step to {scores[sigma]:.2f} with Tweedie's step at the training $\\sigma$; the best of the "
-            f"four step sizes is $\\sigma' = {best:.3f}$ ({scores[best]:.2f})")
+# The same samples at every step size: a share changes only where the step changes a sample's verdict.
+n = settings.judged_samples
+verdict = {s: probabilities(clf, samples[s]).max(dim=1).values >= THRESHOLD for s in steps}
+changed = int(torch.stack([verdict[s] != verdict[0.0] for s in steps]).any(dim=0).sum())
+gained, lost = int((verdict[sigma] & ~verdict[0.0]).sum()), int((verdict[0.0] & ~verdict[sigma]).sum())
+paired_noise = 2 * math.sqrt(gained + lost) / n  # two standard errors of a paired difference of shares
+best = max(steps, key=scores.get)
+p_a, p_b = scores[0.0], others["tarflow"]  # two independent sets of samples, from two models
+pair_noise = 2 * math.sqrt(max(p_a * (1 - p_a) + p_b * (1 - p_b), 1e-4) / n)
+text = (f"The same {n} samples of the `tarflow_noise` model named above are judged at every step size, so the "
+        f"shares differ only where a step changes the classifier's verdict on a sample: the three step sizes "
+        f"change {changed} of the {n} verdicts between them, and the shares lie within {max(scores.values()) - min(scores.values()):.2f} "
+        f"of each other. Tweedie's step at the training $\\sigma$ makes {gained} samples recognisable and {lost} "
+        f"unrecognisable, a change of {scores[sigma] - scores[0.0]:+.2f} in the share, "
+        + ("within" if abs(scores[sigma] - scores[0.0]) <= paired_noise else "beyond")
+        + f" two standard errors of such a paired difference ({paired_noise:.2f}); the best of the four step "
+        f"sizes is $\\sigma' = {best:.3f}$ ({scores[best]:.2f})")
 Markdown(text + f". The TarFlow trained without noise scores {others['tarflow']:.2f} and chapter 4's multi-scale flow "
          f"{others['multiscale']:.2f}; real test digits score {real:.2f}."
          + (f" Without the step the noise-trained TarFlow's samples score {scores[0.0]:.2f}, against "
             f"{others['tarflow']:.2f} for the TarFlow trained without noise: a difference of "
             f"{abs(scores[0.0] - others['tarflow']):.2f}, "
             + ("within" if abs(scores[0.0] - others['tarflow']) <= pair_noise else "beyond")
-            + f" two standard errors of a difference of two such shares ({pair_noise:.2f}). A larger difference "
+            + f" two standard errors of the difference of two independent shares ({pair_noise:.2f}). A larger difference "
             "would not single out the cause either: the two models differ in more than the noise (the logit, the "
             "training runs)."
             if checkpoint_file("tarflow_noise") else "")
