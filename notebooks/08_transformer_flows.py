@@ -424,8 +424,9 @@ Markdown(f"On this machine, for 64 images, sampling costs {cached_s / ll_s:.1f} 
 # trained on noisy images gives its own model of that density exactly, $\log p_\sigma(\tilde x) = \log
 # \mathcal N(z; 0, I) + \sum_k \sum_{i,j} s^{(k)}_{i,j}$ with $z$ what the blocks make of $\tilde x$, in the
 # $[-1, 1]$ units the model sees (flowbook's model also adds a constant for the change to grey levels, which
-# the next section explains; a constant changes no gradient), and autograd differentiates it (`flowbook.denoise`): the step uses the score of the model's density, exact for
-# that density and as good as the model. A
+# the next section explains; a constant changes no gradient), and autograd differentiates it
+# (`flowbook.denoise`): the step uses the score of the model's density, exact for that density and as good as
+# the model. A
 # sample then is: draw $z$, run the blocks backwards to $\tilde x$, take one Tweedie step, and quantize.
 #
 # The model and its noise level:
@@ -476,9 +477,9 @@ p_a, p_b = scores[0.0], others["tarflow"]  # two independent sets of samples, fr
 pair_noise = 2 * math.sqrt(max(p_a * (1 - p_a) + p_b * (1 - p_b), 1e-4) / n)
 text = (f"The same {n} samples of the `tarflow_noise` model named above are judged at every step size, so the "
         f"shares differ only where a step changes the classifier's verdict on a sample: the three step sizes "
-        f"change {changed} of the {n} verdicts between them, and the shares lie within {max(scores.values()) - min(scores.values()):.2f} "
-        f"of each other. Tweedie's step at the training $\\sigma$ makes {gained} samples recognisable and {lost} "
-        f"unrecognisable, a change of {scores[sigma] - scores[0.0]:+.2f} in the share, "
+        f"change {changed} of the {n} verdicts between them, and the shares lie within "
+        f"{max(scores.values()) - min(scores.values()):.2f} of each other. Tweedie's step at the training "
+        f"$\\sigma$ makes {gained} sample{'s' * (gained != 1)} recognisable and {lost} unrecognisable, a change of {scores[sigma] - scores[0.0]:+.2f} in the share, "
         + ("within" if abs(scores[sigma] - scores[0.0]) <= paired_noise else "beyond")
         + f" two standard errors of such a paired difference ({paired_noise:.2f}); the best of the four step "
         f"sizes is $\\sigma' = {best:.3f}$ ({scores[best]:.2f})")
