@@ -74,9 +74,14 @@ def probabilities(clf: DigitClassifier, imgs: torch.Tensor, batch_size: int = 50
     return torch.cat([F.softmax(clf(imgs[i:i + batch_size]), dim=1) for i in range(0, len(imgs), batch_size)])
 
 
+def recognised(clf: DigitClassifier, imgs: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
+    """[N] bool: whether each image [N, 1, 28, 28]'s most likely class has probability >= threshold."""
+    return probabilities(clf, imgs).max(dim=1).values >= threshold
+
+
 def recognisability(clf: DigitClassifier, imgs: torch.Tensor, threshold: float = THRESHOLD) -> float:
-    """The share of images [N, 1, 28, 28] whose most likely class has probability >= threshold."""
-    return (probabilities(clf, imgs).max(dim=1).values >= threshold).float().mean().item()
+    """The share of images [N, 1, 28, 28] that are `recognised`."""
+    return recognised(clf, imgs, threshold).float().mean().item()
 
 
 def accuracy(clf: DigitClassifier, imgs: torch.Tensor, labels: torch.Tensor) -> float:

@@ -2,7 +2,7 @@
 
     python -m flowbook.results                       # the table from checkpoints/<model>.json
     python -m flowbook.results --runs runs/cpu/*     # a runbook table of training runs (docs/training.md)
-    python -m flowbook.results --curve-rows checkpoints/tarflow.pt tarflow tarflow2 tarflow3 tarflow4 tarflow5   # docs/validation_curves.csv
+    python -m flowbook.results --curve-rows checkpoints/tarflow.pt tarflow tarflow2 ...   # docs/validation_curves.csv
 
 tests/test_checkpoints.py checks that the README holds exactly this table, so that it can never disagree
 with the results JSONs.

@@ -54,7 +54,7 @@ from tabulate import tabulate
 from torch.autograd.functional import jacobian
 
 from flowbook import config, exercises, viz
-from flowbook.classifier import THRESHOLD, load_classifier, probabilities, recognisability
+from flowbook.classifier import load_classifier, recognisability, recognised
 from flowbook.data import load_mnist
 from flowbook.denoise import log_density, sample_denoised, tweedie_denoise
 from flowbook.gallery import sample_grid
@@ -452,7 +452,8 @@ clf = load_classifier()
 real = recognisability(clf, test_set.images[:settings.judged_samples])
 steps = [0.0, 0.5 * sigma, sigma, 2 * sigma]
 samples = {s: sample_denoised(noisy, settings.judged_samples, sigma=s, seed=0) for s in steps}
-scores = {s: recognisability(clf, samples[s]) for s in steps}
+verdict = {s: recognised(clf, samples[s]) for s in steps}  # [N] bool per step size
+scores = {s: verdict[s].float().mean().item() for s in steps}
 others = {}  # the uniform TarFlow above and chapter 4's multi-scale flow, at temperature 1.0 with the same seed
 for name, model in [("tarflow", tarflow), ("multiscale", load_trained("multiscale", device=device, progress=False)[0])]:
     others[name] = recognisability(clf, sample_grid(model, settings.judged_samples, temperature=1.0, seed=0))
@@ -468,13 +469,12 @@ viz.show_imgs(torch.cat([samples[s][:8] for s in steps]), row_size=8,
 # %%
 # The same samples at every step size: a share changes only where the step changes a sample's verdict.
 n = settings.judged_samples
-verdict = {s: probabilities(clf, samples[s]).max(dim=1).values >= THRESHOLD for s in steps}
 changed = int(torch.stack([verdict[s] != verdict[0.0] for s in steps]).any(dim=0).sum())
 gained, lost = int((verdict[sigma] & ~verdict[0.0]).sum()), int((verdict[0.0] & ~verdict[sigma]).sum())
 paired_noise = 2 * math.sqrt(gained + lost) / n  # two standard errors of a paired difference of shares
 best = max(steps, key=scores.get)
 p_a, p_b = scores[0.0], others["tarflow"]  # two independent sets of samples, from two models
-pair_noise = 2 * math.sqrt(max(p_a * (1 - p_a) + p_b * (1 - p_b), 1e-4) / n)
+independent_noise = 2 * math.sqrt(max(p_a * (1 - p_a) + p_b * (1 - p_b), 1e-4) / n)
 text = (f"The same {n} samples of the `tarflow_noise` model named above are judged at every step size, so the "
         f"shares differ only where a step changes the classifier's verdict on a sample: the three step sizes "
         f"change {changed} of the {n} verdicts between them, and the shares lie within "
@@ -488,8 +488,8 @@ Markdown(text + f". The TarFlow trained without noise scores {others['tarflow']:
          + (f" Without the step the noise-trained TarFlow's samples score {scores[0.0]:.2f}, against "
             f"{others['tarflow']:.2f} for the TarFlow trained without noise: a difference of "
             f"{abs(scores[0.0] - others['tarflow']):.2f}, "
-            + ("within" if abs(scores[0.0] - others['tarflow']) <= pair_noise else "beyond")
-            + f" two standard errors of the difference of two independent shares ({pair_noise:.2f}). A larger difference "
+            + ("within" if abs(scores[0.0] - others['tarflow']) <= independent_noise else "beyond")
+            + f" two standard errors of the difference of two independent shares ({independent_noise:.2f}). A larger difference "
             "would not single out the cause either: the two models differ in more than the noise (the logit, the "
             "training runs)."
             if checkpoint_file("tarflow_noise") else "")

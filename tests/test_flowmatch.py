@@ -398,7 +398,7 @@ def test_evaluate_writes_an_estimated_bpd_with_its_solver_and_standard_error(tmp
 
 
 def test_classifier_scores_confident_digits_and_refuses_a_missing_file(tmp_path):
-    from flowbook.classifier import DigitClassifier, load_classifier, recognisability
+    from flowbook.classifier import DigitClassifier, load_classifier, recognisability, recognised
 
     clf = DigitClassifier().eval()
     with torch.no_grad():
@@ -406,6 +406,7 @@ def test_classifier_scores_confident_digits_and_refuses_a_missing_file(tmp_path)
     imgs = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.int32)
     assert recognisability(clf, imgs) == 1.0
     assert recognisability(clf, imgs, threshold=1.01) == 0.0
+    assert recognised(clf, imgs).tolist() == [True] * 5 and not recognised(clf, imgs, threshold=1.01).any()
     with pytest.raises(FileNotFoundError, match="python -m flowbook.classifier"):
         load_classifier(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="integer images"):
