@@ -120,6 +120,20 @@ def load_state(model: ImageFlow, ckpt: dict, arch: str | None = None) -> ImageFl
     return model
 
 
+def load_shared_state(model: ImageFlow, ckpt: dict) -> list[str]:
+    """Load a checkpoint of another architecture whose every tensor has a place of the same shape in `model`
+    (the TarFlow's blocks into "tarflow_vardeq", the simple flow's couplings into "vardeq"); the layers it
+    lacks keep their initialisation. Returns the names of those fresh tensors; a tensor of the checkpoint
+    that `model` has no place for, or one of another shape, raises CheckpointError."""
+    own = model.state_dict()
+    misfits = [k for k, v in ckpt["state_dict"].items() if k not in own or own[k].shape != v.shape]
+    if misfits:
+        raise CheckpointError(f"the {ckpt['arch']!r} checkpoint does not fit inside this model: {len(misfits)} of "
+                              f"its tensors have no place of the same shape (the first: {misfits[0]!r})")
+    model.load_state_dict(ckpt["state_dict"], strict=False)
+    return [k for k in own if k not in ckpt["state_dict"]]
+
+
 def model_from_checkpoint(ckpt: dict, map_location: str | torch.device = "cpu", arch: str | None = None) -> ImageFlow:
     """Build the architecture of a checkpoint dict (from `read_checkpoint`), load its weights, and return it
     in eval mode on `map_location`. With `arch` given, another architecture raises CheckpointError."""

@@ -14,7 +14,7 @@ from flowbook.prior import gaussian_log_prob
 
 MNIST_SHAPE = (1, 28, 28)
 MODEL_NAMES = ("simple", "vardeq", "multiscale")  # the reference tutorial's three models
-ALL_MODELS = (*MODEL_NAMES, "glow", "flowmatch", "tarflow", "tarflow_noise")  # and the ones flowbook adds
+ALL_MODELS = (*MODEL_NAMES, "glow", "flowmatch", "tarflow", "tarflow_noise", "tarflow_vardeq")  # and the ones flowbook adds
 # The noise of "tarflow_noise" in [-1, 1] pixel units: TarFlow's value for ImageNet 64 in the same units. On
 # MNIST it is 6.4 grey levels (a bin is 2/256 = 0.0078 wide), 1/40 of the ink-to-paper contrast of 2: enough to
 # smooth the spikes of a nearly binary data set at -1 and 1, small enough that one Tweedie step (which moves a
@@ -253,14 +253,18 @@ def create_glow_flow() -> ImageFlow:
 
 
 def create_tarflow(blocks: int = 4, depth: int = 2, width: int = 128, patch_size: int = 4,
-                   noise_sigma: float | None = None) -> ImageFlow:
+                   noise_sigma: float | None = None, vardeq: bool = False) -> ImageFlow:
     """A transformer flow (TarFlow): uniform dequantization and `blocks` TarFlow blocks on [1, 28, 28], cut into
     patches of patch_size x patch_size (4: 49 tokens of 16 values), each block a causal transformer of
     `depth` layers of `width`, the token order flipped from block to block. Single scale: latent [B, 1, 28, 28].
     With `noise_sigma`, the first layer is `NoiseAugmentation(noise_sigma)` instead of dequantization and logit:
     the pixels in [-1, 1] with Gaussian noise in training, uniform noise in evaluation ("tarflow_noise").
+    With `vardeq`, the first layer is the multi-scale flow's variational dequantization ("tarflow_vardeq").
     1,638,080 parameters with the defaults; sampling runs 49 sequential steps per block (a key-value cache each)."""
-    first = Dequantization() if noise_sigma is None else NoiseAugmentation(noise_sigma)
+    if noise_sigma is not None and vardeq:
+        raise ValueError("choose noise_sigma or vardeq, not both: each replaces the dequantization layer")
+    first = (NoiseAugmentation(noise_sigma) if noise_sigma is not None
+             else _vardeq_layer() if vardeq else Dequantization())
     flows = [first, *[TarFlowBlock(MNIST_SHAPE, patch_size, width=width, depth=depth, flip=i % 2 == 1)
                       for i in range(blocks)]]
     return ImageFlow(flows, img_shape=MNIST_SHAPE)
@@ -279,13 +283,14 @@ MODEL_FACTORIES = {  # name -> factory: one registry of the models flowbook trai
     "flowmatch": _create_flowmatch,
     "tarflow": create_tarflow,
     "tarflow_noise": lambda: create_tarflow(noise_sigma=TARFLOW_NOISE_SIGMA),
+    "tarflow_vardeq": lambda: create_tarflow(vardeq=True),
 }
 
 
 def create_flow(name: str) -> nn.Module:
     """A model by name: the reference's "simple", "vardeq" or "multiscale", "glow", "tarflow" (a transformer
     flow), "tarflow_noise" (the same, trained on Gaussian-noised pixels: sample it with `flowbook.denoise`),
-    or "flowmatch" (a `flowbook.flowmatch.FlowMatchingModel`, with the interface of `ImageFlow`)."""
+    "tarflow_vardeq" (the same blocks after variational dequantization), or "flowmatch" (a `flowbook.flowmatch.FlowMatchingModel`, with the interface of `ImageFlow`)."""
     if name not in MODEL_FACTORIES:
         raise ValueError(f"unknown model {name!r}; choose one of {ALL_MODELS}")
     return MODEL_FACTORIES[name]()

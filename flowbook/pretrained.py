@@ -56,7 +56,9 @@ def training_history(name: str) -> list[dict]:
         started from other weights "the weights of <path>"),
         epochs, steps, images_seen, batch_size, peak_lr, schedule ("cosine" or "exponential"),
         warmup_steps, budget_minutes (the --max-minutes budget, or None), minutes (wall time of the stage),
-        precision (e.g. "bf16-mixed"), hardware (e.g. "AMD EPYC, 2 cores").
+        precision (e.g. "bf16-mixed"), hardware (e.g. "AMD EPYC, 2 cores"), arch (the architecture the stage
+        trained where its record names one, else None: --init may start a stage from another architecture's
+        weights, as "tarflow_vardeq" from the TarFlow's).
     A checkpoint from before stages were recorded gives one row from its run summary. No shipped
     checkpoint `name`: an empty list.
     """
@@ -78,6 +80,7 @@ def training_history(name: str) -> list[dict]:
             "warmup_steps": run.get("warmup_steps"), "budget_minutes": run.get("max_minutes"),
             "minutes": None if wall is None else wall / 60,  # unrounded: a table rounds it once
             "precision": run.get("precision"), "hardware": stage.get("hardware") or stage.get("device"),
+            "arch": stage.get("arch"),
         })
     return rows
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 from conftest import perturb_
-from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, SqueezeFlow, VariationalDequantization,
-                             create_channel_mask, create_checkerboard_mask)
+from flowbook.layers import (CouplingLayer, Dequantization, GatedConvNet, SqueezeFlow, TarFlowBlock,
+                             VariationalDequantization, create_channel_mask, create_checkerboard_mask)
 from flowbook.models import (ALL_MODELS, ImageFlow, create_flow, create_multiscale_flow, create_simple_flow,
                              num_parameters)
 from test_layers import autograd_logdet
@@ -135,10 +135,17 @@ def test_whole_flow_ldj_matches_autograd_jacobian_on_continuous_input():
     torch.testing.assert_close(run(z)[1], autograd_logdet(lambda v: run(v)[0], z), rtol=1e-9, atol=1e-9)
 
 
-def test_whole_model_ldj_matches_autograd_jacobian_of_noise_to_latent():
+def _tiny_tarflow_body():
+    """Two TarFlow blocks on [1, 4, 4] in patches of 2x2 (4 tokens of 4), the second flipped."""
+    return [TarFlowBlock((1, 4, 4), 2, width=8, depth=1, flip=flip) for flip in (False, True)]
+
+
+@pytest.mark.parametrize("body", ["multiscale", "tarflow"])  # the layouts of "multiscale" and "tarflow_vardeq"
+def test_whole_model_ldj_matches_autograd_jacobian_of_noise_to_latent(body):
     var_flows = [CouplingLayer(GatedConvNet(2, c_out=2, c_hidden=8, num_layers=1),
                                create_checkerboard_mask(4, 4, invert=(i % 2 == 1)), c_in=1) for i in range(2)]
-    model = perturb_(ImageFlow([VariationalDequantization(var_flows), *_tiny_multiscale().flows])).double()
+    layers = _tiny_multiscale().flows if body == "multiscale" else _tiny_tarflow_body()
+    model = perturb_(ImageFlow([VariationalDequantization(var_flows), *layers], img_shape=(1, 4, 4))).double()
     imgs = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.int32)
     noise = torch.rand(2, 1, 4, 4, dtype=torch.float64) * 0.9 + 0.05
 
@@ -215,6 +222,18 @@ def test_glow_flow_has_about_the_multiscale_parameter_count_and_round_trips():
         back = glow.sample(z.shape, z_init=z)  # the split-off half is drawn afresh: compare shapes and range
     assert back.shape == imgs.shape and 0 <= back.min() and back.max() <= 255
     assert torch.isfinite(glow.bits_per_dim(imgs)).all()
+
+
+def test_tarflow_vardeq_is_the_tarflow_with_the_multiscale_flows_learned_dequantization():
+    from flowbook.models import create_tarflow
+
+    vardeq_tar, tar, multiscale = create_flow("tarflow_vardeq"), create_flow("tarflow"), create_flow("multiscale")
+    assert isinstance(vardeq_tar.flows[0], VariationalDequantization) and isinstance(tar.flows[0], Dequantization)
+    assert (num_parameters(vardeq_tar) - num_parameters(tar) == num_parameters(multiscale.flows[0])
+            == num_parameters(vardeq_tar.flows[0])), "only the dequantization layer differs"
+    assert [type(f) for f in vardeq_tar.flows[1:]] == [type(f) for f in tar.flows[1:]]
+    with pytest.raises(ValueError, match="choose noise_sigma or vardeq"):
+        create_tarflow(noise_sigma=0.05, vardeq=True)
 
 
 def test_latent_shape_does_not_move_the_random_state():

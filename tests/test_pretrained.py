@@ -29,6 +29,9 @@ def test_training_history_matches_the_results_json(name):
     history = results.get("training", {}).get("history") or []
     for row, stage in zip(rows, history):  # rounded only where a table prints it (113.47 is not 114)
         assert row["minutes"] == pytest.approx(stage["wall_s"] / 60)
+        assert row["arch"] in (None, name), "a stage recorded under another architecture's name"
+    if name == "tarflow_vardeq":  # its last stage started from the TarFlow's weights, so it says which it trained
+        assert rows[-1]["arch"] == name and rows[-1]["start"] == f"stage {len(rows) - 1}'s weights"
 
 
 def test_training_history_without_a_shipped_checkpoint_is_empty(tmp_path, monkeypatch):

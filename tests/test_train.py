@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from flowbook.checkpoints import load_model
+from flowbook.checkpoints import CheckpointError, load_model
 from flowbook.data import ImageDataset
 from flowbook.models import ImageFlow
 from flowbook.results import CURVES_FILE, curve_rows, val_curve_from_log, validation_curves
@@ -25,11 +25,12 @@ def _fake_mnist(n):
     return ImageDataset(imgs, torch.zeros(n, dtype=torch.int64))
 
 
+TINY = dict(epochs=1, batch_size=16, train_images=32, val_images=16, progress=False,
+            datasets=(_fake_mnist(32), _fake_mnist(16)))
+
+
 def _tiny_run(out, **kwargs):
-    args = dict(epochs=1, batch_size=16, train_images=32, val_images=16, progress=False,
-                datasets=(_fake_mnist(32), _fake_mnist(16)))
-    args.update(kwargs)
-    return train("simple", out, **args)
+    return train("simple", out, **{**TINY, **kwargs})
 
 
 def test_train_writes_best_weights_last_state_and_summary(tmp_path):
@@ -299,6 +300,29 @@ def test_init_weights_are_the_checkpoint_weights(tmp_path, monkeypatch):
     _tiny_run(tmp_path / "b", epochs=1, init=str(tmp_path / "a" / "simple.pt"))
     start = load_model(tmp_path / "a" / "simple.pt").state_dict()
     assert all(torch.equal(seen["weights"][k].cpu(), v) for k, v in start.items())
+
+
+def test_init_from_another_architecture_loads_the_shared_layers_and_starts_the_rest_fresh(tmp_path, monkeypatch,
+                                                                                          capsys):
+    _tiny_run(tmp_path / "a", epochs=1)  # "simple": uniform dequantization and 8 couplings
+    seen = {}
+    real = FlowModule.configure_optimizers
+
+    def spy(self):
+        seen["weights"] = {k: v.clone() for k, v in self.flow.state_dict().items()}
+        return real(self)
+
+    monkeypatch.setattr(FlowModule, "configure_optimizers", spy)
+    _, summary = train("vardeq", tmp_path / "b", init=str(tmp_path / "a" / "simple.pt"), **TINY)
+    start = load_model(tmp_path / "a" / "simple.pt").state_dict()
+    assert start and all(torch.equal(seen["weights"][k].cpu(), v) for k, v in start.items()), \
+        "the couplings were not loaded"
+    dequant = [k for k in seen["weights"] if k.startswith("flows.0.")]
+    assert dequant and all(k not in start for k in dequant)
+    assert "start from their initialisation (in flows.0)" in capsys.readouterr().out
+    assert [s["arch"] for s in summary["history"][1:]] == ["vardeq"]
+    with pytest.raises(CheckpointError, match="does not fit inside this model"):
+        train("simple", tmp_path / "c", init=str(tmp_path / "b" / "vardeq.pt"), **TINY)
 
 
 def test_resume_refuses_other_settings_another_model_and_a_missing_run(tmp_path):

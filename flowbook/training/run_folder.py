@@ -12,7 +12,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from flowbook.checkpoints import load_state, read_checkpoint, save_checkpoint
+from flowbook.checkpoints import load_shared_state, load_state, read_checkpoint, save_checkpoint
 from flowbook.models import noise_record, num_parameters
 from flowbook.provenance import hardware
 from flowbook.training.module import FlowModule, _best_key
@@ -86,8 +86,9 @@ class RunCheckpoints(pl.Callback):
 
     def stage(self, trainer, epochs: int) -> dict:
         """This run's stage of the history: where it started, its settings, hardware and amounts, and its
-        validation curve `val_curve`: [images seen in this stage, validation score] after each epoch."""
-        return {"init": self.settings.init, "settings": dataclasses.asdict(self.settings),
+        validation curve `val_curve`: [images seen in this stage, validation score] after each epoch; `arch`,
+        as --init may start from another architecture's weights."""
+        return {"arch": self.arch, "init": self.settings.init, "settings": dataclasses.asdict(self.settings),
                 "hardware": self.hardware, "device": self.device, "torch": str(torch.__version__),
                 "processes": trainer.world_size, "epochs": epochs, "steps": trainer.global_step,
                 "images_seen": trainer.global_step * self.settings.batch_size, "wall_s": round(self.wall_s(), 1),
@@ -188,9 +189,17 @@ def _check_same_run(saved: dict, run: RunSettings, folder: Path, arch: str) -> N
 
 
 def _init_weights(module: FlowModule, arch: str, path: str) -> list:
-    """Load --init's weights into `module` and return that checkpoint's training history."""
+    """Load --init's weights into `module` and return that checkpoint's training history. A checkpoint of
+    another architecture is accepted where all its tensors fit this one (`load_shared_state`): the layers
+    it lacks start from their initialisation, and the run says which."""
     ckpt = read_checkpoint(path)
-    load_state(module.flow, ckpt, arch)
+    if ckpt["arch"] == arch:
+        load_state(module.flow, ckpt, arch)
+    else:
+        fresh = load_shared_state(module.flow, ckpt)
+        layers = sorted({".".join(k.split(".")[:2]) for k in fresh})  # "flows.0": the first layer
+        print(f"--init: the {ckpt['arch']!r} weights fill {arch!r} but for {len(fresh)} tensors, which start "
+              f"from their initialisation (in {', '.join(layers) or 'no layer'})")
     meta = ckpt.get("meta", {})
     if "history" in meta:
         return list(meta["history"])
