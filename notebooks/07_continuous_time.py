@@ -508,10 +508,10 @@ print(f"solver {flowmatch.method}: likelihood rtol = atol = {flowmatch.rtol:g}; 
 # with one dequantization sample and one Hutchinson probe per image (an unbiased estimate of the looser
 # one-sample bound; it comes from an offline evaluation, a run of hours on a CPU). The shipped models
 # include
-# chapter 8's two transformer flows: `tarflow`, and `tarflow_noise`, the same transformer blocks with the
-# pixels scaled linearly to $[-1, 1]$ instead of the logit, trained on images with Gaussian noise added; its
-# bpd is a valid bound on MNIST's but a poor one, because the model spreads density outside the pixels' bins
-# (chapter 8 explains why). The last column is computed here: the share of each model's samples at temperature 1.0 that the
+# chapter 8's three transformer flows: `tarflow`; `tarflow_vardeq`, the same transformer blocks behind a
+# learned dequantization; and `tarflow_noise`, the same blocks with the pixels scaled linearly to $[-1, 1]$
+# instead of the logit, trained on images with Gaussian noise added, whose bpd is a valid bound on MNIST's but
+# a poor one, because the model spreads density outside the pixels' bins (chapter 8 explains why). The last column is computed here: the share of each model's samples at temperature 1.0 that the
 # classifier recognises (for `tarflow_noise`, after a denoising step that chapter 8 derives).
 
 # %%

@@ -234,6 +234,12 @@ def test_tarflow_vardeq_is_the_tarflow_with_the_multiscale_flows_learned_dequant
     assert [type(f) for f in vardeq_tar.flows[1:]] == [type(f) for f in tar.flows[1:]]
     with pytest.raises(ValueError, match="choose noise_sigma or vardeq"):
         create_tarflow(noise_sigma=0.05, vardeq=True)
+    # Fresh, its couplings are the identity: the blocks get the uniform noise (up to the logit's margin), so a
+    # stage from the TarFlow's weights starts where the TarFlow ended.
+    dequant = vardeq_tar.double().flows[0]
+    u0 = torch.rand(2, 1, 28, 28, dtype=torch.float64) * 0.98 + 0.01
+    u, _ = dequant.dequant_noise(torch.randint(0, 256, (2, 1, 28, 28)), torch.zeros(2, dtype=torch.float64), noise=u0)
+    torch.testing.assert_close(u, u0, rtol=0, atol=dequant.alpha)
 
 
 def test_latent_shape_does_not_move_the_random_state():
