@@ -322,7 +322,8 @@ Markdown(text)
 # %% [markdown]
 # Three differences between the TarFlow and the multi-scale flow may explain the gap at equal training images
 # (not measured one by one; the subsection after the list measures how much of the final test-set gap, not the
-# gap at equal training images, learned dequantization closes), and one that does not:
+# gap at equal training images, one more stage of training with learned dequantization closes, and estimates
+# the dequantization's share against an unmatched control), and one that does not:
 #
 # - **No convolutions.** The coupling networks of chapters 3 to 6 are convolutional: each output sees its
 #   neighbourhood through 3x3 filters, with the same weights at every position, a prior that suits images.
@@ -352,7 +353,7 @@ Markdown(text)
 # weights, starts the dequantization's coupling layers from their initialisation, and trains both together for
 # one more stage.
 #
-# **Its log-determinant.** The bound is $\log p(x) \ge \mathbb{E}_{u \sim q(\cdot \mid x)}[\log p(x + u) - \log
+# **Its log-determinant.** The bound is $\log P(x) \ge \mathbb{E}_{u \sim q(\cdot \mid x)}[\log p(x + u) - \log
 # q(u \mid x)]$ (chapter 2). The noise $u$ is made from uniform noise $u_0$, whose density is 1 on $[0, 1)^D$: a
 # logit takes $u_0$ to $\eta$ (with $r_0 = (1 - \alpha) u_0 + \alpha / 2$, as in chapter 2), four checkerboard
 # couplings conditioned on the image take $\eta$ to $\eta'$, and a sigmoid takes $\eta'$ to $u$. By the change
@@ -397,11 +398,11 @@ else:
 
 # %% [markdown]
 # The test bpd fell, but the new model also had one more stage of training. The TarFlow's own last stage, with
-# uniform noise, is the control; it is not a matched one (the second table: another starting point, peak
-# learning rate and budget), and no stage with uniform noise from the TarFlow's last weights was run. The
+# uniform noise, is the control; it is not a matched one (the second table, whose epochs and minutes count up
+# to the shipped epoch: another starting point, peak learning rate, warm-up, budget and number of epochs), and no stage with uniform noise from the TarFlow's last weights was run. The
 # validation curves (one sample) of the two last stages, each against the images of its stage, up to the
 # shipped epoch; the uniform one starts at zero images from where the stage before it ended (its first epoch
-# rises, as each restart of the learning rate did), the learned one's first point is after its first epoch (it
+# rises, as the restarts of stages 3 and 4 did), the learned one's first point is after its first epoch (it
 # started from the TarFlow's last value, by the identity above; not drawn, as it was not measured). The
 # multi-scale flow's best value is dashed:
 
@@ -437,7 +438,8 @@ if len(pair) == 2 and vardeq_history:
             f"{int(stage['images_seen']):,} images ({stage['minutes']:.0f} minutes on {stage['hardware']}). "
             f"The control, the TarFlow's own last stage with uniform noise, took its validation bpd from "
             f"{before_uni:.4f} to {y_uni[-1]:.4f} in {x_uni[-1]:,} images, a fall of {fall_uni:.4f}; the stage "
-            f"with learned noise, which started at {y_uni[-1]:.4f}, ended at {y_var[-1]:.4f}, "
+            f"with learned noise, which by the identity above started at about {y_uni[-1]:.4f} (not measured), "
+            f"ended at {y_var[-1]:.4f}, "
             f"{abs(below):.3f} {'below' if below > 0 else 'above'} it, after {x_var[-1]:,} images.")
     if below > 3 * max(fall_uni, 0):
         text += (f" That is more than three times the control's fall: if a stage with uniform noise from the same "
@@ -445,8 +447,8 @@ if len(pair) == 2 and vardeq_history:
     text += (f" What eight importance samples recover of the bound {'shrank' if shrink > 0 else 'grew'} by "
              f"{abs(shrink):.3f} (" + ("with the learned noise, one sample's bound is closer to what eight give"
              if shrink > 0 else "learning the noise did not leave less to importance sampling")
-             + f"), which is why the one-sample validation gain ({below:.3f}) is larger than the test gain with "
-             f"eight samples ({drop:.3f}).")
+             + f"), which is why the one-sample validation gain ({below:.3f}) is larger than the eight-sample one "
+             f"({tar['val_bpd'] - var['val_bpd']:.3f}; on the test set, {drop:.3f}).")
     gap = tar["test_bpd"] - results["multiscale"]["test_bpd"]
     if gap > 0:
         closed = min(max(drop, 0), gap)
