@@ -287,8 +287,8 @@ def test_init_starts_a_new_stage_from_weights_and_keeps_the_history(tmp_path):
     assert state["global_step"] == 2, "a fresh optimizer and schedule: the step count starts at 0"
 
 
-def test_init_weights_are_the_checkpoint_weights(tmp_path, monkeypatch):
-    _tiny_run(tmp_path / "a", epochs=1)
+def _spy_on_starting_weights(monkeypatch) -> dict:
+    """A dict that gets "weights": the model's state when training is about to start (after --init)."""
     seen = {}
     real = FlowModule.configure_optimizers
 
@@ -297,6 +297,12 @@ def test_init_weights_are_the_checkpoint_weights(tmp_path, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(FlowModule, "configure_optimizers", spy)
+    return seen
+
+
+def test_init_weights_are_the_checkpoint_weights(tmp_path, monkeypatch):
+    _tiny_run(tmp_path / "a", epochs=1)
+    seen = _spy_on_starting_weights(monkeypatch)
     _tiny_run(tmp_path / "b", epochs=1, init=str(tmp_path / "a" / "simple.pt"))
     start = load_model(tmp_path / "a" / "simple.pt").state_dict()
     assert all(torch.equal(seen["weights"][k].cpu(), v) for k, v in start.items())
@@ -305,14 +311,7 @@ def test_init_weights_are_the_checkpoint_weights(tmp_path, monkeypatch):
 def test_init_from_another_architecture_loads_the_shared_layers_and_starts_the_rest_fresh(tmp_path, monkeypatch,
                                                                                           capsys):
     _tiny_run(tmp_path / "a", epochs=1)  # "simple": uniform dequantization and 8 couplings
-    seen = {}
-    real = FlowModule.configure_optimizers
-
-    def spy(self):
-        seen["weights"] = {k: v.clone() for k, v in self.flow.state_dict().items()}
-        return real(self)
-
-    monkeypatch.setattr(FlowModule, "configure_optimizers", spy)
+    seen = _spy_on_starting_weights(monkeypatch)
     _, summary = train("vardeq", tmp_path / "b", init=str(tmp_path / "a" / "simple.pt"), **TINY)
     start = load_model(tmp_path / "a" / "simple.pt").state_dict()
     assert start and all(torch.equal(seen["weights"][k].cpu(), v) for k, v in start.items()), \
