@@ -14,7 +14,8 @@ from flowbook.prior import gaussian_log_prob
 
 MNIST_SHAPE = (1, 28, 28)
 MODEL_NAMES = ("simple", "vardeq", "multiscale")  # the reference tutorial's three models
-ALL_MODELS = (*MODEL_NAMES, "glow", "flowmatch", "tarflow", "tarflow_noise", "tarflow_vardeq")  # and the ones flowbook adds
+# and the ones flowbook adds
+ALL_MODELS = (*MODEL_NAMES, "glow", "flowmatch", "tarflow", "tarflow_noise", "tarflow_vardeq")
 # The noise of "tarflow_noise" in [-1, 1] pixel units: TarFlow's value for ImageNet 64 in the same units. On
 # MNIST it is 6.4 grey levels (a bin is 2/256 = 0.0078 wide), 1/40 of the ink-to-paper contrast of 2: enough to
 # smooth the spikes of a nearly binary data set at -1 and 1, small enough that one Tweedie step (which moves a
@@ -290,7 +291,8 @@ MODEL_FACTORIES = {  # name -> factory: one registry of the models flowbook trai
 def create_flow(name: str) -> nn.Module:
     """A model by name: the reference's "simple", "vardeq" or "multiscale", "glow", "tarflow" (a transformer
     flow), "tarflow_noise" (the same, trained on Gaussian-noised pixels: sample it with `flowbook.denoise`),
-    "tarflow_vardeq" (the same blocks after variational dequantization), or "flowmatch" (a `flowbook.flowmatch.FlowMatchingModel`, with the interface of `ImageFlow`)."""
+    "tarflow_vardeq" (the same blocks after variational dequantization), or "flowmatch" (a
+    `flowbook.flowmatch.FlowMatchingModel`, with the interface of `ImageFlow`)."""
     if name not in MODEL_FACTORIES:
         raise ValueError(f"unknown model {name!r}; choose one of {ALL_MODELS}")
     return MODEL_FACTORIES[name]()
